@@ -1,0 +1,43 @@
+"""Installable package for megatron-rwkvx.
+
+`kernels/` is installed as `megatron_rwkvx.kernels` so that no generic top-level `kernels`
+package lands in site-packages.
+"""
+from setuptools import find_packages, setup
+
+_kernel_subpackages = ["megatron_rwkvx.kernels"] + [
+    "megatron_rwkvx.kernels." + p for p in find_packages("kernels")
+]
+
+setup(
+    name="megatron-rwkvx",
+    version="0.1.0",
+    description="Megatron-core based distributed pretraining for RWKV-X hybrid language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_rwkvx", "megatron_rwkvx.*"]) + _kernel_subpackages,
+    package_dir={"megatron_rwkvx.kernels": "kernels"},
+    package_data={"megatron_rwkvx": ["py.typed"]},
+    install_requires=[
+        # torch is deliberately unpinned here: GPU images bring their own CUDA build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "numpy",
+        "psutil",
+        "packaging",
+        "sentencepiece",
+        "tensorboard",
+        "datasets",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.0"],
+        "reference": ["rwkv>=0.8.28"],
+        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rwkvx-pretrain=megatron_rwkvx.pretrain:main",
+        ],
+    },
+)
