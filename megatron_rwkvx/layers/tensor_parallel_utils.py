@@ -1,0 +1,62 @@
+"""Gradient bookkeeping shared by the RWKV-X mixers under tensor (and sequence) parallelism.
+
+The mixers gather their input once, then feed every head-split projection from it. Two facts
+follow, and both are handled here so the mixers stay readable:
+
+* the gradient reaching the gathered input is a partial sum over the ranks' heads, so the gather's
+  backward must sum it over the tensor-parallel group (an all-reduce without sequence parallelism,
+  a reduce-scatter with it); the column-parallel projections themselves then must not reduce again
+  (they are built with ``disable_grad_reduce=True`` and no sequence-parallel gather);
+* replicated parameters that act on the full input (token-shift mixes, the first LoRA matrices)
+  feed head-split outputs, so each rank's gradient for them is partial too; ``replicated_param``
+  passes the parameter through an identity whose backward all-reduces its (small) gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+
+def tp_world_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def gather_mixer_input(hidden_states: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Full-sequence input of a mixer whose gradient is summed over the tensor-parallel group."""
+    if tp_world_size() == 1:
+        return hidden_states
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True)
+    return copy_to_tensor_model_parallel_region(hidden_states)
+
+
+def replicated_param(param: torch.Tensor) -> torch.Tensor:
+    """Identity on a replicated parameter; its gradient is all-reduced over tensor parallelism."""
+    if tp_world_size() == 1:
+        return param
+    return copy_to_tensor_model_parallel_region(param)
+
+
+def projection_config(config):
+    """Config for column-parallel projections fed by an already gathered input."""
+    if not config.sequence_parallel:
+        return config
+    projection = dataclasses.replace(config, sequence_parallel=False)
+    return projection
+
+
+def shard_dim0(full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice along dim 0 of a tensor split evenly over tensor parallelism."""
+    world, rank = tp_world_size(), tp_rank()
+    size = full.shape[0] // world
+    return full[rank * size : (rank + 1) * size]

@@ -1,0 +1,1 @@
+"""Process-group set-up and the parallel pieces specific to RWKV-X."""
