@@ -325,16 +325,19 @@ def export_state_dict(
     cfg: RWKVXConfig,
     layout: KeyLayout = OFFICIAL_RWKV7,
     dtype: Optional[torch.dtype] = None,
+    tensors: Optional[Dict[str, torch.Tensor]] = None,
+    fill_unused: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Gather the model into one official-layout state dict (collective over TP and PP groups).
 
-    Every rank returns the full dict.
+    Every rank returns the full dict. ``tensors`` replaces the model's own state dict (same local
+    keys), e.g. to gather gradients into the file layout.
     """
     from megatron.core import parallel_state
 
     tp_world = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    local = model.state_dict()
+    local = model.state_dict() if tensors is None else tensors
     local_layers = _local_layer_map(model)
     mine: Dict[str, torch.Tensor] = {}
     for e in checkpoint_entries(cfg, layout):
@@ -359,7 +362,7 @@ def export_state_dict(
             mine.update(part)
     # Files written for the official trainer carry (unused) value-residual tensors in block 0.
     first = layout.rwkv_block_prefix.format(i=0)
-    if RWKV_SYMBOL in cfg.layer_pattern and first + "att.v0" not in mine:
+    if fill_unused and RWKV_SYMBOL in cfg.layer_pattern and first + "att.v0" not in mine:
         like = mine[first + "att.x_v"]
         c = cfg.hidden_size
         mine[first + "att.v0"] = torch.zeros(1, 1, c, dtype=like.dtype)

@@ -80,7 +80,8 @@ class RWKVXModel(LanguageModule):
                 init_method=_head_init(config),
                 bias=False,
                 skip_bias_add=False,
-                gather_output=not parallel_output,
+                # The loss works on vocabulary shards; logits are gathered only when returned.
+                gather_output=False,
             )
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -107,5 +108,7 @@ class RWKVXModel(LanguageModule):
             return hidden
         logits, _ = self.output_layer(hidden)
         if labels is None:
+            if not self.parallel_output:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny model configuration and a random official-layout checkpoint."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The rwkv package reads this at import time to expose RWKV_x070 (our numerics reference).
+os.environ.setdefault("RWKV_V7_ON", "1")
+
+
+TINY = dict(
+    hidden_size=64,
+    head_size=16,
+    vocab_size=128,
+    decay_lora_dim=16,
+    a_lora_dim=16,
+    v_lora_dim=16,
+    gate_lora_dim=16,
+    ffn_hidden_size=256,
+)
+
+
+@pytest.fixture
+def tiny_kwargs():
+    return dict(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Tests compare numbers at 1e-5; keep intra-op threading fixed so reductions are repeatable.
+    torch.set_num_threads(2)
+    yield
