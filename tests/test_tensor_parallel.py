@@ -44,9 +44,14 @@ def _forward_backward(rank, world, tp, sp, path, cfg_kwargs, tokens, labels):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
-def test_tp2_equals_tp1(tmp_path, sp):
-    cfg_kwargs = dict(TINY, num_layers=3)
+@pytest.mark.parametrize(
+    "sp, pattern",
+    [(False, "RRR"), (True, "RRR"), (False, "RRARA"), (True, "RRARA")],
+    ids=["rwkv7-tp2", "rwkv7-tp2-sp", "hybrid-tp2", "hybrid-tp2-sp"],
+)
+def test_tp2_equals_tp1(tmp_path, sp, pattern):
+    # Chunk 4 with top-2 at T=16: the sparse selection really drops chunks.
+    cfg_kwargs = dict(TINY, layer_pattern=pattern, sparse_chunk_size=4, sparse_top_k=2)
     cfg = RWKVXConfig(**cfg_kwargs)
     path = str(tmp_path / "rand.pth")
     torch.save(random_official_state_dict(cfg, seed=11), path)

@@ -201,12 +201,22 @@ class RWKV7TimeMix(MegatronModule):
         return y.transpose(0, 1).reshape(s, bsz, heads * n), state
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         axis_map = {name: 0 for name in HEAD_SPLIT_VECTORS if name in own}
-        sharded = make_sharded_tensors_for_checkpoint(own, prefix, axis_map, sharded_offsets)
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, axis_map, sharded_offsets,
+            tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
         for name, module in self.named_children():
             sharded.update(
-                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata)
+                sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group
+                )
             )
         return sharded

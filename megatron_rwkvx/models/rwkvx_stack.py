@@ -65,9 +65,12 @@ class RWKVXStack(MegatronModule):
             replace_prefix_for_sharding(layer_sd, local_prefix, global_prefix)
             sharded.update(layer_sd)
         if self.final_norm is not None:
+            from megatron.core import parallel_state
+
             sharded.update(
                 sharded_state_dict_default(
-                    self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata
+                    self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,
+                    tp_group=parallel_state.get_tensor_model_parallel_group(),
                 )
             )
         return sharded

@@ -1,0 +1,111 @@
+"""Block expansion: insert sparse-attention blocks into a pretrained RWKV-7 (RWKV-X stage 0).
+
+Two initialisations of the new blocks (DESIGN.md section 2):
+* ``zero`` (default, the paper's): the attention output projection and the ChannelMix value
+  projection are zero, so each new block is the identity and the expanded model reproduces the
+  base model's outputs exactly;
+* ``copy`` (the reference code's): the norms, R/K/V/O projections and the ChannelMix of the RWKV
+  block just before are copied into the new block.
+The result is a state dict in the RWKV-X reference layout (``rwkv.`` + RWKV-7 keys, ``moba.{i}.``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megatron_rwkvx.checkpointing.official_format import (
+    OFFICIAL_RWKV7,
+    CheckpointFormatError,
+    config_kwargs_from_state_dict,
+)
+from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, ConfigError, default_pattern
+from megatron_rwkvx.layers import rwkv7_init
+
+INIT_MODES = ("zero", "copy")
+
+
+def resolve_pattern(num_rwkv: int, pattern: Optional[str], num_sparse_blocks: Optional[int]) -> str:
+    if pattern and num_sparse_blocks is not None:
+        raise ConfigError("give either --pattern or --num-sparse-blocks, not both")
+    if pattern:
+        pattern = pattern.strip().upper()
+        bad = sorted({c for c in pattern if c not in (RWKV_SYMBOL, ATTENTION_SYMBOL)})
+        if bad:
+            raise ConfigError(f"pattern {pattern!r} has unknown symbol(s) {bad}; use R and A")
+        if pattern.count(RWKV_SYMBOL) != num_rwkv:
+            raise ConfigError(
+                f"pattern {pattern!r} has {pattern.count(RWKV_SYMBOL)} R blocks but the base model "
+                f"has {num_rwkv} RWKV blocks: the pattern must keep every base block"
+            )
+        return pattern
+    if num_sparse_blocks is None or num_sparse_blocks < 1:
+        raise ConfigError("give --pattern or a positive --num-sparse-blocks")
+    return default_pattern(num_rwkv, num_sparse_blocks)
+
+
+def expand_rwkv7_state_dict(
+    base: Dict[str, torch.Tensor],
+    pattern: Optional[str] = None,
+    num_sparse_blocks: Optional[int] = None,
+    init: str = "zero",
+    seed: int = 0,
+) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Return (RWKV-X reference-layout state dict, pattern)."""
+    if init not in INIT_MODES:
+        raise ConfigError(f"init must be one of {INIT_MODES}, got {init!r}")
+    if any(k.startswith(("moba.", "rwkv.")) for k in base):
+        raise CheckpointFormatError(
+            "the input already is an RWKV-X file (it has rwkv./moba. keys); expand an RWKV-7 file"
+        )
+    shape = config_kwargs_from_state_dict(base, OFFICIAL_RWKV7)
+    num_rwkv = shape["_num_rwkv"]
+    c = shape["hidden_size"]
+    pattern = resolve_pattern(num_rwkv, pattern, num_sparse_blocks)
+    dtype = base["emb.weight"].dtype
+    gen = torch.Generator().manual_seed(seed)
+
+    out = {f"rwkv.{k}": v for k, v in base.items()}
+    sparse_index = 0
+    for layer, symbol in enumerate(pattern):
+        if symbol != ATTENTION_SYMBOL:
+            continue
+        before = pattern[:layer].count(RWKV_SYMBOL) - 1
+        prefix = f"moba.{sparse_index}."
+        if init == "copy":
+            if before < 0:
+                raise ConfigError(
+                    f"sparse block {sparse_index} comes before any RWKV block: --init copy needs an "
+                    "RWKV block before every sparse block; use --init zero or another pattern"
+                )
+            src = f"blocks.{before}."
+            for name in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"):
+                out[prefix + name] = base[src + name].clone()
+            for proj in ("receptance", "key", "value", "output"):
+                out[prefix + f"att.{proj}.weight"] = base[src + f"att.{proj}.weight"].clone()
+            for name in ("x_k", "key.weight", "value.weight"):
+                out[prefix + f"ffn.{name}"] = base[src + f"ffn.{name}"].clone()
+        else:
+            f = shape["ffn_hidden_size"]
+
+            def uniform(rows, cols, scale):
+                bound = scale / math.sqrt(cols)
+                return (torch.rand(rows, cols, generator=gen) * 2 - 1) * bound
+
+            out[prefix + "ln1.weight"] = torch.ones(c)
+            out[prefix + "ln1.bias"] = torch.zeros(c)
+            out[prefix + "ln2.weight"] = torch.ones(c)
+            out[prefix + "ln2.bias"] = torch.zeros(c)
+            for proj in ("receptance", "key", "value"):
+                out[prefix + f"att.{proj}.weight"] = uniform(c, c, 0.5)
+            out[prefix + "att.output.weight"] = torch.zeros(c, c)
+            x_k = rwkv7_init.channel_mix_vector(c, max(before, 0), num_rwkv)
+            out[prefix + "ffn.x_k"] = x_k.reshape(1, 1, c)
+            out[prefix + "ffn.key.weight"] = uniform(f, c, 0.5)
+            out[prefix + "ffn.value.weight"] = torch.zeros(c, f)
+        for name in list(out):
+            if name.startswith(prefix):
+                out[name] = out[name].to(dtype).contiguous()
+        sparse_index += 1
+    return out, pattern

@@ -1,0 +1,146 @@
+"""Model checkpoints in megatron-core's ``dist_checkpointing`` format.
+
+A directory in Megatron-LM's convention: ``latest_checkpointed_iteration.txt``, one
+``iter_{N:07d}/`` per save, and ``model_config.json`` describing the model shape, so a checkpoint
+saved with one tensor/pipeline layout loads into any other (sharded tensors carry global layer
+numbers and tensor-parallel axes). The trainer adds optimizer/scheduler/RNG/data state to the same
+directories.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+MODEL_CONFIG_FILE = "model_config.json"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+# Config fields that define the architecture (what a checkpoint must agree on).
+ARCH_FIELDS = (
+    "hidden_size",
+    "head_size",
+    "vocab_size",
+    "layer_pattern",
+    "ffn_hidden_size",
+    "decay_lora_dim",
+    "a_lora_dim",
+    "v_lora_dim",
+    "gate_lora_dim",
+    "num_query_groups",
+    "sparse_chunk_size",
+    "sparse_top_k",
+)
+
+
+def iteration_dir(directory: str, iteration: int) -> str:
+    return os.path.join(directory, f"iter_{iteration:07d}")
+
+
+def architecture_of(cfg) -> Dict:
+    return {name: getattr(cfg, name) for name in ARCH_FIELDS}
+
+
+def read_model_config(directory: str) -> Dict:
+    path = os.path.join(directory, MODEL_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} is not a megatron-rwkvx checkpoint directory ({MODEL_CONFIG_FILE} missing)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_latest_iteration(directory: str) -> Optional[int]:
+    path = os.path.join(directory, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path} is corrupt (expected an iteration number, found {text[:40]!r})")
+    return int(text)
+
+
+def check_architecture(saved: Dict, cfg, directory: str) -> None:
+    """Refuse a checkpoint of another architecture, naming every differing field."""
+    current = architecture_of(cfg)
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs model {current[k]!r}"
+        for k in ARCH_FIELDS
+        if k in saved and saved.get(k) != current[k]
+        and k not in ("sparse_chunk_size", "sparse_top_k")  # attention hyper-parameters may change
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {directory} is of another architecture:\n  " + "\n  ".join(diffs)
+            + "\nMatch the model arguments to the checkpoint (see its model_config.json)."
+        )
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model_checkpoint(model, cfg, directory: str, iteration: int = 0, extra_common: Optional[Dict] = None) -> str:
+    """Save the model's sharded state (collective). The ``latest`` pointer moves only after the
+    save completed, so a crash mid-save leaves the previous checkpoint loadable."""
+    from megatron.core import dist_checkpointing
+
+    target = iteration_dir(directory, iteration)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(target, exist_ok=True)
+        _write_text_atomic(
+            os.path.join(directory, MODEL_CONFIG_FILE),
+            json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    state = {"model": model.sharded_state_dict()}
+    if extra_common:
+        state.update(extra_common)
+    dist_checkpointing.save(state, target)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
+    return target
+
+
+def load_model_checkpoint(model, cfg, directory: str, iteration: Optional[int] = None) -> int:
+    """Load model weights saved with any tensor/pipeline layout; returns the iteration loaded."""
+    from megatron.core import dist_checkpointing
+
+    check_architecture(read_model_config(directory), cfg, directory)
+    if iteration is None:
+        iteration = read_latest_iteration(directory)
+        if iteration is None:
+            raise FileNotFoundError(f"{directory} has no completed save ({LATEST_FILE} missing)")
+    sharded = {"model": model.sharded_state_dict()}
+    loaded = dist_checkpointing.load(sharded, iteration_dir(directory, iteration))
+    model.load_state_dict(loaded["model"], strict=True)
+    return iteration
+
+
+def save_pretrained_as_megatron(file_state_dict: Dict[str, torch.Tensor], directory: str, **config_overrides) -> str:
+    """Convert an official-layout state dict (RWKV-7 or RWKV-X) into a megatron checkpoint at
+    iteration 0, in this process (one rank)."""
+    from megatron_rwkvx.checkpointing.official_format import import_state_dict
+    from megatron_rwkvx.config import RWKVXConfig
+    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+    from megatron_rwkvx.pretrained import _prepare_runtime, config_from_file_state_dict
+
+    _prepare_runtime(torch.device("cpu"))
+    kwargs, layout = config_from_file_state_dict(file_state_dict, **config_overrides)
+    dtype = next(iter(file_state_dict.values())).dtype
+    cfg = RWKVXConfig(params_dtype=dtype, use_cpu_initialization=True, **kwargs)
+    model = RWKVXModel(cfg)
+    import_state_dict(model, file_state_dict, cfg, layout)
+    return save_model_checkpoint(model, cfg, directory, iteration=0)

@@ -1,0 +1,122 @@
+"""The RWKV-X sparse-attention block: LayerNorm, top-k chunk attention, LayerNorm, ChannelMix.
+
+Four bias-free projections (query, key, value, output), heads of ``head_size`` split over
+tensor-parallel ranks, softmax scale 1/sqrt(head_size) and no positional encoding: position comes
+from the RWKV blocks. ``v_first`` passes through untouched. Grouped-query attention (fewer
+key/value heads) is available through ``num_query_groups``; the default is plain multi-head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.layers import rwkv7_init
+from megatron_rwkvx.layers.tensor_parallel_utils import (
+    gather_mixer_input,
+    projection_config,
+    tp_world_size,
+)
+
+
+@dataclass
+class SparseAttentionSubmodules:
+    column_linear: Union[ModuleSpec, type] = None
+    row_linear: Union[ModuleSpec, type] = None
+
+
+class SparseAttentionMixer(MegatronModule):
+    """``forward(hidden_states [S, B, C], v_first) -> ((out [S, B, C], bias), v_first)``."""
+
+    def __init__(
+        self,
+        config: RWKVXConfig,
+        submodules: SparseAttentionSubmodules,
+        layer_number: int,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config)
+        c, n = config.hidden_size, config.head_size
+        world = tp_world_size()
+        self.head_size = n
+        self.local_heads = config.num_attention_heads // world
+        kv_heads = config.num_query_groups or config.num_attention_heads
+        self.local_kv_heads = kv_heads // world
+        proj_config = projection_config(config)
+
+        def column(out_size, scale):
+            return build_module(
+                submodules.column_linear,
+                c,
+                out_size,
+                config=proj_config,
+                init_method=rwkv7_init.uniform_init(scale),
+                bias=False,
+                gather_output=False,
+                skip_bias_add=True,
+                disable_grad_reduce=True,
+            )
+
+        self.query = column(c, 0.5)
+        self.key = column(kv_heads * n, 0.5)
+        self.value = column(kv_heads * n, 0.5)
+        # Zero output: a freshly inserted block starts as the identity.
+        self.output = build_module(
+            submodules.row_linear,
+            c,
+            c,
+            config=config,
+            init_method=rwkv7_init.zero_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor] = None):
+        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
+
+        x = gather_mixer_input(hidden_states, self.config.sequence_parallel)
+        s, b, _ = x.shape
+        n = self.head_size
+        q = self.query(x)[0].view(s, b, self.local_heads, n).transpose(0, 1)
+        k = self.key(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
+        v = self.value(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
+        out = topk_chunk_attention(
+            q,
+            k,
+            v,
+            chunk_size=self.config.sparse_chunk_size,
+            top_k=self.config.sparse_top_k,
+            scale=n**-0.5,
+            backend=self.config.sparse_attention_backend,
+        )
+        out = out.transpose(0, 1).reshape(s, b, self.local_heads * n)
+        return self.output(out), v_first
+
+
+def sparse_attention_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """An ``A`` block: LayerNorm, sparse attention, LayerNorm, ChannelMix."""
+    from megatron_rwkvx.layers.rwkvx_layer import RWKVXLayer, RWKVXLayerSubmodules
+    from megatron_rwkvx.layers.specs import _norm, channel_mix_spec, transformer_engine_available
+
+    use_te = transformer_engine_available() if use_te is None else use_te
+    return ModuleSpec(
+        module=RWKVXLayer,
+        submodules=RWKVXLayerSubmodules(
+            input_norm=_norm(use_te),
+            mixer=ModuleSpec(
+                module=SparseAttentionMixer,
+                submodules=SparseAttentionSubmodules(
+                    column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
+                ),
+            ),
+            pre_mlp_norm=_norm(use_te),
+            mlp=channel_mix_spec(),
+        ),
+    )
