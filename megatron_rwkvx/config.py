@@ -86,6 +86,9 @@ class RWKVXConfig(TransformerConfig):
     # Group-norm epsilon of the RWKV-7 output norm (official: 64e-5).
     rwkv_ln_x_eps: float = 64e-5
 
+    # RWKV's L2Wrap logit regulariser (0 = off; the reference uses 1e-4 per token).
+    l2wrap_factor: float = 0.0
+
     def __post_init__(self) -> None:
         self._validate_and_derive()
         super().__post_init__()

@@ -20,6 +20,47 @@ from megatron_rwkvx.layers.specs import layer_specs
 from megatron_rwkvx.models.rwkvx_stack import RWKVXStack
 
 
+def pipeline_seq_length(config: RWKVXConfig, seq_length: int) -> int:
+    """The ``seq_length`` to give megatron's pipeline schedules so that the tensor they send between
+    stages has room for the hidden states *and* ``v_first`` (see :func:`pack_stage_output`)."""
+    if config.pipeline_model_parallel_size == 1:
+        return seq_length
+    tp = config.tensor_model_parallel_size
+    if config.sequence_parallel:
+        return 2 * seq_length
+    return seq_length * (tp + 1) // tp
+
+
+def pack_stage_output(hidden: Tensor, v_first: Optional[Tensor], config: RWKVXConfig) -> Tensor:
+    """One tensor for the next pipeline stage: hidden [S_h, B, C] followed by v_first viewed as
+    [S / tp, B, C] rows (v_first is [S, B, C / tp]: full sequence, this rank's heads).
+
+    megatron's p2p sends one tensor of a fixed shape, and every RWKV block after the first needs
+    v_first, so it travels with the hidden states.
+    """
+    if config.pipeline_model_parallel_size == 1:
+        return hidden
+    tp = config.tensor_model_parallel_size
+    s_h, b, c = hidden.shape
+    full_s = s_h * tp if config.sequence_parallel else s_h
+    if v_first is None:  # no RWKV block yet: the slot still travels (fixed shape)
+        v_first = hidden.new_zeros(full_s, b, c // tp)
+    v_rows = v_first.contiguous().view(full_s // tp, b, c)
+    return torch.cat([hidden, v_rows.to(hidden.dtype)], dim=0)
+
+
+def unpack_stage_output(packed: Tensor, config: RWKVXConfig):
+    if config.pipeline_model_parallel_size == 1:
+        return packed, None
+    tp = config.tensor_model_parallel_size
+    rows, b, c = packed.shape
+    s_h = rows // 2 if config.sequence_parallel else rows * tp // (tp + 1)
+    hidden = packed[:s_h]
+    full_s = s_h * tp if config.sequence_parallel else s_h
+    v_first = packed[s_h:].contiguous().view(full_s, b, c // tp)
+    return hidden, v_first
+
+
 def _head_init(config: RWKVXConfig):
     # The official code uses an orthogonal head with gain 0.5 * sqrt(vocab / C); a scaled normal
     # of the same variance keeps tensor-parallel initialisation cheap and identical across sizes.
@@ -98,15 +139,20 @@ class RWKVXModel(LanguageModule):
         labels: Optional[Tensor] = None,
         **unused,
     ) -> Tensor:
+        v_first = None
         if self.pre_process:
             hidden = self.embedding(input_ids=input_ids, position_ids=None)
             hidden = self.ln0(hidden)
         else:
-            hidden = self.input_tensor
-        hidden, _ = self.decoder(hidden, None)
+            hidden, v_first = unpack_stage_output(self.input_tensor, self.config)
+        hidden, v_first = self.decoder(hidden, v_first)
         if not self.post_process:
-            return hidden
+            return pack_stage_output(hidden, v_first, self.config)
         logits, _ = self.output_layer(hidden)
+        if labels is not None and self.training and self.config.l2wrap_factor > 0:
+            from megatron_rwkvx.training.losses import L2Wrap
+
+            logits = L2Wrap.apply(logits, self.config.l2wrap_factor, self.tp_group)
         if labels is None:
             if not self.parallel_output:
                 logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)

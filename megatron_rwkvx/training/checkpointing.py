@@ -1,0 +1,124 @@
+"""Resumable training checkpoints on ``dist_checkpointing``.
+
+Each save is a directory ``iter_{N:07d}`` holding the sharded model and optimizer, the scheduler,
+the iteration and data position (common state), and one small RNG file per rank. The
+``latest_checkpointed_iteration.txt`` pointer is rewritten (atomically) only after every rank
+finished writing, so a run killed mid-save resumes from the previous checkpoint. Tensors carry
+global layer numbers and tensor-parallel axes, so a checkpoint loads into another tensor/pipeline
+layout (the RNG files are then skipped with a note: they are per rank).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import List, Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_rwkvx.checkpointing.megatron_format import (
+    LATEST_FILE,
+    MODEL_CONFIG_FILE,
+    _write_text_atomic,
+    architecture_of,
+    check_architecture,
+    iteration_dir,
+    read_latest_iteration,
+    read_model_config,
+)
+from megatron_rwkvx.training.initialize import rng_state, set_rng_state
+
+
+def _model_keys(n: int) -> List[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _layout(args) -> dict:
+    return {
+        "world_size": args.world_size,
+        "tp": args.tensor_model_parallel_size,
+        "pp": args.pipeline_model_parallel_size,
+        "cp": args.context_parallel_size,
+        "vpp": args.virtual_pipeline_model_parallel_size,
+    }
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) -> dict:
+    state = {}
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        state[key] = chunk.module.sharded_state_dict()
+    if with_optimizer and optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
+                    train_state: dict) -> str:
+    rank = torch.distributed.get_rank()
+    target = iteration_dir(directory, iteration)
+    if rank == 0:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.isdir(target):
+            # A half-written save of the same iteration (a crash mid-save): never mix files.
+            shutil.rmtree(target)
+        os.makedirs(target)
+        _write_text_atomic(
+            os.path.join(directory, MODEL_CONFIG_FILE),
+            __import__("json").dumps(architecture_of(cfg), indent=2, sort_keys=True),
+        )
+    torch.distributed.barrier()
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True)
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    state["train_state"] = dict(train_state, iteration=iteration)
+    state["layout"] = _layout(args)
+    dist_checkpointing.save(state, target)
+    torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
+        _prune(directory, keep=args.keep_last_checkpoints, latest=iteration)
+    torch.distributed.barrier()
+    return target
+
+
+def _prune(directory: str, keep: int, latest: int) -> None:
+    if keep is None or keep <= 0:
+        return
+    iters = sorted(
+        int(m.group(1)) for d in os.listdir(directory) if (m := re.fullmatch(r"iter_(\d{7})", d))
+    )
+    done = [i for i in iters if i <= latest]
+    for old in done[:-keep]:
+        shutil.rmtree(iteration_dir(directory, old), ignore_errors=True)
+    # Directories newer than the pointer are leftovers of an interrupted save.
+    for stale in (i for i in iters if i > latest):
+        shutil.rmtree(iteration_dir(directory, stale), ignore_errors=True)
+
+
+def has_checkpoint(directory: Optional[str]) -> bool:
+    return bool(directory) and read_latest_iteration(directory) is not None
+
+
+def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log=print) -> dict:
+    """Restore a training run; returns the saved train state (iteration, consumed samples, ...)."""
+    check_architecture(read_model_config(directory), cfg, directory)
+    iteration = read_latest_iteration(directory)
+    target = iteration_dir(directory, iteration)
+    common = dist_checkpointing.load_common_state_dict(target)
+    with_optim = not args.no_load_optim
+    sharded = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optim)
+    loaded = dist_checkpointing.load(sharded, target)
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        chunk.module.load_state_dict(loaded[key], strict=True)
+    if with_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    same_layout = common.get("layout") == _layout(args)
+    rng_file = os.path.join(target, f"rng_rank{torch.distributed.get_rank():05d}.pt")
+    if not args.no_load_rng and same_layout and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    elif not same_layout:
+        log(f"note: checkpoint layout {common.get('layout')} differs from this run's "
+            f"{_layout(args)}; per-rank RNG states are not restored")
+    return dict(common["train_state"])

@@ -1,0 +1,221 @@
+"""Model configuration from arguments, model chunks per pipeline stage, stage-1 freezing, megatron
+DDP, the (distributed) optimizer and the learning-rate schedule."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKVXConfig
+from megatron_rwkvx.training.arguments import ArgumentError
+
+_SHAPE_ARGS = {
+    "hidden_size": "--hidden-size",
+    "head_size": "--head-size",
+    "layer_pattern": "--layer-pattern",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "vocab_size": "--vocab-size",
+}
+
+
+def model_shape_from_init(path: str) -> dict:
+    """Architecture fields of an --init-from source (official .pth or megatron directory)."""
+    if os.path.isdir(path):
+        from megatron_rwkvx.checkpointing.megatron_format import read_model_config
+
+        shape = read_model_config(path)
+        shape.pop("sparse_chunk_size", None)
+        shape.pop("sparse_top_k", None)
+        return shape
+    from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
+    from megatron_rwkvx.pretrained import config_from_file_state_dict
+
+    kwargs, _ = config_from_file_state_dict(load_state_dict_file(path))
+    return kwargs
+
+
+def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
+    shape = model_shape_from_init(args.init_from) if args.init_from else {}
+    given = {
+        "hidden_size": args.hidden_size,
+        "head_size": args.head_size,
+        "layer_pattern": args.layer_pattern or ("R" * args.num_layers if args.num_layers else None),
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "vocab_size": args.vocab_size,
+    }
+    for field, value in given.items():
+        if value is None:
+            continue
+        if field in shape and shape[field] != value:
+            raise ArgumentError(
+                f"{_SHAPE_ARGS[field]} {value} disagrees with --init-from {args.init_from} "
+                f"({field} = {shape[field]}); drop the argument or use a matching checkpoint"
+            )
+        shape[field] = value
+    shape.setdefault("head_size", 64)
+    if shape.get("vocab_size") is None:
+        if tokenizer_vocab_size is None:
+            raise ArgumentError("--vocab-size is required when the tokenizer does not tell it")
+        shape["vocab_size"] = tokenizer_vocab_size
+    if tokenizer_vocab_size is not None and tokenizer_vocab_size > shape["vocab_size"]:
+        raise ArgumentError(
+            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary has "
+            f"{shape['vocab_size']} rows: the model cannot embed every token; use a matching "
+            "tokenizer or a model with a larger --vocab-size"
+        )
+    if args.num_query_groups is None:
+        shape.pop("num_query_groups", None)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    cfg = RWKVXConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=args.device == "cpu",
+        calculate_per_token_loss=True,
+        sparse_chunk_size=args.sparse_chunk_size,
+        sparse_top_k=args.sparse_top_k,
+        wkv_backend=args.wkv_backend,
+        sparse_attention_backend=args.sparse_attention_backend,
+        l2wrap_factor=1e-4 if args.l2wrap else 0.0,
+        **({"num_query_groups": args.num_query_groups} if args.num_query_groups else {}),
+        **{k: v for k, v in shape.items() if not k.startswith("_")},
+    )
+    pattern = cfg.layer_pattern
+    if args.train_only == "sparse" and ATTENTION_SYMBOL not in pattern:
+        raise ArgumentError(
+            "--train-only sparse trains the sparse-attention blocks, but the pattern "
+            f"{pattern!r} has none; expand the model first (tools/convert_rwkv7_to_rwkvx.py)"
+        )
+    local = args.seq_length // args.context_parallel_size
+    if args.context_parallel_size > 1 and ATTENTION_SYMBOL in pattern and local % cfg.sparse_chunk_size:
+        raise ArgumentError(
+            f"with context parallelism each rank's sequence ({args.seq_length} / "
+            f"{args.context_parallel_size} = {local}) must be a multiple of --sparse-chunk-size "
+            f"{cfg.sparse_chunk_size} so shard boundaries fall on chunk boundaries"
+        )
+    pp = args.pipeline_model_parallel_size
+    vpp = args.virtual_pipeline_model_parallel_size or 1
+    if cfg.num_layers % (pp * vpp):
+        raise ArgumentError(
+            f"{cfg.num_layers} layers cannot be split evenly over {pp} pipeline stages x {vpp} "
+            "virtual stages; change the layout"
+        )
+    return cfg
+
+
+def build_model_chunks(cfg: RWKVXConfig, args) -> List[torch.nn.Module]:
+    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = RWKVXModel(cfg, pre_process=pre, post_process=post, vp_stage=stage)
+        if args.device == "cuda":
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def freeze_for_stage1(chunks: List[torch.nn.Module]) -> int:
+    """Stage 1: only sparse-attention blocks train; returns the number of trainable parameters."""
+    trainable = 0
+    for model in chunks:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in model.decoder.layers:
+            if layer.symbol == ATTENTION_SYMBOL:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+                    trainable += p.numel()
+    return trainable
+
+
+def wrap_ddp(chunks, cfg, args) -> List[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # non-finite steps are skipped and counted by the loop
+        bucket_size=None if args.device == "cpu" else 40_000_000,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=cfg,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Only the first chunk's buckets may be overlapped with the previous step.
+                disable_bucketing=(i > 0),
+            )
+        )
+    return wrapped
+
+
+def _decays(param: torch.Tensor, name: str) -> bool:
+    """The reference RWKV-7 rule: weight decay on ``.weight`` matrices only; LoRA matrices, per-head
+    tensors, norms and vectors are not decayed."""
+    if param.dim() < 2 or not name.endswith(".weight"):
+        return False
+    lora_up = any(name.endswith(f"mixer.{k}2.weight") for k in "wavg")
+    return not lora_up
+
+
+def build_optimizer(ddp_chunks, cfg, args):
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=cfg.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    no_decay = ParamKey(
+        with_name_predicate=ParamWithNamePredicate(
+            name="rwkv_no_weight_decay", fn=lambda p, n: not _decays(p, n)
+        )
+    )
+    optimizer = get_megatron_optimizer(
+        opt_config, ddp_chunks, config_overrides={no_decay: {"wd_mult": 0.0}}
+    )
+    return optimizer
+
+
+def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
+    wsd = args.lr_wsd_decay_iters if args.lr_decay_style == "WSD" else None
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=wsd,
+        lr_wsd_decay_style="cosine" if wsd else None,
+    )
