@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 
@@ -92,6 +93,7 @@ class RWKVXModel(LanguageModule):
         self.post_process = post_process
         self.parallel_output = parallel_output
         self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         self.vocab_size = config.vocab_size
         self.input_tensor = None

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay-iters", type=int, default=None, help="default: all training iterations")
     t.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="decay phase length for WSD")
     t.add_argument("--weight-decay", type=float, default=0.001, help="applied to matrices only")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam is AdamW")
+    t.add_argument("--sgd-momentum", type=float, default=0.9)
     t.add_argument("--adam-beta1", type=float, default=0.9)
     t.add_argument("--adam-beta2", type=float, default=0.99)
     t.add_argument("--adam-eps", type=float, default=1e-18)

@@ -83,6 +83,9 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         pipeline_dtype=dtype,
         use_cpu_initialization=args.device == "cpu",
         calculate_per_token_loss=True,
+        # gloo matches concurrent sends between the same two ranks by order only; batched p2p
+        # then mixes up activations and gradients when pp=2 with virtual stages (prev == next).
+        batch_p2p_comm=args.device != "cpu",
         sparse_chunk_size=args.sparse_chunk_size,
         sparse_top_k=args.sparse_top_k,
         wkv_backend=args.wkv_backend,
@@ -177,7 +180,8 @@ def _decays(param: torch.Tensor, name: str) -> bool:
 
 def build_optimizer(ddp_chunks, cfg, args):
     opt_config = OptimizerConfig(
-        optimizer="adam",
+        optimizer=getattr(args, "optimizer", "adam"),
+        sgd_momentum=getattr(args, "sgd_momentum", 0.9),
         lr=args.lr,
         min_lr=args.min_lr,
         weight_decay=args.weight_decay,

@@ -1,0 +1,61 @@
+"""Every parallel layout gives the single-process loss and parameters after one optimizer step."""
+import pytest
+import torch
+
+from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.testing.checkpoints import random_official_state_dict
+from megatron_rwkvx.testing.distributed import run_distributed
+from megatron_rwkvx.testing.layouts import one_training_step
+
+from conftest import TINY
+
+CFG = dict(TINY, layer_pattern="RRAR", sparse_chunk_size=4, sparse_top_k=2)
+SEQ = 16
+GLOBAL_BATCH = 4
+MICRO_BATCH = 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("layouts") / "rand.pth"
+    torch.save(random_official_state_dict(RWKVXConfig(**CFG), seed=21), path)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, CFG["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
+    labels = torch.randint(0, CFG["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
+    references = {
+        opt: run_distributed(one_training_step, 1, {"optimizer": opt}, CFG, str(path), tokens,
+                             labels, MICRO_BATCH)[0]
+        for opt in ("sgd", "adam")
+    }
+    return str(path), tokens, labels, references
+
+
+def _check(result, reference):
+    loss, params = result
+    ref_loss, ref_params = reference
+    assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5, (loss, ref_loss)
+    assert params.keys() == ref_params.keys()
+    for k in ref_params:
+        a, b = params[k], ref_params[k]
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        assert err < 1e-5, f"{k}: relative error {err:.2e}"
+
+
+LAYOUTS = {
+    "tp2": ({"tp": 2}, 2),
+    "tp2-sp": ({"tp": 2, "sp": True}, 2),
+    "pp2": ({"pp": 2}, 2),
+    "pp2-vpp2": ({"pp": 2, "vpp": 2}, 2),
+    # megatron's distributed optimizer only takes Adam.
+    "dp2-distopt": ({"dist_opt": True, "optimizer": "adam"}, 2),
+    "tp2xpp2": ({"tp": 2, "pp": 2}, 4),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(setup, name):
+    path, tokens, labels, references = setup
+    layout, world = LAYOUTS[name]
+    result = run_distributed(one_training_step, world, layout, CFG, path, tokens, labels, MICRO_BATCH)[0]
+    _check(result, references[layout.get("optimizer", "sgd")])
