@@ -37,7 +37,8 @@ def _check(result, reference):
     assert params.keys() == ref_params.keys()
     for k in ref_params:
         a, b = params[k], ref_params[k]
-        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        # Norm-wise relative error: fp32 sums taken in another order differ by rounding only.
+        err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
         assert err < 1e-5, f"{k}: relative error {err:.2e}"
 
 
