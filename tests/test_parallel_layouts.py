@@ -50,6 +50,10 @@ LAYOUTS = {
     # megatron's distributed optimizer only takes Adam.
     "dp2-distopt": ({"dist_opt": True, "optimizer": "adam"}, 2),
     "tp2xpp2": ({"tp": 2, "pp": 2}, 4),
+    "cp2": ({"cp": 2}, 2),
+    "cp4": ({"cp": 4}, 4),
+    "tp2xcp2": ({"tp": 2, "cp": 2, "sp": True}, 4),
+    "pp2xcp2": ({"pp": 2, "cp": 2}, 4),
 }
 
 

@@ -16,6 +16,7 @@ from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
     gather_mixer_input,
+    previous_token_across_ranks,
     projection_config,
     replicated_param,
 )
@@ -72,7 +73,7 @@ class RWKV7ChannelMix(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, previous_token: Optional[torch.Tensor] = None):
         x = gather_mixer_input(hidden_states, self.config.sequence_parallel)
-        xx = token_shift_delta(x, previous_token)
+        xx = token_shift_delta(x, previous_token_across_ranks(x, previous_token))
         k = x + xx * replicated_param(self.x_k)
         hidden = torch.relu(self.key(k)[0]) ** 2
         return self.value(hidden)

@@ -20,7 +20,9 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint,
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
+    context_parallel_group,
     gather_mixer_input,
+    previous_token_across_ranks,
     projection_config,
     replicated_param,
     shard_dim0,
@@ -135,7 +137,7 @@ class RWKV7TimeMix(MegatronModule):
         x = gather_mixer_input(hidden_states, cfg.sequence_parallel)
         s, b, _ = x.shape
         heads, n = self.local_heads, self.head_size
-        xx = token_shift_delta(x, previous_token)
+        xx = token_shift_delta(x, previous_token_across_ranks(x, previous_token))
 
         def mix(name):
             return x + xx * replicated_param(getattr(self, name))
@@ -187,6 +189,19 @@ class RWKV7TimeMix(MegatronModule):
 
         def to_bthn(t):
             return t.view(s, bsz, heads, n).transpose(0, 1)
+
+        cp_group = context_parallel_group()
+        if cp_group is not None:
+            if initial_state is not None:
+                raise ValueError("an initial state cannot be combined with context parallelism")
+            from megatron_rwkvx.parallel.cp_wkv7 import wkv7_context_parallel
+
+            # State passing: each rank folds its predecessors' (transition, state) summaries.
+            y, state = wkv7_context_parallel(
+                to_bthn(r), to_bthn(log_w.to(r.dtype)), to_bthn(k), to_bthn(v), to_bthn(a),
+                to_bthn(b), cp_group, self.config.wkv_backend, return_final_state=True,
+            )
+            return y.transpose(0, 1).reshape(s, bsz, heads * n), state
 
         y, state = wkv7(
             to_bthn(r),

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
+    context_parallel_group,
     gather_mixer_input,
     projection_config,
     tp_world_size,
@@ -87,15 +88,31 @@ class SparseAttentionMixer(MegatronModule):
         q = self.query(x)[0].view(s, b, self.local_heads, n).transpose(0, 1)
         k = self.key(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
         v = self.value(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
-        out = topk_chunk_attention(
-            q,
-            k,
-            v,
-            chunk_size=self.config.sparse_chunk_size,
-            top_k=self.config.sparse_top_k,
-            scale=n**-0.5,
-            backend=self.config.sparse_attention_backend,
-        )
+        cp_group = context_parallel_group()
+        if cp_group is not None:
+            from megatron_rwkvx.parallel.cp_sparse_attention import (
+                topk_chunk_attention_context_parallel,
+            )
+
+            # Queries of this shard against the keys of all earlier shards (chunk-aligned).
+            out = topk_chunk_attention_context_parallel(
+                q, k, v,
+                chunk_size=self.config.sparse_chunk_size,
+                top_k=self.config.sparse_top_k,
+                scale=n**-0.5,
+                group=cp_group,
+                backend=self.config.sparse_attention_backend,
+            )
+        else:
+            out = topk_chunk_attention(
+                q,
+                k,
+                v,
+                chunk_size=self.config.sparse_chunk_size,
+                top_k=self.config.sparse_top_k,
+                scale=n**-0.5,
+                backend=self.config.sparse_attention_backend,
+            )
         out = out.transpose(0, 1).reshape(s, b, self.local_heads * n)
         return self.output(out), v_first
 

@@ -60,3 +60,23 @@ def shard_dim0(full: torch.Tensor) -> torch.Tensor:
     world, rank = tp_world_size(), tp_rank()
     size = full.shape[0] // world
     return full[rank * size : (rank + 1) * size]
+
+
+def context_parallel_group():
+    """The context-parallel group, or None when the sequence is not split."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
+def previous_token_across_ranks(x: torch.Tensor, previous: "torch.Tensor | None"):
+    """Token before ``x[0]``: given (inference state), from the previous context-parallel rank,
+    or None (zeros) at the sequence start."""
+    if previous is not None:
+        return previous
+    group = context_parallel_group()
+    if group is None:
+        return None
+    from megatron_rwkvx.parallel.cp_comm import previous_token_from_prev_rank
+
+    return previous_token_from_prev_rank(x, group)
