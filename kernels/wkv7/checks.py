@@ -1,0 +1,59 @@
+"""Validation of the ``wkv7`` inputs, shared by every backend."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INPUT_NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def check_inputs(tensors: Sequence[torch.Tensor], initial_state: Optional[torch.Tensor]) -> None:
+    """Raise a ValueError/TypeError naming the problem unless the inputs follow the wkv7 contract."""
+    for name, t in zip(INPUT_NAMES, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"wkv7: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"wkv7: {name} must have shape [B, T, H, N] (4 dims), got {tuple(t.shape)}; "
+                "split the channels into heads with .view(B, T, H, N)"
+            )
+    r = tensors[0]
+    for name, t in zip(INPUT_NAMES[1:], tensors[1:]):
+        if t.shape != r.shape:
+            raise ValueError(
+                f"wkv7: all inputs must share r's shape {tuple(r.shape)}; {name} has {tuple(t.shape)}"
+            )
+        if t.dtype != r.dtype:
+            raise TypeError(
+                f"wkv7: all inputs must share r's dtype {r.dtype}; {name} is {t.dtype} "
+                "(cast them to one dtype, e.g. w.to(r.dtype))"
+            )
+        if t.device != r.device:
+            raise ValueError(f"wkv7: {name} is on {t.device} but r is on {r.device}")
+    if r.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"wkv7: inputs must be float32, float16 or bfloat16, got {r.dtype}"
+        )
+    if r.shape[3] == 0:
+        raise ValueError("wkv7: the head size N (last dim) must be at least 1")
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(
+            f"wkv7: initial_state must be a tensor or None, got {type(initial_state).__name__}"
+        )
+    B, _, H, N = r.shape
+    if tuple(initial_state.shape) != (B, H, N, N):
+        raise ValueError(
+            f"wkv7: initial_state must have shape [B, H, N, N] = {(B, H, N, N)} "
+            f"(rows = value dim, cols = key dim), got {tuple(initial_state.shape)}"
+        )
+    if initial_state.dtype != torch.float32:
+        raise TypeError(
+            f"wkv7: initial_state must be float32 (the recurrence runs in fp32), got "
+            f"{initial_state.dtype}; pass initial_state.float()"
+        )
+    if initial_state.device != r.device:
+        raise ValueError(f"wkv7: initial_state is on {initial_state.device} but r is on {r.device}")

@@ -1,0 +1,229 @@
+"""The chunked backend: RWKV-7's recurrence in chunks of ``L`` tokens with matrix products.
+
+Per chunk (all chunks at once, batched over batch x heads x chunks), with ``g_t`` the cumulative
+log-decay inside the chunk (inclusive, ``g_0 = 0``) and ``S_0`` the state entering the chunk:
+
+* ``u_t = S_{t-1} a_t`` (the delta-rule correction) satisfies the unit lower-triangular system
+  ``U = A_ab U + A_ak V + (a * exp(g_{t-1})) S_0^T`` with
+  ``A_xy[t, j] = sum_c x_t[c] y_j[c] exp(g_{t-1}[c] - g_j[c])`` for ``j < t``; one triangular
+  solve gives ``U = P + Q S_0^T`` (the WY/UT form: P and Q do not depend on ``S_0``);
+* the state leaving the chunk is
+  ``S_L = S_0 diag(exp g_L) + U^T (b * exp(g_L - g)) + V^T (k * exp(g_L - g))``;
+* the outputs are ``Y = (r * exp(g)) S_0^T + A_rb U + A_rk V`` with ``A_r*`` as above but with
+  ``exp(g_t - g_j)``, ``j <= t``.
+
+Only the pass over the chunks (``U`` from ``S_0``, then ``S_L``) is sequential; everything else
+is batched over all chunks of a segment.
+
+Numerics: every exponent is a difference ``g_later - g_earlier`` of cumulative log-decays of one
+chunk, which is <= 0 because ``w <= 0`` (checked), so nothing overflows whatever the decay (the
+factorisation ``exp(g_t) exp(-g_j)`` would overflow for strong decay); see ``_pair_matrices`` for
+how the pair products still run as matrix products.
+
+Memory: the sequence is processed in segments of whole chunks under a custom autograd Function
+that saves only its inputs and the state entering each segment, and recomputes a segment's
+intra-chunk quantities in the backward pass; transient memory is bounded by the segment size.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_SIZE = 16
+# Elements of one [batch x heads, tokens, N] input slice per segment. The intra-chunk
+# temporaries are a few times this (and the L x L pair matrices add 4 L^2 per chunk), so a segment
+# stays cache-sized on the CPU and its transient memory stays small on a GPU.
+_SEGMENT_ELEMENTS = 1 << 18
+
+
+def _pair_matrices(q, q_log, keys, g):
+    """Decayed pair products ``A[x, t, y, j] = sum_c q_x[t, c] key_y[j, c] exp(q_log_x[t, c] - g[j, c])``.
+
+    ``q``/``q_log``: ``[D, 2, L, N]`` (x = 0: a with the exclusive cumulative log-decay, only
+    ``j < t`` kept; x = 1: r with the inclusive one, ``j <= t``); ``keys``: ``[D, 2, L, N]`` (b, k);
+    ``g``: ``[D, L, N]`` inclusive cumulative log-decay; L a power of two. Returns
+    ``[D, 2, L, 2, L]`` (zero above the kept triangle).
+
+    Divide and conquer over the chunk: at half-width h the chunk splits into blocks of 2h tokens,
+    and every pair with the query in a block's right half and the key in its left half factorises
+    through the left half's last position m as ``exp(q_log_t - g_m) * exp(g_m - g_j)``: both
+    exponents are <= 0 and one batched matrix product covers all such pairs. Each pair ``j < t``
+    is split at exactly one level; ``j == t`` (r only) has no decay.
+    """
+    D, _, L, N = q.shape
+    A = q.new_zeros(D, 2, L, 2, L)
+    same = (q[:, 1, None] * keys).sum(-1)  # [D, y, L]: r_t . key_t
+    torch.diagonal(A[:, 1], dim1=1, dim2=3).copy_(same)
+    h = 1
+    while h < L:
+        blocks = L // (2 * h)
+        q_right = q.view(D, 2, blocks, 2, h, N)[:, :, :, 1]  # [D, x, block, h, N]
+        log_right = q_log.view(D, 2, blocks, 2, h, N)[:, :, :, 1]
+        key_left = keys.view(D, 2, blocks, 2, h, N)[:, :, :, 0]
+        g_left = g.view(D, blocks, 2, h, N)[:, :, 0]  # [D, block, h, N]
+        g_mid = g_left[:, :, -1:]  # [D, block, 1, N]
+        q_scaled = q_right * torch.exp(log_right - g_mid[:, None])
+        k_scaled = key_left * torch.exp(g_mid - g_left)[:, None]
+        prod = q_scaled.transpose(1, 2).reshape(D, blocks, 2 * h, N) @ k_scaled.transpose(
+            1, 2
+        ).reshape(D, blocks, 2 * h, N).transpose(-1, -2)  # [D, block, (x, t), (y, j)]
+        target = A.view(D, 2, blocks, 2, h, 2, blocks, 2, h)[:, :, :, 1, :, :, :, 0, :]
+        torch.diagonal(target, dim1=2, dim2=5).copy_(
+            prod.view(D, blocks, 2, h, 2, h).permute(0, 2, 3, 4, 5, 1)
+        )
+        h *= 2
+    return A
+
+
+def _segment(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+    chunk: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable chunked recurrence over one segment.
+
+    ``r .. b``: fp32 ``[G, T, N]`` (G = batch x heads, T a multiple of ``chunk``), ``w <= 0``;
+    ``state``: fp32 ``[G, N, N]``. Returns ``y [G, T, N]`` and the state after the segment.
+    """
+    G, T, N = r.shape
+    C, L = T // chunk, chunk
+    D = G * C
+    r, w, k, v, a, b = (t.reshape(D, L, N) for t in (r, w, k, v, a, b))
+
+    g = w.cumsum(dim=1)  # inclusive: log-decay from the chunk start through token t
+    g_prev = F.pad(g[:, :-1], (0, 0, 1, 0))  # exclusive: through token t-1
+    g_end = g[:, -1:]
+
+    A = _pair_matrices(
+        torch.stack((a, r), dim=1), torch.stack((g_prev, g), dim=1), torch.stack((b, k), dim=1), g
+    )
+    A_ab, A_ak, A_rb, A_rk = A[:, 0, :, 0], A[:, 0, :, 1], A[:, 1, :, 0], A[:, 1, :, 1]
+
+    eye = torch.eye(L, dtype=r.dtype, device=r.device)
+    rhs = torch.cat((A_ak @ v, a * torch.exp(g_prev)), dim=-1)
+    PQ = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    P, Q = PQ[..., :N], PQ[..., N:]
+
+    to_end = torch.exp(g_end - g)
+    b_end = b * to_end
+    S_kv = v.transpose(-1, -2) @ (k * to_end)  # [D, N_v, N_k]
+    chunk_decay = torch.exp(g_end)  # [D, 1, N_k]
+
+    # Sequential pass. unbind, not indexing: one backward node for all chunks instead of a
+    # full-size zero gradient per chunk.
+    def per_chunk(x):
+        return x.view(G, C, *x.shape[1:]).unbind(1)
+
+    entering: List[torch.Tensor] = []
+    corrections: List[torch.Tensor] = []
+    for P_c, Q_c, b_c, kv_c, d_c in zip(*map(per_chunk, (P, Q, b_end, S_kv, chunk_decay))):
+        entering.append(state)
+        U_c = torch.baddbmm(P_c, Q_c, state.transpose(-1, -2))  # u_t = S_{t-1} a_t, [G, L, N_v]
+        corrections.append(U_c)
+        state = torch.baddbmm(torch.addcmul(kv_c, state, d_c), U_c.transpose(-1, -2), b_c)
+    S_in = torch.stack(entering, dim=1).view(D, N, N)
+    U = torch.stack(corrections, dim=1).view(D, L, N)
+    y = torch.baddbmm(
+        torch.cat((A_rb, A_rk), dim=-1) @ torch.cat((U, v), dim=1),
+        r * torch.exp(g),
+        S_in.transpose(-1, -2),
+    )
+    return y.view(G, T, N), state
+
+
+def _segment_bounds(T: int, G: int, N: int, chunk: int) -> List[Tuple[int, int]]:
+    step = max(1, _SEGMENT_ELEMENTS // (G * N * chunk)) * chunk
+    return [(t0, min(T, t0 + step)) for t0 in range(0, T, step)]
+
+
+class _ChunkedWKV7(torch.autograd.Function):
+    """Segment-wise recomputation: forward keeps one state per segment, backward re-runs each
+    segment (last to first) under autograd, carrying the state gradient backwards."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state, chunk):
+        G, T, N = r.shape
+        bounds = _segment_bounds(T, G, N, chunk)
+        ys, entering = [], []
+        for t0, t1 in bounds:
+            entering.append(state)
+            y, state = _segment(r[:, t0:t1], w[:, t0:t1], k[:, t0:t1], v[:, t0:t1],
+                                a[:, t0:t1], b[:, t0:t1], state, chunk)
+            ys.append(y)
+        ctx.save_for_backward(r, w, k, v, a, b, *entering)
+        ctx.chunk, ctx.bounds = chunk, bounds
+        return torch.cat(ys, dim=1), state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dstate):
+        r, w, k, v, a, b, *entering = ctx.saved_tensors
+        inputs = (r, w, k, v, a, b)
+        wanted = [i for i in range(6) if ctx.needs_input_grad[i]]
+        grads = [torch.zeros_like(inputs[i]) if i in wanted else None for i in range(6)]
+        for (t0, t1), s_in in zip(reversed(ctx.bounds), reversed(entering)):
+            with torch.enable_grad():
+                leaves = [x[:, t0:t1].detach().requires_grad_(i in wanted) for i, x in enumerate(inputs)]
+                s_leaf = s_in.detach().requires_grad_(True)
+                y, s_out = _segment(*leaves, s_leaf, ctx.chunk)
+                targets = [leaves[i] for i in wanted] + [s_leaf]
+                got = torch.autograd.grad((y, s_out), targets, (dy[:, t0:t1], dstate))
+            for i, gi in zip(wanted, got[:-1]):
+                grads[i][:, t0:t1] = gi
+            dstate = got[-1]
+        return (*grads, dstate if ctx.needs_input_grad[6] else None, None)
+
+
+def wkv7_chunked(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked RWKV-7 recurrence (same contract as ``wkv7_naive``); y is returned in fp32.
+
+    ``chunk_size`` (default 16, a power of two) is the chunk length ``L``: intra-chunk work grows
+    like ``log L`` per token, the sequential state pass takes ``T / L`` steps. Requires finite
+    ``w <= 0`` (checked; this reads w once, a device sync on a GPU).
+    """
+    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(
+            f"wkv7 (chunked): chunk_size must be a power of two (e.g. 16 or 32), got {chunk_size!r}"
+        )
+    with torch.no_grad():
+        w_max = w.max() if w.numel() else None
+        if w_max is not None and not bool(torch.isfinite(w).all() & (w_max <= 0)):
+            raise ValueError(
+                "wkv7 (chunked): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
+                f"got max {w_max.item():.4g}; pass log(decay), not the decay itself"
+            )
+    B, T, H, N = r.shape
+    pad = (-T) % chunk
+
+    def to_gtn(x: torch.Tensor) -> torch.Tensor:
+        # Padding with zeros is an identity step (decay exp(0) = 1, no update), so the final state
+        # is unchanged; the padded outputs are dropped.
+        x = x.float().permute(0, 2, 1, 3)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return x.reshape(B * H, T + pad, N)
+
+    if initial_state is None:
+        state = r.new_zeros(B * H, N, N, dtype=torch.float32)
+    else:
+        state = initial_state.reshape(B * H, N, N)
+    y, state = _ChunkedWKV7.apply(*(to_gtn(x) for x in (r, w, k, v, a, b)), state, chunk)
+    y = y.reshape(B, H, T + pad, N)[:, :, :T].permute(0, 2, 1, 3).contiguous()
+    return y, state.reshape(B, H, N, N)
