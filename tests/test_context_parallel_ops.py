@@ -1,7 +1,8 @@
 """Context-parallel operators equal the unsharded computation, outputs and every input gradient.
 
-Each spawned world (CP 2, CP 4) runs all checks in one go, because starting gloo processes costs
-seconds; a failing check raises inside the rank with the offending numbers.
+One spawn of four gloo processes runs every check for CP 2 (megatron's CP groups) and CP 4 (the
+whole world), because starting processes costs seconds; a failing check raises inside the rank
+with the offending numbers.
 """
 import pytest
 import torch
@@ -60,14 +61,17 @@ def test_chunk_boundary_error_names_the_fix():
     with pytest.raises(ValueError) as info:
         check_context_parallel_chunking(12, 4, 8)
     msg = str(info.value)
-    for part in ("sequence length 48", "context-parallel size 4", "chunk size 8", "multiple of cp * chunk_size = 32"):
+    for part in (
+        "sequence length 48", "context-parallel size 4", "chunk size 8",
+        "multiple of cp * chunk_size = 32",
+    ):
         assert part in msg, msg
 
 
 # ---------------------------------------------------------------- several ranks
 
 
-def _check_split_gather(rank, world):
+def _check_split_gather(rank, world, group):
     from megatron_rwkvx.parallel.context_parallel import (
         gather_from_context_parallel,
         split_for_context_parallel,
@@ -75,11 +79,11 @@ def _check_split_gather(rank, world):
 
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 100, (2, 8 * world), generator=g)
-    local = split_for_context_parallel(tokens, dim=1)
+    local = split_for_context_parallel(tokens, dim=1, group=group)
     assert torch.equal(local, tokens[:, rank * 8:(rank + 1) * 8])
-    assert torch.equal(gather_from_context_parallel(local, dim=-1), tokens)
+    assert torch.equal(gather_from_context_parallel(local, dim=-1, group=group), tokens)
     try:
-        split_for_context_parallel(tokens[:, :-1], dim=1)
+        split_for_context_parallel(tokens[:, :-1], dim=1, group=group)
     except ValueError as exc:
         assert "not divisible by the context-parallel size" in str(exc), exc
     else:
@@ -89,13 +93,15 @@ def _check_split_gather(rank, world):
     # input is that of one copy of the computation (megatron's scatter/gather convention).
     x = torch.randn(8 * world, 2, 3, generator=g, requires_grad=True)
     weight = torch.randn(8 * world, 2, 3, generator=g)
-    out = gather_from_context_parallel(split_for_context_parallel(x, dim=0) ** 2, dim=0)
+    out = gather_from_context_parallel(
+        split_for_context_parallel(x, dim=0, group=group) ** 2, dim=0, group=group
+    )
     _assert_close("gather(split(x)^2)", out, x.detach() ** 2)
     (out * weight).sum().backward()
     _assert_close("grad through split/gather", x.grad, 2 * x.detach() * weight)
 
 
-def _check_previous_token(rank, world):
+def _check_previous_token(rank, world, group):
     from megatron_rwkvx.layers.token_shift import token_shift_delta
     from megatron_rwkvx.parallel.context_parallel import previous_token_from_prev_rank
 
@@ -107,16 +113,14 @@ def _check_previous_token(rank, world):
 
     part = slice(rank * S, (rank + 1) * S)
     x = x_full.detach()[part].clone().requires_grad_()
-    prev = previous_token_from_prev_rank(x)
+    prev = previous_token_from_prev_rank(x, group)
     want_prev = x_full.detach()[rank * S - 1] if rank else torch.zeros(B, C)
     assert torch.equal(prev, want_prev), f"rank {rank}: wrong previous token"
     (token_shift_delta(x, prev) ** 2 * weight[part]).sum().backward()
     _assert_close(f"rank {rank} token-shift grad", x.grad, x_full.grad[part])
 
 
-def _check_wkv7(rank, world, B, H, N, S):
-    from megatron.core import parallel_state
-
+def _check_wkv7(rank, world, group, B, H, N, S):
     from megatron_rwkvx.kernels.wkv7 import wkv7
     from megatron_rwkvx.parallel.context_parallel import wkv7_context_parallel
 
@@ -139,7 +143,7 @@ def _check_wkv7(rank, world, B, H, N, S):
     part = slice(rank * S, (rank + 1) * S)
     local = [t.detach()[:, part].clone().requires_grad_() for t in full]
     y, final = wkv7_context_parallel(
-        *local, group=parallel_state.get_context_parallel_group(), backend="chunked",
+        *local, group=group, backend="chunked",
         return_final_state=True,
     )
     _assert_close(f"rank {rank} y", y, y_ref.detach()[:, part])
@@ -148,8 +152,17 @@ def _check_wkv7(rank, world, B, H, N, S):
     for name, mine, ref in zip("rwkvab", local, full):
         _assert_close(f"rank {rank} grad {name}", mine.grad, ref.grad[:, part])
 
+    # bf16 inputs without autograd (evaluation): the states stay fp32, y comes back in bf16.
+    with torch.no_grad():
+        y16 = wkv7_context_parallel(
+            *(t.detach().bfloat16() for t in local), group=group, backend="chunked"
+        )
+        y16_ref, _ = wkv7(*(t.detach().bfloat16() for t in full), backend="chunked")
+    assert y16.dtype == torch.bfloat16
+    _assert_close(f"rank {rank} bf16 y", y16.float(), y16_ref[:, part].float(), rtol=2e-2)
 
-def _check_sparse_attention(rank, world, B, Hq, Hkv, D, S, chunk, top_k):
+
+def _check_sparse_attention(rank, world, group, B, Hq, Hkv, D, S, chunk, top_k):
     from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
     from megatron_rwkvx.parallel.context_parallel import topk_chunk_attention_context_parallel
 
@@ -165,7 +178,7 @@ def _check_sparse_attention(rank, world, B, Hq, Hkv, D, S, chunk, top_k):
     part = slice(rank * S, (rank + 1) * S)
     ql, kl, vl = (t.detach()[:, part].clone().requires_grad_() for t in (q, k, v))
     out = topk_chunk_attention_context_parallel(
-        ql, kl, vl, chunk_size=chunk, top_k=top_k, backend="torch"
+        ql, kl, vl, chunk_size=chunk, top_k=top_k, group=group, backend="torch"
     )
     _assert_close(f"rank {rank} attention out", out, out_ref.detach()[:, part])
     (out * go[:, part]).sum().backward()
@@ -175,7 +188,7 @@ def _check_sparse_attention(rank, world, B, Hq, Hkv, D, S, chunk, top_k):
     # A shard that is not a whole number of chunks: every rank refuses before communicating.
     try:
         topk_chunk_attention_context_parallel(
-            ql[:, :-2], kl[:, :-2], vl[:, :-2], chunk_size=chunk, top_k=top_k
+            ql[:, :-2], kl[:, :-2], vl[:, :-2], chunk_size=chunk, top_k=top_k, group=group
         )
     except ValueError as exc:
         assert f"context-parallel size {world}" in str(exc) and "chunk size" in str(exc), exc
@@ -183,23 +196,37 @@ def _check_sparse_attention(rank, world, B, Hq, Hkv, D, S, chunk, top_k):
         raise AssertionError("a shard not on chunk boundaries did not raise")
 
 
-def _cp_body(rank, world, shapes):
-    initialize_parallel(context_parallel_size=world)
-    _check_split_gather(rank, world)
-    _check_previous_token(rank, world)
-    _check_wkv7(rank, world, **shapes["wkv"])
-    _check_sparse_attention(rank, world, **shapes["attention"])
+def _run_checks(group, shapes):
+    from megatron_rwkvx.parallel.context_parallel import resolve_group
+
+    cp_group = resolve_group(group)
+    rank, world = torch.distributed.get_rank(cp_group), torch.distributed.get_world_size(cp_group)
+    _check_split_gather(rank, world, group)
+    _check_previous_token(rank, world, group)
+    _check_wkv7(rank, world, group, **shapes["wkv"])
+    _check_sparse_attention(rank, world, group, **shapes["attention"])
+
+
+CP2_SHAPES = dict(
+    wkv=dict(B=2, H=2, N=8, S=16),
+    attention=dict(B=2, Hq=2, Hkv=2, D=8, S=16, chunk=4, top_k=3),
+)
+CP4_SHAPES = dict(
+    wkv=dict(B=1, H=2, N=16, S=16),
+    attention=dict(B=1, Hq=4, Hkv=2, D=8, S=8, chunk=4, top_k=2),
+)
+
+
+def _cp_body(rank, world):
+    # Four processes test both sizes (a spawn costs seconds): first megatron's own CP groups of
+    # size 2, [0, 1] and [2, 3], through the default group (the second one's ranks differ from
+    # the global ranks, as in real layouts), then the whole world as one CP group of size 4.
+    initialize_parallel(context_parallel_size=2)
+    _run_checks(None, CP2_SHAPES)
+    _run_checks(torch.distributed.new_group(list(range(world))), CP4_SHAPES)
     return True
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "world, shapes",
-    [
-        (2, dict(wkv=dict(B=2, H=2, N=8, S=16), attention=dict(B=2, Hq=2, Hkv=2, D=8, S=16, chunk=4, top_k=3))),
-        (4, dict(wkv=dict(B=1, H=2, N=16, S=16), attention=dict(B=1, Hq=4, Hkv=2, D=8, S=8, chunk=4, top_k=2))),
-    ],
-    ids=["cp2", "cp4"],
-)
-def test_context_parallel_ops_equal_unsharded(world, shapes):
-    assert run_distributed(_cp_body, world, shapes) == [True] * world
+def test_context_parallel_ops_equal_unsharded():
+    assert run_distributed(_cp_body, 4) == [True] * 4

@@ -185,11 +185,11 @@ def pretrain(args) -> int:
     train_iters = [
         build_data_iterators(args, tokenizer, "train", state["consumed_train_samples"]) for _ in range(n_chunks)
     ]
-    valid_iters = None
+    def valid_iters():
+        return [build_data_iterators(args, tokenizer, "valid", 0) for _ in range(n_chunks)]
+
     if args.eval_iters > 0:
-        valid_iters = [
-            build_data_iterators(args, tokenizer, "valid", state["consumed_valid_samples"]) for _ in range(n_chunks)
-        ]
+        valid_iters()  # fail now, not at the first evaluation, if the split is unusable
 
     forward_backward = get_forward_backward_func()
     exit_signal = _ExitSignal()
@@ -278,9 +278,8 @@ def pretrain(args) -> int:
             window_start, window_tokens, window_iters = time.time(), 0, 0
             window_loss.zero_()
 
-        if valid_iters is not None and (it % args.eval_interval == 0 or it == args.train_iters):
-            val = evaluate(args, device, ddp_chunks, valid_iters, forward_backward)
-            state["consumed_valid_samples"] += args.eval_iters * args.global_batch_size
+        if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
+            val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
             logger.print(f"validation at iteration {it} | loss {val:.4f} | ppl {math.exp(min(val, 50)):.3f}")
             logger.scalars({"valid/loss": val}, it)
 

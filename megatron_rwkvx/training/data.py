@@ -1,0 +1,58 @@
+"""Data for the training loop: the run's tokenizer, the vocabulary check and per-rank iterators
+over megatron-core's GPT datasets (built once per process, see ``megatron_rwkvx.data``)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+from megatron.core import parallel_state
+
+from megatron_rwkvx.data.datasets import DataParallelBatches, build_gpt_datasets
+from megatron_rwkvx.data.datasets import check_data_vocab as _check_vocab
+from megatron_rwkvx.data.tokenizers import build_tokenizer
+
+_SPLITS = {"train": 0, "valid": 1, "test": 2}
+_datasets = None
+
+
+def build_run_tokenizer(args):
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+
+
+def check_data_vocab(args, vocab_size: int) -> None:
+    """Refuse data with token ids the model cannot embed, before any training."""
+    _check_vocab(args.data_path, vocab_size, args.data_cache_path)
+
+
+def _num_samples(args):
+    train = args.train_iters * args.global_batch_size
+    evals = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters
+    valid = evals * args.global_batch_size if args.eval_iters > 0 else 0
+    return [train, valid, 0]
+
+
+def _get_datasets(args, tokenizer):
+    global _datasets
+    if _datasets is None:
+        _datasets = build_gpt_datasets(
+            args.data_path, args.split, args.seq_length, args.seed, _num_samples(args),
+            args.data_cache_path, tokenizer,
+        )
+    return _datasets
+
+
+def build_data_iterators(args, tokenizer, split: str, consumed_samples: int) -> Iterator[Dict]:
+    dataset = _get_datasets(args, tokenizer)[_SPLITS[split]]
+    if dataset is None:
+        raise ValueError(
+            f"the {split} split is empty: give it a share in --split (now {args.split!r}) or set "
+            "--eval-iters 0"
+        )
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+
+    def make(consumed):
+        return DataParallelBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed)
+
+    # Validation reads the same first batches at every evaluation, so the curve compares like
+    # with like (and a resumed run evaluates exactly as an uninterrupted one).
+    return make(consumed_samples if split == "train" else 0)
