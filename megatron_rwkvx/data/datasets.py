@@ -1,0 +1,179 @@
+"""Training datasets over megatron-core's ``GPTDataset`` and ``BlendedMegatronDatasetBuilder``.
+
+``build_gpt_datasets`` turns a Megatron-style ``--data-path`` (``["prefix"]`` or
+``["0.7", "prefixA", "0.3", "prefixB"]``) and ``--split`` into train/valid/test datasets whose
+sample order is fixed by the seed (megatron-core shuffles with it and caches the index arrays).
+``DataParallelBatches`` walks one of them as Megatron-LM's pretraining sampler does: global
+sample ``consumed + k`` goes to data-parallel rank ``(k // micro_batch) % dp``, so resuming from
+``consumed_samples`` continues exactly where a run stopped, for any rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_rwkvx.data.indexed import DatasetFileError, check_token_ids, validate_indexed_dataset
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class DataConfigError(ValueError):
+    """--data-path, --split or sample counts that cannot work."""
+
+
+def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """``(prefixes, weights)``; weights is None for an unweighted list of prefixes."""
+    items = [str(x) for x in (data_path or [])]
+    if not items:
+        raise DataConfigError("--data-path is empty: give a dataset prefix (from tools/preprocess_data.py)")
+
+    def number(s):
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    if len(items) == 1 or number(items[0]) is None:
+        return items, None
+    if len(items) % 2:
+        raise DataConfigError(f"--data-path {items}: weights and prefixes must alternate ('0.7 pathA 0.3 pathB')")
+    weights, prefixes = [number(w) for w in items[0::2]], items[1::2]
+    bad = [items[2 * i] for i, w in enumerate(weights) if w is None or w < 0]
+    if bad:
+        raise DataConfigError(f"--data-path: {bad} are not non-negative weights; write 'w1 prefix1 w2 prefix2 ...'")
+    if sum(weights) <= 0:
+        raise DataConfigError("--data-path: the weights sum to zero")
+    return prefixes, weights
+
+
+def parse_split(split: str) -> List[float]:
+    parts = [p for p in re.split(r"[,/]", split.strip()) if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = None
+    if not values or len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise DataConfigError(f"--split {split!r}: expected up to three non-negative numbers, e.g. '949,50,1'")
+    return values + [0.0] * (3 - len(values))
+
+
+def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
+                       num_samples: Sequence[Optional[int]], cache_dir: Optional[str], tokenizer,
+                       eod_mask_loss: bool = False) -> list:
+    """``[train, valid, test]`` (None for a split with no share) of at least ``num_samples[i]`` samples.
+
+    Every rank calls this; under ``torch.distributed`` megatron-core builds the index cache on
+    rank 0 first and the other ranks read it. ``cache_dir`` defaults to ``index-cache`` beside
+    the first dataset.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = parse_data_path(data_path)
+    shares = parse_split(split)
+    if seq_length < 1:
+        raise DataConfigError(f"seq_length must be positive, got {seq_length}")
+    if len(num_samples) != 3:
+        raise DataConfigError("num_samples needs one entry per split: (train, valid, test)")
+    for prefix in prefixes:
+        info = validate_indexed_dataset(prefix)
+        if info.num_tokens <= seq_length:
+            raise DataConfigError(
+                f"dataset {prefix!r} has {info.num_tokens} tokens, not enough for one sample of "
+                f"{seq_length} + 1; use more data or a shorter --seq-length"
+            )
+    sizes = [None if s is None else int(s) for s in num_samples]
+    # megatron-core wants a number, not None, for every split of a weighted blend, even unused ones.
+    sizes = [s if share > 0 else 0 for s, share in zip(sizes, shares)]
+    if weights is not None and any(s is None and share > 0 for s, share in zip(sizes, shares)):
+        raise DataConfigError("a weighted --data-path needs a sample count for every split with a share")
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=",".join(str(s) for s in shares),
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+    with _rank_zero_without_distributed():
+        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    for name, ds, want in zip(("train", "valid", "test"), datasets, sizes):
+        if want and ds is not None and len(ds) < want:
+            raise DataConfigError(f"the {name} split has {len(ds)} samples, {want} were asked for")
+    return datasets
+
+
+@contextlib.contextmanager
+def _rank_zero_without_distributed():
+    """megatron-core 0.16.1's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` without
+    checking ``is_initialized()`` (``GPTDataset`` does check); in a single process without
+    ``torch.distributed`` we answer rank 0 for the duration of the build, and change nothing
+    when a process group exists."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+def check_data_vocab(data_path: Sequence[str], vocab_size: int, cache_dir: Optional[str] = None) -> None:
+    """Raise ``DatasetFileError`` if any token id in the datasets is >= ``vocab_size``."""
+    prefixes, _ = parse_data_path(data_path)
+    check_token_ids(prefixes, vocab_size, cache_dir)
+
+
+class DataParallelBatches:
+    """Deterministic, resumable micro-batches of one data-parallel rank.
+
+    Yields ``{"tokens", "labels", "loss_mask", "position_ids"}`` CPU tensors of shape
+    ``[micro_batch_size, seq_length]``. ``consumed_samples`` counts samples over all ranks (as
+    Megatron-LM's checkpoints store it) and advances by ``micro_batch_size * data_parallel_size``
+    per yielded batch. Iteration stops when a full step no longer fits in the dataset.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
+                 consumed_samples: int = 0):
+        if micro_batch_size < 1 or data_parallel_size < 1:
+            raise DataConfigError("micro_batch_size and data_parallel_size must be positive")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise DataConfigError(f"data_parallel_rank {data_parallel_rank} is outside 0..{data_parallel_size - 1}")
+        if consumed_samples < 0 or consumed_samples > len(dataset):
+            raise DataConfigError(
+                f"consumed_samples {consumed_samples} is outside the dataset's {len(dataset)} samples "
+                "(was the checkpoint made with another --data-path, --split or --seq-length?)"
+            )
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.size = data_parallel_rank, data_parallel_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        step = self.micro_batch_size * self.size
+        if self.consumed_samples + step > len(self.dataset):
+            raise StopIteration
+        start = self.consumed_samples + self.rank * self.micro_batch_size
+        samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
+        self.consumed_samples += step
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
+        batch["tokens"] = batch["tokens"].long()
+        batch["labels"] = batch["labels"].long()
+        batch["position_ids"] = batch["position_ids"].long()
+        batch["loss_mask"] = batch["loss_mask"].float()
+        return batch

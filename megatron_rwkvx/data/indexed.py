@@ -1,0 +1,131 @@
+"""Checks on Megatron indexed datasets (``.bin`` + ``.idx``) that megatron-core does not make.
+
+megatron-core's ``IndexedDataset`` memory-maps a ``.bin`` without comparing its size to the
+index, so a truncated file fails (or returns garbage) only when a sample reaches the missing
+part, possibly hours into training. ``validate_indexed_dataset`` checks sizes up front;
+``check_token_ids`` checks every id against the model's vocabulary.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+
+
+class DatasetFileError(ValueError):
+    """An indexed dataset is missing, truncated, inconsistent or holds out-of-vocabulary ids."""
+
+
+@dataclass
+class IndexedDatasetInfo:
+    prefix: str
+    dtype: type
+    num_sequences: int
+    num_documents: int
+    num_tokens: int
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def validate_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
+    """Header, index size and ``.bin`` size agree; raises ``DatasetFileError`` naming the fix."""
+    ipath, bpath = idx_path(prefix), bin_path(prefix)
+    for path in (ipath, bpath):
+        if not os.path.isfile(path):
+            raise DatasetFileError(
+                f"dataset prefix {prefix!r}: {path} does not exist (make the dataset with "
+                "tools/preprocess_data.py; --data-path takes the prefix without .bin/.idx)"
+            )
+    idx_size = os.path.getsize(ipath)
+    with open(ipath, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[:9] != INDEX_HEADER:
+        raise DatasetFileError(f"{ipath} is not a Megatron index file (bad header); remake it with tools/preprocess_data.py")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:])
+    if version != 1 or code not in _DTYPES:
+        raise DatasetFileError(f"{ipath}: unsupported index version {version} or dtype code {code}")
+    dtype = _DTYPES[code]
+    need = _HEADER_BYTES + 4 * n_seq + 8 * n_seq + 8 * n_doc
+    if idx_size < need:
+        raise DatasetFileError(
+            f"{ipath} is truncated: {idx_size} bytes, its header needs {need}; remake the dataset"
+        )
+    mm = np.memmap(ipath, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(mm, np.int32, n_seq, _HEADER_BYTES)
+    pointers = np.frombuffer(mm, np.int64, n_seq, _HEADER_BYTES + 4 * n_seq)
+    docs = np.frombuffer(mm, np.int64, n_doc, _HEADER_BYTES + 12 * n_seq)
+    itemsize = np.dtype(dtype).itemsize
+    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if n_seq else 0
+    actual = os.path.getsize(bpath)
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its index says"
+        raise DatasetFileError(
+            f"{bpath} is {what}: {actual} bytes, {ipath} describes {expected}; the files do not belong "
+            "together or a copy/preprocessing run was interrupted: remake or re-copy both"
+        )
+    if n_doc == 0 or docs[-1] != n_seq:
+        raise DatasetFileError(f"{ipath}: document index does not end at the sequence count; remake the dataset")
+    num_tokens = int(lengths.sum(dtype=np.int64))
+    del lengths, pointers, docs, mm
+    return IndexedDatasetInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens)
+
+
+def _max_token_id(prefix: str, info: IndexedDatasetInfo, chunk: int = 1 << 24) -> tuple:
+    data = np.memmap(bin_path(prefix), mode="r", dtype=info.dtype)
+    best, where = -1, -1
+    for start in range(0, len(data), chunk):
+        part = np.asarray(data[start:start + chunk])
+        m = int(part.max())
+        if m > best:
+            best, where = m, start + int(part.argmax())
+    del data
+    return best, where
+
+
+def check_token_ids(prefixes: Iterable[str], vocab_size: int, cache_dir: Optional[str] = None) -> None:
+    """Raise ``DatasetFileError`` unless every token id in every dataset is below ``vocab_size``.
+
+    The maximum id of each ``.bin`` is cached under ``cache_dir`` (keyed by path, size and
+    modification time) so that restarts do not rescan terabytes.
+    """
+    for prefix in prefixes:
+        info = validate_indexed_dataset(prefix)
+        if np.iinfo(info.dtype).max < vocab_size:
+            continue  # the dtype cannot hold an id that large
+        stat = os.stat(bin_path(prefix))
+        key = hashlib.md5(
+            f"{os.path.abspath(bin_path(prefix))}|{stat.st_size}|{stat.st_mtime_ns}".encode(), usedforsecurity=False
+        ).hexdigest()
+        cache_file = os.path.join(cache_dir, f"max_token_id-{key}.json") if cache_dir else None
+        if cache_file and os.path.isfile(cache_file):
+            with open(cache_file) as f:
+                max_id, where = json.load(f)
+        else:
+            max_id, where = _max_token_id(prefix, info)
+            if cache_file:
+                os.makedirs(cache_dir, exist_ok=True)
+                tmp = f"{cache_file}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump([max_id, where], f)
+                os.replace(tmp, cache_file)
+        if max_id >= vocab_size:
+            raise DatasetFileError(
+                f"dataset {prefix!r} holds token id {max_id} (first at token {where}), but the model's "
+                f"vocabulary has {vocab_size} rows: it was tokenized with a larger tokenizer; remake it "
+                f"with the model's tokenizer or train a model with --vocab-size > {max_id}"
+            )
