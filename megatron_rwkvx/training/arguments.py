@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation, checkpoints and logging")
     e.add_argument("--eval-interval", type=int, default=1000)
     e.add_argument("--eval-iters", type=int, default=10)
+    e.add_argument("--skip-train", action="store_true",
+                   help="load (--load or --init-from), run one validation, exit")
     e.add_argument("--save", default=None)
     e.add_argument("--load", default=None, help="resume from this checkpoint directory if it has one")
     e.add_argument("--save-interval", type=int, default=None)
@@ -156,12 +158,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         args.train_iters = max(1, math.ceil(args.train_tokens / per_iter))
     if args.train_iters <= 0:
         fail(f"--train-iters must be positive, got {args.train_iters}")
+    if args.skip_train and args.eval_iters <= 0:
+        fail("--skip-train evaluates only: give --eval-iters > 0")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:
         fail("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the decay phase)")
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        fail(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters {args.lr_decay_iters}")
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+             f"{args.lr_decay_iters} (default: the training iterations)")
     if args.min_lr > args.lr:
         fail(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.save_interval is not None and args.save_interval <= 0:

@@ -74,6 +74,10 @@ def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler
     state["layout"] = _layout(args)
     dist_checkpointing.save(state, target)
     torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
+    if os.environ.get("MEGATRON_RWKVX_FAULT_BEFORE_LATEST") == str(iteration):
+        # Fault injection for the crash-consistency test: die after the shards are written but
+        # before the pointer moves, as a node lost mid-save would.
+        os._exit(17)
     torch.distributed.barrier()
     if rank == 0:
         _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))

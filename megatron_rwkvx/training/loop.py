@@ -192,6 +192,12 @@ def pretrain(args) -> int:
         valid_iters()  # fail now, not at the first evaluation, if the split is unusable
 
     forward_backward = get_forward_backward_func()
+    if args.skip_train:
+        val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
+        logger.print(f"validation at iteration {state['iteration']} | loss {val:.6f} | "
+                     f"ppl {math.exp(min(val, 50)):.3f}")
+        logger.close()
+        return 0
     exit_signal = _ExitSignal()
     params = sum(p.numel() for m in chunks for p in m.parameters())
     logger.print(
@@ -267,7 +273,7 @@ def pretrain(args) -> int:
             lr = scheduler.get_lr(optimizer.param_groups[0]) if optimizer.param_groups else args.lr
             eta = (time.time() - start_time) / max(it - (state.get("_start_it") or 0), 1) * (args.train_iters - it)
             logger.print(
-                f"iteration {it:>7}/{args.train_iters} | loss {avg:.4f} | lr {lr:.3e} | "
+                f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
                 f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {mfu} | "
                 f"{memory_summary(args.device)} | skipped {state['skipped_iters']} | ETA {format_eta(eta)}"
@@ -280,7 +286,7 @@ def pretrain(args) -> int:
 
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
             val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
-            logger.print(f"validation at iteration {it} | loss {val:.4f} | ppl {math.exp(min(val, 50)):.3f}")
+            logger.print(f"validation at iteration {it} | loss {val:.6f} | ppl {math.exp(min(val, 50)):.3f}")
             logger.scalars({"valid/loss": val}, it)
 
         if state["skipped_iters"] >= args.max_skipped_iters:

@@ -1,0 +1,235 @@
+"""The ``triton`` backend of ``wkv7``: chunked RWKV-7 recurrence in Triton, forward and backward.
+
+Importing this module registers the backend (``dispatch.resolve_backend`` imports it lazily).
+It runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the tests).
+
+Launches: forward = ``prep`` + ``fwd_scan``; backward = ``prep`` (recomputed, now also keeping
+the chunk's pair matrices) + ``bwd_scans`` (the state pass recomputed, storing the state entering
+each chunk, side by side with the state-gradient pass) + ``bwd_chunk``. Saved for backward: the
+inputs and the initial state only. Transient in the backward pass: two fp32 states per chunk
+(states and their gradients, ``2*N*N/L`` floats per token and head) and about six fp32
+``[B*H, T, N]`` buffers.
+
+Precision: all arithmetic is fp32; matrix products use ``ieee`` fp32 for fp32 inputs and TF32 for
+fp16/bf16 inputs (TF32 keeps 10 mantissa bits, more than bf16 inputs carry).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from . import triton_kernels as K
+from .dispatch import register_backend
+
+DEFAULT_CHUNK_SIZE = 16
+SUPPORTED_CHUNK_SIZES = (16, 32, 64)
+MAX_HEAD_SIZE = 128
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Small autotune sets: the scans' value-row block trades parallelism (B*H*N/BV programs) against
+# reloading the shared per-chunk tiles; the chunk kernels only vary the warp count.
+_SCAN_CONFIGS = [
+    triton.Config({"BV": 16}, num_warps=2),
+    triton.Config({"BV": 32}, num_warps=4),
+    triton.Config({"BV": 64}, num_warps=8),
+]
+_CHUNK_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
+
+
+def _prune_scan(configs, named_args, **kwargs):
+    block_n = kwargs.get("BN", named_args.get("BN"))
+    kept = [c for c in configs if c.kwargs["BV"] <= block_n]
+    return kept or configs[:1]
+
+
+def _tuned(kernel, configs, key, prune=None):
+    extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+    return triton.autotune(configs=configs, key=key, **extra)(kernel)
+
+
+_prep_tuned = _tuned(K._wkv7_prep_kernel, _CHUNK_CONFIGS, ["BN", "L", "WITH_Y", "STORE_A"])
+_fwd_scan_tuned = _tuned(K._wkv7_fwd_scan_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
+_bwd_scans_tuned = _tuned(K._wkv7_bwd_scans_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
+_bwd_chunk_tuned = _tuned(K._wkv7_bwd_chunk_kernel, _CHUNK_CONFIGS, ["BN", "L"])
+_SCAN_KERNELS = (K._wkv7_fwd_scan_kernel, K._wkv7_bwd_scans_kernel)
+
+
+def _launch(tuned, raw, grid, args, **meta):
+    """Autotuned launch on the GPU; a fixed configuration in the interpreter (tuning there would
+    only multiply the run time)."""
+    if _INTERPRET:
+        if raw in _SCAN_KERNELS:
+            meta["BV"] = min(32, meta["BN"])
+        g = grid(meta) if callable(grid) else grid
+        raw[g](*args, **meta)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_n(N: int) -> int:
+    return max(16, triton.next_power_of_2(N))
+
+
+def _scan_grid(BH, N, passes=1):
+    return lambda meta: (BH, triton.cdiv(N, meta["BV"]), passes)
+
+
+def _prep(r, w, k, v, a, b, L, NT, backward):
+    """Intra-chunk buffers (see ``triton_kernels``): the forward pass needs ``yloc``, the backward
+    pass the pair matrices ``amat``."""
+    B, T, H, N = r.shape
+    BH = B * H
+    f32 = dict(device=r.device, dtype=torch.float32)
+    bufs = {name: torch.empty(BH, NT * L, N, **f32) for name in ("q", "rp", "bhat", "khat", "p")}
+    bufs["dec"] = torch.empty(BH, NT, N, **f32)
+    if backward:
+        bufs["amat"] = torch.empty(BH, NT, 4, L, L, **f32)
+    else:
+        bufs["yloc"] = torch.empty(BH, NT * L, N, **f32)
+    unwritten = bufs["q"]
+    args = (r, w, k, v, a, b, bufs["q"], bufs["rp"], bufs["bhat"], bufs["dec"], bufs["p"],
+            bufs["khat"], bufs.get("yloc", unwritten), bufs.get("amat", unwritten), T, H, N, NT)
+    _launch(_prep_tuned, K._wkv7_prep_kernel, (NT, BH), args, L=L, BN=_block_n(N),
+            WITH_Y=not backward, STORE_A=backward, PREC=_precision(r.dtype))
+    return bufs
+
+
+def _forward(r, w, k, v, a, b, initial_state, L):
+    B, T, H, N = r.shape
+    BH, NT = B * H, triton.cdiv(T, L)
+    bufs = _prep(r, w, k, v, a, b, L, NT, backward=False)
+    y = torch.empty_like(r)
+    final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    s0 = initial_state if initial_state is not None else final  # unread without HAS_INIT
+    args = (v, y, bufs["q"], bufs["rp"], bufs["bhat"], bufs["khat"], bufs["p"], bufs["yloc"],
+            bufs["dec"], s0, final, T, H, N, NT, BH)
+    _launch(_fwd_scan_tuned, K._wkv7_fwd_scan_kernel, _scan_grid(BH, N), args,
+            L=L, BN=_block_n(N), HAS_INIT=initial_state is not None, PREC=_precision(r.dtype))
+    return y, final
+
+
+def _backward(r, w, k, v, a, b, initial_state, dy, dfinal, L):
+    B, T, H, N = r.shape
+    BH, NT, BN = B * H, triton.cdiv(T, L), _block_n(N)
+    prec = _precision(r.dtype)
+    bufs = _prep(r, w, k, v, a, b, L, NT, backward=True)
+    # Chunk-entry states are recomputed rather than saved by the forward pass: N*N/L floats per
+    # token and head would outweigh the inputs several times over at long context.
+    states = torch.empty(BH, NT, N, N, device=r.device, dtype=torch.float32)
+    dstates = torch.empty_like(states)
+    final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    dinit = torch.empty_like(final)
+    s0 = initial_state if initial_state is not None else final  # unread without HAS_INIT
+    dsT = dfinal if dfinal is not None else dinit  # unread without HAS_DFINAL
+    args = (v, dy, bufs["q"], bufs["rp"], bufs["bhat"], bufs["khat"], bufs["p"], bufs["dec"],
+            s0, states, final, dsT, dstates, dinit, T, H, N, NT, BH)
+    _launch(_bwd_scans_tuned, K._wkv7_bwd_scans_kernel, _scan_grid(BH, N, passes=2), args,
+            L=L, BN=BN, HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal is not None,
+            PREC=prec)
+    amat = bufs.pop("amat")
+    del bufs
+    grads = [torch.empty_like(r) for _ in range(6)]
+    args = (r, w, k, v, a, b, dy, amat, states, dstates, *grads, T, H, N, NT)
+    _launch(_bwd_chunk_tuned, K._wkv7_bwd_chunk_kernel, (NT, BH), args, L=L, BN=BN, PREC=prec)
+    return grads, dinit
+
+
+class _WKV7Triton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, initial_state, chunk):
+        with _device_ctx(r):
+            y, final = _forward(r, w, k, v, a, b, initial_state, chunk)
+        ctx.save_for_backward(r, w, k, v, a, b, initial_state)
+        ctx.chunk = chunk
+        # Unused outputs then arrive as None, and the kernels skip them instead of reading zeros.
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dfinal):
+        r, w, k, v, a, b, initial_state = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.to(r.dtype).contiguous()
+        if dfinal is not None:
+            dfinal = dfinal.float().contiguous()
+        with _device_ctx(r):
+            grads, dinit = _backward(r, w, k, v, a, b, initial_state, dy, dfinal, ctx.chunk)
+        return (*grads, dinit if initial_state is not None else None, None)
+
+
+def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int]) -> int:
+    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if isinstance(chunk, bool) or chunk not in SUPPORTED_CHUNK_SIZES:
+        raise ValueError(
+            f"wkv7 (triton): chunk_size must be one of {SUPPORTED_CHUNK_SIZES} (or None for "
+            f"{DEFAULT_CHUNK_SIZE}), got {chunk_size!r}"
+        )
+    N = r.shape[-1]
+    if N > MAX_HEAD_SIZE:
+        raise ValueError(
+            f"wkv7 (triton): head size {N} is larger than {MAX_HEAD_SIZE} (a chunk's state must "
+            "fit on one SM); use backend='chunked' or smaller heads"
+        )
+    if not (r.is_cuda or _INTERPRET):
+        raise RuntimeError(
+            f"wkv7 (triton): inputs are on {r.device}; the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is imported, for tests)"
+        )
+    with torch.no_grad():
+        # One host sync: the kernels' numerical safety rests on w <= 0 (every exponent they
+        # take is then <= 0).
+        bad = ~torch.isfinite(w) | (w > 0)
+        if bool(bad.any()):
+            raise ValueError(
+                "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
+                f"got max {w.max().item():.4g}; pass log(decay), not the decay itself"
+            )
+    return chunk
+
+
+def wkv7_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton RWKV-7 recurrence (the ``wkv7`` contract): y in the input dtype, final state fp32.
+
+    ``chunk_size``: 16 (default), 32 or 64 tokens per chunk; larger chunks shorten the sequential
+    passes and shrink the backward pass's per-chunk states, but the intra-chunk work per token
+    grows with the chunk.
+    """
+    chunk = _check(r, w, chunk_size)
+    B, T, H, N = r.shape
+    if B * T * H == 0:  # nothing to launch; the state passes through unchanged
+        if initial_state is None:
+            return r.new_empty(r.shape), r.new_zeros(B, H, N, N, dtype=torch.float32)
+        return r.new_empty(r.shape), initial_state.clone()
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    return _WKV7Triton.apply(r, w, k, v, a, b, initial_state, chunk)
+
+
+def _available(r: torch.Tensor) -> bool:
+    return r.is_cuda or (_INTERPRET and r.device.type == "cpu")
+
+
+register_backend("triton", wkv7_triton, _available)
