@@ -1,0 +1,237 @@
+"""The training system end to end on the CPU: the real entry point in subprocesses."""
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MODEL = ["--hidden-size", "64", "--head-size", "16", "--layer-pattern", "RRR"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("MEGATRON_RWKVX_FAULT_BEFORE_LATEST", None)
+    return env
+
+
+def _run(args, env=None, timeout=600, check=True):
+    # Output goes to files, not pipes: a process killed mid-save may leave checkpoint writer
+    # processes behind holding inherited pipes open. Its whole session is cleaned up after.
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=fo, stderr=fe, text=True, env=env or _env(),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        fo.seek(0)
+        fe.seek(0)
+        out = subprocess.CompletedProcess(args, proc.returncode, fo.read(), fe.read())
+    if check:
+        assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def _pretrain(*args, **kw):
+    return _run([PY, "-m", "megatron_rwkvx.pretrain", *map(str, args)], **kw)
+
+
+def _losses(text):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"iteration\s+(\d+)/\d+ \| loss (\S+)", text)}
+
+
+def _val(text):
+    vals = re.findall(r"validation at iteration \d+ \| loss (\S+)", text)
+    return float(vals[-1])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    _run([PY, "tools/make_sample_corpus.py", "--output", str(d / "corpus"), "--num-docs", "150"])
+    _run([PY, "tools/preprocess_data.py", "--input", str(d / "corpus" / "text.jsonl"),
+          "--output-prefix", str(d / "sample"), "--append-eod", "--workers", "1"])
+    return str(d / "sample_text_document")
+
+
+def _base(data, iters, *extra):
+    return [*MODEL, "--data-path", data, "--split", "90,10,0", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", str(iters),
+            "--log-interval", "1", "--device", "cpu", *extra]
+
+
+def test_loss_falls_and_logs(data, tmp_path):
+    out = _pretrain(*_base(data, 12, "--lr", "5e-3", "--eval-iters", "1", "--eval-interval", "6",
+                          "--tensorboard-dir", tmp_path / "tb"))
+    losses = [float(v) for _, v in sorted(_losses(out.stdout).items())]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    line = next(l for l in out.stdout.splitlines() if l.startswith("iteration"))
+    for field in ("lr", "grad norm", "tokens/s", "TFLOP/s", "MFU", "rss", "ETA"):
+        assert field in line
+    assert "validation at iteration 6" in out.stdout
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_kill9_then_resume_logs_the_same_losses(data, tmp_path):
+    args = _base(data, 8, "--lr", "3e-3", "--eval-iters", "0")
+    whole = _losses(_pretrain(*args).stdout)
+    ckpt = tmp_path / "ckpt"
+    run = [PY, "-m", "megatron_rwkvx.pretrain", *map(str, args), "--save", str(ckpt), "--load", str(ckpt),
+           "--save-interval", "3"]
+    proc = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    seen = ""
+    for line in proc.stdout:
+        seen += line
+        if re.search(r"iteration\s+5/8", line):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, seen[-2000:]
+    resumed = _run(run)
+    assert "resumed from" in resumed.stdout and "at iteration 3" in resumed.stdout
+    again = _losses(resumed.stdout)
+    assert sorted(again) == [4, 5, 6, 7, 8]
+    for it, loss in again.items():
+        assert loss == whole[it], (it, loss, whole[it])
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_loadable(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = _base(data, 6, "--eval-iters", "0", "--save", ckpt, "--load", ckpt, "--save-interval", "2")
+    env = _env()
+    env["MEGATRON_RWKVX_FAULT_BEFORE_LATEST"] = "4"
+    crashed = _pretrain(*args, env=env, check=False)
+    assert crashed.returncode == 17
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (ckpt / "iter_0000004").is_dir()  # the half-finished save is there, but not pointed to
+    resumed = _pretrain(*args)
+    assert "at iteration 2" in resumed.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
+def test_sigusr1_saves_and_exits_zero(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = [PY, "-m", "megatron_rwkvx.pretrain", *map(str, _base(data, 200, "--eval-iters", "0")),
+           "--save", str(ckpt)]
+    proc = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if re.search(r"iteration\s+2/200", line):
+            proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    m = re.search(r"exiting at iteration (\d+) \(signal\)", out)
+    assert m, out[-2000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == m.group(1)
+
+
+def test_stage1_freezes_the_base_bit_for_bit(data, tmp_path):
+    from megatron_rwkvx.config import RWKVXConfig
+    from megatron_rwkvx.testing.checkpoints import random_official_state_dict
+
+    base = tmp_path / "base.pth"
+    torch.save(random_official_state_dict(RWKVXConfig(hidden_size=64, head_size=16, num_layers=2), 1), base)
+    expanded = tmp_path / "expanded"
+    _run([PY, "tools/convert_rwkv7_to_rwkvx.py", "--input", str(base), "--output", str(expanded),
+          "--num-sparse-blocks", "1", "--output-format", "megatron"])
+    trained = tmp_path / "stage1"
+    _pretrain("--init-from", expanded, "--train-only", "sparse", "--data-path", data, "--split", "90,10,0",
+              "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-2",
+              "--eval-iters", "0", "--sparse-chunk-size", "8", "--sparse-top-k", "2",
+              "--device", "cpu", "--save", trained)
+    before, after = tmp_path / "before.pth", tmp_path / "after.pth"
+    for src, dst in ((expanded, before), (trained, after)):
+        _run([PY, "tools/export_checkpoint.py", "--load", str(src), "--output", str(dst), "--dtype", "fp32"])
+    a, b = torch.load(before, weights_only=True), torch.load(after, weights_only=True)
+    frozen = [k for k in a if not k.startswith("moba.")]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("moba."))
+
+
+@pytest.mark.distributed
+def test_tp2_checkpoint_gives_the_same_validation_loss_at_tp1(data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = _base(data, 2, "--eval-iters", "2", "--eval-interval", "2", "--save", ckpt)
+    tp2 = _run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29617",
+                "-m", "megatron_rwkvx.pretrain", *map(str, args), "--tensor-model-parallel-size", "2",
+                "--sequence-parallel"])
+    tp1 = _pretrain(*_base(data, 2, "--eval-iters", "2", "--load", ckpt, "--skip-train"))
+    assert "checkpoint layout" in tp1.stdout  # the per-rank RNG files are skipped, and it says so
+    a, b = _val(tp2.stdout), _val(tp1.stdout)
+    assert abs(a - b) / abs(b) < 1e-5, (a, b)
+
+
+@pytest.mark.distributed
+def test_two_node_launch_simulated_on_loopback(data):
+    """Two torchrun agents with --nnodes 2, as the sbatch script's torchrun mode starts them."""
+    args = [*map(str, _base(data, 2, "--eval-iters", "0", "--global-batch-size", "4"))]
+    procs = [
+        subprocess.Popen(
+            [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29633",
+             "-m", "megatron_rwkvx.pretrain", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    text = outs[0][0] + outs[1][0]
+    assert "dp=2" in text and "iteration       2/2" in text
+
+
+def test_bad_inputs_fail_before_training(data, tmp_path):
+    small_vocab = _pretrain(*_base(data, 2, "--eval-iters", "0", "--vocab-size", "1000"), check=False)
+    assert small_vocab.returncode != 0 and "65536" in small_vocab.stderr and "vocabulary" in small_vocab.stderr
+    bad = tmp_path / "hf.pth"
+    torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}, bad)
+    other = _pretrain("--init-from", bad, "--data-path", data, "--seq-length", "32", "--train-iters", "1",
+                      "--device", "cpu", "--eval-iters", "0", check=False)
+    assert other.returncode != 0 and "Hugging Face" in other.stderr
+    missing = _pretrain(*[a if a != data else str(tmp_path / "nope") for a in _base(data, 1)], check=False)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_launchers_parse_and_dry_run():
+    for script in ("train_stage1.sh", "train_stage2.sh", "train_cpu_demo.sh"):
+        _run(["bash", "-n", f"examples/{script}"])
+    env = _env()
+    env["DRY_RUN"] = "1"
+    s1 = _run(["bash", "examples/train_stage1.sh"], env=env).stdout
+    assert "srun" in s1 and "megatron_rwkvx.pretrain" in s1
+    for flag in ("--train-only sparse", "--seq-length 1024", "--lr 1e-5", "--adam-eps 1e-18", "--bf16"):
+        assert flag in s1
+    s2 = _run(["bash", "examples/train_stage2.sh"], env=env).stdout
+    assert "--seq-length 65536" in s2 and "--context-parallel-size 4" in s2 and "nodes=8" in s2
+    env["PHASE"], env["LAUNCHER"] = "longce", "torchrun"
+    lce = _run(["bash", "examples/train_stage2.sh"], env=env).stdout
+    assert "--loss longce" in lce and "torch.distributed.run" in lce and "--rdzv-endpoint" in lce
+
+
+@pytest.mark.slow
+def test_readme_main_job_in_test_size(tmp_path):
+    env = _env()
+    env.update(DEMO_SIZE="test", OUT=str(tmp_path / "demo"), DEMO_PORT="29651")
+    out = _run(["bash", "examples/train_cpu_demo.sh"], env=env, timeout=1200)
+    assert "=== done ===" in out.stdout
+    import megatron_rwkvx
+
+    model = megatron_rwkvx.load_pretrained(str(tmp_path / "demo" / "rwkvx-tiny.pth"),
+                                           sparse_chunk_size=32, sparse_top_k=2)
+    assert model.config.layer_pattern == "RRARRA"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]]))).all()
