@@ -92,6 +92,41 @@ def section_op(args) -> None:
 SECTIONS: Dict[str, Callable] = {"op": section_op}
 
 
+def section_model(args) -> None:
+    """Whole-model forward: our RWKVXModel vs the `rwkv` package's RWKV_x070 sequence forward
+    (CPU fp32, same random official-layout checkpoint, 4 layers of width 256)."""
+    import os
+    import tempfile
+
+    os.environ["RWKV_V7_ON"] = "1"
+    import megatron_rwkvx
+    from megatron_rwkvx.config import RWKVXConfig
+    from megatron_rwkvx.testing.checkpoints import random_official_state_dict
+
+    try:
+        from rwkv.model import RWKV
+    except ImportError:
+        print("model: the rwkv package is not installed; skipped")
+        return
+    cfg = RWKVXConfig(hidden_size=256, head_size=64, num_layers=4, vocab_size=65536)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.pth")
+        torch.save(random_official_state_dict(cfg, seed=0), path)
+        ours = megatron_rwkvx.load_pretrained(path)
+        ref = RWKV(path[: -len(".pth")], "cpu fp32")
+        print("model forward (B=1, width 256, 4 layers): tokens/s, ours vs rwkv package")
+        print(f"{'T':>7} {'ours':>10} {'rwkv pkg':>10} {'ratio':>7}")
+        for t in [int(x) for x in args.lengths.split(",")]:
+            tokens = torch.randint(0, cfg.vocab_size, (1, t))
+            with torch.no_grad():
+                a = timed(lambda: ours(tokens), args.repeats, args.clock)
+                b = timed(lambda: ref.forward(tokens[0].tolist(), None, full_output=True), 1, args.clock)
+            print(f"{t:>7} {t / a:>10.0f} {t / b:>10.0f} {b / a:>6.1f}x", flush=True)
+
+
+SECTIONS["model"] = section_model
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="op", help=f"comma separated, from {sorted(SECTIONS)}")

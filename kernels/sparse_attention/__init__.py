@@ -1,0 +1,17 @@
+"""Top-k chunk sparse attention of RWKV-X (MoBA semantics): one interface, several backends.
+
+``topk_chunk_attention`` is the operator; ``chunk_mean_keys``, ``select_chunks`` and
+``topk_chunk_selection`` expose the chunk selection that every backend shares, for inference and
+context parallelism; ``register_backend`` lets a kernel module (``triton_*.py``) plug in.
+"""
+from .dispatch import available_backends, register_backend, topk_chunk_attention
+from .selection import chunk_mean_keys, select_chunks, topk_chunk_selection
+
+__all__ = [
+    "available_backends",
+    "chunk_mean_keys",
+    "register_backend",
+    "select_chunks",
+    "topk_chunk_attention",
+    "topk_chunk_selection",
+]

@@ -1,0 +1,140 @@
+"""Chunk-mean keys and the top-k chunk selection shared by every backend.
+
+The selection decides which keys a query may see, so two implementations that select differently
+give different outputs, not merely rounding differences. Every backend (the dense reference, the
+chunked PyTorch path, the Triton kernel, inference and context parallelism) therefore calls these
+functions, or reproduces them exactly:
+
+- chunk ``i`` covers positions ``[i * chunk_size, (i + 1) * chunk_size)``, aligned to position 0;
+- its key is the fp32 mean of its keys, per kv head (``chunk_mean_keys``);
+- a query at position ``p`` in chunk ``c = p // chunk_size`` scores only the complete chunks
+  ``i < c`` with ``s_i = q . key_i`` in fp32, unscaled, using kv head ``h // (Hq // Hkv)``;
+- it keeps the ``top_k - 1`` best of them in slots ordered by descending score; **equal scores go
+  to the lower chunk index** (``torch.argmax`` returns the first maximum, Triton's
+  ``tl.argmax(..., tie_break_left=True)`` does the same); unused slots hold ``-1``.
+
+A Triton port must compute the scores in true fp32 (``input_precision="ieee"``, not tf32),
+otherwise near-ties are decided differently from this code.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+# Score rows handled at once: bounds the [rows, n_chunks] fp32 score buffer (256 MiB).
+_SCORE_BUDGET = 1 << 26
+
+
+def chunk_mean_keys(k: torch.Tensor, chunk_size: int, num_chunks: int | None = None) -> torch.Tensor:
+    """fp32 mean key of each complete chunk: ``[B, num_chunks, Hkv, D]`` from k ``[B, Tk, Hkv, D]``.
+
+    ``num_chunks`` defaults to every complete chunk of ``k``; asking for more raises, because a
+    partial chunk never takes part in the selection.
+    """
+    if k.dim() != 4:
+        raise ValueError(f"k must be [B, T, H_kv, D], got shape {tuple(k.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, t, h, d = k.shape
+    complete = t // chunk_size
+    if num_chunks is None:
+        num_chunks = complete
+    if num_chunks > complete:
+        raise ValueError(
+            f"asked for {num_chunks} chunk keys but k has only {complete} complete chunks of "
+            f"{chunk_size} (T={t}); pass at least num_chunks * chunk_size keys"
+        )
+    used = k[:, : num_chunks * chunk_size].float()
+    return used.reshape(b, num_chunks, chunk_size, h, d).mean(dim=2)
+
+
+@torch.no_grad()
+def select_chunks(
+    q: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    *,
+    chunk_size: int,
+    top_k: int,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Indices of the past chunks each query attends to besides its own: ``[B, Hq, Tq, top_k-1]``.
+
+    ``q`` is ``[B, Tq, Hq, D]`` at positions ``q_offset .. q_offset + Tq - 1``; ``chunk_keys`` is
+    ``[B, n, Hkv, D]`` (from ``chunk_mean_keys``; under context parallelism, the all-gathered chunk
+    keys) and must cover every chunk that ends before the last query. Slots are ordered by
+    descending score, ties to the lower chunk index, ``-1`` where fewer past chunks exist.
+    """
+    if q.dim() != 4 or chunk_keys.dim() != 4:
+        raise ValueError(
+            f"q must be [B, Tq, Hq, D] and chunk_keys [B, n, Hkv, D], got {tuple(q.shape)} and "
+            f"{tuple(chunk_keys.shape)}"
+        )
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (the own chunk counts as one), got {top_k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+    b, tq, hq, d = q.shape
+    hkv = chunk_keys.shape[2]
+    if chunk_keys.shape[0] != b or chunk_keys.shape[3] != d:
+        raise ValueError(
+            f"chunk_keys {tuple(chunk_keys.shape)} does not match q {tuple(q.shape)} in batch or "
+            "head size"
+        )
+    if hq % hkv != 0:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of kv heads ({hkv}) for grouped-query attention"
+        )
+    slots = top_k - 1
+    out = torch.full((b, hq, tq, slots), -1, dtype=torch.long, device=q.device)
+    if slots == 0 or tq == 0:
+        return out
+    last_chunk = (q_offset + tq - 1) // chunk_size
+    if chunk_keys.shape[1] < last_chunk:
+        raise ValueError(
+            f"chunk_keys holds {chunk_keys.shape[1]} chunks but the last query (position "
+            f"{q_offset + tq - 1}) can select among {last_chunk}; pass the keys of every chunk "
+            "before the last query's chunk"
+        )
+    n = last_chunk
+    if n == 0:
+        return out
+
+    g = hq // hkv
+    # [B, Hkv, G, Tq, D] so that query head h = hkv * G + g meets kv head hkv in one matmul.
+    qf = q.float().reshape(b, tq, hkv, g, d).permute(0, 2, 3, 1, 4)
+    keys_t = chunk_keys[:, :n].float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, n]
+    past = (q_offset + torch.arange(tq, device=q.device)) // chunk_size  # complete chunks before
+    chunk_ids = torch.arange(n, device=q.device)
+    rows = max(1, _SCORE_BUDGET // max(1, b * hq * n))
+    out_view = out.view(b, hkv, g, tq, slots)
+    for start in range(0, tq, rows):
+        stop = min(tq, start + rows)
+        scores = torch.matmul(qf[:, :, :, start:stop], keys_t)  # [B, Hkv, G, rows, n]
+        n_past = past[start:stop]
+        scores.masked_fill_(chunk_ids[None, :] >= n_past[:, None], float("-inf"))
+        for slot in range(min(slots, n)):
+            best = scores.argmax(dim=-1)  # first maximum: ties go to the lower chunk index
+            out_view[:, :, :, start:stop, slot] = torch.where(slot < n_past, best, -1)
+            scores.scatter_(-1, best.unsqueeze(-1), float("-inf"))
+    return out
+
+
+def topk_chunk_selection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    chunk_size: int,
+    top_k: int,
+    q_offset: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(chunk_keys [B, n, Hkv, D] fp32, selected [B, Hq, Tq, top_k-1])`` for queries ``q`` at
+    ``q_offset`` against keys ``k`` covering positions ``0 .. Tk-1``."""
+    with torch.no_grad():
+        tq = q.shape[1]
+        n = (q_offset + tq - 1) // chunk_size if tq > 0 else 0
+        keys = chunk_mean_keys(k.detach(), chunk_size, num_chunks=n)
+        selected = select_chunks(q.detach(), keys, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset)
+    return keys, selected

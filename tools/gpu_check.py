@@ -1,0 +1,632 @@
+"""One prepared GPU check of the Triton kernels: correctness in bf16, then forward+backward timings.
+
+Written for a GPU lent for a few minutes (H100/H200): it must finish in under 8 minutes, so every
+timing case checks a time budget before it starts, and each check and case is guarded so that
+one failure (an error, an out-of-memory) is recorded and the rest still run. It prints a short
+table last and writes every number to ``--out`` (JSON). Exit status 1 when a correctness check
+failed or raised, else 0.
+
+It imports only ``megatron_rwkvx.kernels`` (never megatron-core): run it from the repository root
+as ``PYTHONPATH=<site>:. python tools/gpu_check.py --out results.json``; a shim maps
+``megatron_rwkvx.kernels`` to this checkout's ``kernels/`` without running
+``megatron_rwkvx/__init__.py``.
+
+    python tools/gpu_check.py --out gpu.json            # T = 4K, 16K, 64K, 128K (~6-7 min)
+    python tools/gpu_check.py --quick --out gpu.json    # T = 4K, 16K, smaller checks (~3 min)
+    python tools/gpu_check.py --cpu-smoke --out s.json  # tiny, CPU, Triton interpreter (tests)
+
+Sections:
+1. correctness: Triton sparse attention and Triton WKV-7 in bf16 (fp32 in --cpu-smoke: the
+   interpreter's bf16 dot is broken) against fp32 references computed on the same device from the
+   same rounded inputs; outputs and every gradient, as rms(err)/rms(ref) (and max relative error
+   for the fp32 runs); the sparse selection against the shared PyTorch selection; sparse attention
+   against SDPA where it must equal dense causal attention (T <= chunk * top_k).
+2. timing (CUDA events, warm-up, median): WKV-7 Triton vs fla ``chunk_rwkv7`` (when fla imports);
+   sparse attention Triton (chunk 2048, top-k 3) vs SDPA causal (flash backend); one RWKV-X layer
+   pair (an RWKV-7 block + a sparse-attention block, plain torch layers around the two ops) vs one
+   dense attention block of the same width. B=1, 32 heads of 64 (width 2048), bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+START = time.time()
+
+
+def _parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="T = 4K and 16K only, smaller checks")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU through Triton's interpreter")
+    p.add_argument("--out", type=str, default=None, help="write the results as JSON to this path")
+    p.add_argument("--lengths", type=str, default=None, help="comma-separated T list (overrides the default)")
+    p.add_argument(
+        "--budget-s", type=float, default=None,
+        help="no timing case starts after this many seconds (default 400, --quick 200)",
+    )
+    p.add_argument("--skip-timing", action="store_true", help="correctness checks only")
+    return p.parse_args(argv)
+
+
+ARGS = _parse_args()
+if ARGS.cpu_smoke:
+    # Must precede the first import of triton: triton.jit reads it when kernels are defined.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _install_kernels_shim() -> None:
+    """Map ``megatron_rwkvx.kernels`` to ``<repo>/kernels`` without importing megatron_rwkvx."""
+    if "megatron_rwkvx.kernels" in sys.modules:
+        return
+    parent = sys.modules.get("megatron_rwkvx")
+    if parent is None:
+        parent = types.ModuleType("megatron_rwkvx")
+        parent.__path__ = [str(REPO / "megatron_rwkvx")]
+        parent.__package__ = "megatron_rwkvx"
+        sys.modules["megatron_rwkvx"] = parent
+    spec = importlib.util.spec_from_file_location(
+        "megatron_rwkvx.kernels", REPO / "kernels" / "__init__.py",
+        submodule_search_locations=[str(REPO / "kernels")],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["megatron_rwkvx.kernels"] = module
+    spec.loader.exec_module(module)
+    parent.kernels = module
+
+
+_install_kernels_shim()
+
+from megatron_rwkvx.kernels.sparse_attention import (  # noqa: E402
+    available_backends as sparse_backends,
+    chunk_mean_keys,
+    select_chunks,
+    topk_chunk_attention,
+)
+from megatron_rwkvx.kernels.wkv7 import available_backends as wkv_backends  # noqa: E402
+from megatron_rwkvx.kernels.wkv7 import wkv7  # noqa: E402
+
+SMOKE = ARGS.cpu_smoke
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+# bf16 is the training dtype; the interpreter can only run fp32/fp16 dots.
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+LOG_DECAY_MIN = -math.exp(-0.5)  # RWKV-7's log decay lies in [-exp(-0.5), 0)
+
+
+def _elapsed() -> float:
+    return time.time() - START
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rms_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(exc).lower()
+
+
+def _free():
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+class Unavailable(Exception):
+    """A comparison that cannot run here (e.g. fla not installed): reported, not an error."""
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _randn(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=_gen(seed), device=DEVICE) * scale
+
+
+def wkv_inputs(B, T, H, N, dtype, seed=0):
+    """Model-like WKV inputs: log decay in [-exp(-0.5), 0), a = -kk, b = kk * rate, |kk| = 1."""
+    r, k, v = (_randn(B, T, H, N, seed=seed + i, scale=0.5) for i in range(3))
+    w = LOG_DECAY_MIN * torch.sigmoid(_randn(B, T, H, N, seed=seed + 3))
+    kk = F.normalize(_randn(B, T, H, N, seed=seed + 4), dim=-1)
+    rate = torch.sigmoid(_randn(B, T, H, N, seed=seed + 5))
+    return [t.to(dtype) for t in (r, w, k, v, -kk, kk * rate)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. correctness
+
+
+def _sparse_run(backend, q, k, v, grad, **kw):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = topk_chunk_attention(q, k, v, backend=backend, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    return out.detach(), dq, dk, dv
+
+
+def check_sparse(name, B, Tq, Tk, Hq, Hkv, D, chunk, top_k, q_offset, dtype, tol):
+    kw = dict(chunk_size=chunk, top_k=top_k, q_offset=q_offset)
+    q = _randn(B, Tq, Hq, D, seed=1).to(dtype)
+    k = _randn(B, Tk, Hkv, D, seed=2).to(dtype)
+    v = _randn(B, Tk, Hkv, D, seed=3).to(dtype)
+    grad = _randn(B, Tq, Hq, D, seed=4).to(dtype).float()
+    got = _sparse_run("triton", q, k, v, grad, **kw)
+    # fp32 reference (the dense definition) on the same rounded inputs.
+    ref = _sparse_run("reference", q.float(), k.float(), v.float(), grad, **kw)
+    res = {"check": name, "dtype": str(dtype).replace("torch.", ""), "shape": [B, Tq, Tk, Hq, Hkv, D],
+           "chunk": chunk, "top_k": top_k, "q_offset": q_offset}
+    for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        res[f"{label}_rms"] = _rms_ratio(a, b)
+        if dtype == torch.float32:
+            res[f"{label}_maxrel"] = _max_rel(a, b)
+    n = (q_offset + Tq - 1) // chunk
+    if top_k > 1 and n > 0:
+        from megatron_rwkvx.kernels.sparse_attention.triton_select import select_chunks_triton
+
+        keys = chunk_mean_keys(k, chunk, n)
+        want = select_chunks(q, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset)
+        have = select_chunks_triton(q, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset).long()
+        res["selection_match"] = (have == want).all(dim=-1).float().mean().item()
+    worst = max(res[f"{x}_rms"] for x in ("out", "dq", "dk", "dv"))
+    res["worst_rms"] = worst
+    res["tolerance"] = tol
+    res["passed"] = worst < tol and res.get("selection_match", 1.0) >= 0.999
+    return res
+
+
+def check_sparse_equals_dense(T, H, D, chunk, top_k, dtype, tol):
+    """T <= chunk * top_k: every query sees all past keys, so this is dense causal attention."""
+    q, k, v = (_randn(1, T, H, D, seed=10 + i).to(dtype) for i in range(3))
+    ours = topk_chunk_attention(q, k, v, chunk_size=chunk, top_k=top_k, backend="triton")
+    dense = F.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), is_causal=True
+    ).transpose(1, 2)
+    err = _rms_ratio(ours, dense)
+    return {"check": "sparse_equals_dense_causal", "dtype": str(dtype).replace("torch.", ""),
+            "shape": [1, T, H, D], "chunk": chunk, "top_k": top_k, "out_rms": err,
+            "worst_rms": err, "tolerance": tol, "passed": err < tol}
+
+
+def _wkv_run(backend, xs, state, dy, dstate):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    s0 = state.detach().clone().requires_grad_(True)
+    y, final = wkv7(*xs, s0, backend=backend)
+    grads = torch.autograd.grad((y, final), xs + [s0], (dy.to(y.dtype), dstate))
+    return [y.detach(), final.detach()] + list(grads)
+
+
+def check_wkv(name, B, T, H, N, dtype, tol, reference="chunked"):
+    xs = wkv_inputs(B, T, H, N, dtype, seed=20)
+    state = _randn(B, H, N, N, seed=30, scale=0.3)
+    dy = _randn(B, T, H, N, seed=31).to(dtype).float()
+    dstate = _randn(B, H, N, N, seed=32)
+    got = _wkv_run("triton", xs, state, dy, dstate)
+    ref = _wkv_run(reference, [x.float() for x in xs], state, dy, dstate)
+    labels = ("y", "final_state", "dr", "dw", "dk", "dv", "da", "db", "d_state0")
+    res = {"check": name, "dtype": str(dtype).replace("torch.", ""), "shape": [B, T, H, N],
+           "reference": reference}
+    for label, a, b in zip(labels, got, ref):
+        res[f"{label}_rms"] = _rms_ratio(a, b) if torch.isfinite(a).all() else float("inf")
+        if dtype == torch.float32:
+            res[f"{label}_maxrel"] = _max_rel(a, b)
+    worst = max(res[f"{x}_rms"] for x in labels)
+    res["worst_rms"] = worst
+    res["tolerance"] = tol
+    res["passed"] = worst < tol
+    return res
+
+
+def correctness_checks():
+    """(name, thunk) list; each thunk returns a result dict."""
+    low_tol = 2e-2  # bf16 inputs and outputs: ~3 bf16 ulps of rms error
+    checks = []
+    if SMOKE:
+        f32 = torch.float32
+        checks.append(("sparse_fp32_gqa", lambda: check_sparse(
+            "sparse_fp32_gqa", 1, 40, 40, 2, 1, 16, 16, 3, 0, f32, 1e-5)))
+        checks.append(("wkv7_fp32", lambda: check_wkv("wkv7_fp32", 1, 20, 1, 16, f32, 1e-5, "naive")))
+        return checks
+    bf = torch.bfloat16
+    checks.append(("sparse_bf16_d64", lambda: check_sparse(
+        "sparse_bf16_d64", 1, 2048 + 77, 2048 + 77, 8, 8, 64, 256, 3, 0, bf, low_tol)))
+    checks.append(("sparse_bf16_d128_gqa_offset", lambda: check_sparse(
+        "sparse_bf16_d128_gqa_offset", 2, 900, 1900, 8, 2, 128, 128, 4, 700, bf, low_tol)))
+    checks.append(("sparse_fp32_d64", lambda: check_sparse(
+        "sparse_fp32_d64", 1, 1000, 1000, 4, 2, 64, 128, 3, 0, torch.float32, 1e-4)))
+    checks.append(("sparse_equals_dense", lambda: check_sparse_equals_dense(4096, 8, 64, 2048, 3, bf, low_tol)))
+    checks.append(("wkv7_bf16_n64", lambda: check_wkv("wkv7_bf16_n64", 2, 500, 4, 64, bf, low_tol)))
+    if not ARGS.quick:
+        checks.append(("wkv7_bf16_n128", lambda: check_wkv("wkv7_bf16_n128", 1, 300, 2, 128, bf, low_tol)))
+        checks.append(("wkv7_fp32_n64", lambda: check_wkv("wkv7_fp32_n64", 1, 200, 2, 64, torch.float32, 1e-4)))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. timing
+
+
+def time_fwd_bwd(step, warmup, reps):
+    """Median milliseconds of ``step()`` (one forward+backward) after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    _sync()
+    times = []
+    for _ in range(reps):
+        if DEVICE.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _grad_step(fn, inputs, params=()):
+    """A closure running fn(*inputs) forward and backward into ``inputs`` and ``params``."""
+    leaves = list(inputs) + list(params)
+
+    def step():
+        out = fn(*inputs)
+        if isinstance(out, tuple):
+            out = out[0]
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return step
+
+
+def fla_chunk_rwkv7():
+    """(callable(r, w, k, v, a, b) or None, note)."""
+    try:
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception as exc:  # not installed, or broken
+        return None, f"fla not importable: {type(exc).__name__}: {exc}"
+    import inspect
+
+    params = inspect.signature(chunk_rwkv7).parameters
+    # Releases differ: older ones take the log decay as ``w``; newer ones take ``w`` with
+    # log decay -exp(w) and the log decay itself as ``log_w``.
+    decay_kw = "log_w" if "log_w" in params else "w"
+    extra = {n: v for n, v in (("scale", 1.0), ("output_final_state", True)) if n in params}
+
+    def call(r, w, k, v, a, b):
+        return chunk_rwkv7(r=r, k=k, v=v, a=a, b=b, **{decay_kw: w}, **extra)
+
+    version = getattr(sys.modules.get("fla"), "__version__", "?")
+    return call, f"fla {version} chunk_rwkv7 (decay passed as {decay_kw}=log decay)"
+
+
+# -- layers built from plain torch modules around the two operators --
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.mu = nn.Parameter(torch.full((c,), 0.5))
+        self.key = nn.Linear(c, 4 * c, bias=False)
+        self.value = nn.Linear(4 * c, c, bias=False)
+
+    def forward(self, x):
+        h = self.ln(x)
+        xx = F.pad(h, (0, 0, 1, -1)) - h
+        return x + self.value(torch.relu(self.key(h + xx * self.mu)).square())
+
+
+class RWKV7TimeMix(nn.Module):
+    """RWKV-7 time mixing (token shift, r/k/v/o, LoRA decay, in-context rate and gate, GroupNorm)."""
+
+    def __init__(self, c, head_size, backend, lora=64, gate_lora=128):
+        super().__init__()
+        self.h, self.n, self.backend = c // head_size, head_size, backend
+        self.ln = nn.LayerNorm(c)
+        self.mu = nn.Parameter(torch.full((6, c), 0.5))
+        self.r, self.k, self.v, self.o = (nn.Linear(c, c, bias=False) for _ in range(4))
+        self.w1, self.w2 = nn.Linear(c, lora, bias=False), nn.Linear(lora, c)
+        self.a1, self.a2 = nn.Linear(c, lora, bias=False), nn.Linear(lora, c)
+        self.g1, self.g2 = nn.Linear(c, gate_lora, bias=False), nn.Linear(gate_lora, c, bias=False)
+        self.k_k = nn.Parameter(torch.full((c,), 0.85))
+        self.k_a = nn.Parameter(torch.ones(c))
+        self.r_k = nn.Parameter(torch.zeros(self.h, head_size))
+        self.ln_x = nn.GroupNorm(self.h, c, eps=64e-5)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H, N = self.h, self.n
+        h = self.ln(x)
+        xx = F.pad(h, (0, 0, 1, -1)) - h
+        xr, xw, xk, xv, xa, xg = (h + xx * self.mu[i] for i in range(6))
+        r, k, v = self.r(xr), self.k(xk), self.v(xv)
+        log_w = LOG_DECAY_MIN * torch.sigmoid(self.w2(torch.tanh(self.w1(xw))))
+        a = torch.sigmoid(self.a2(self.a1(xa)))
+        g = self.g2(torch.sigmoid(self.g1(xg)))
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)
+        k = k * (1 + (a - 1) * self.k_a)
+        shape = (B, T, H, N)
+        y, _ = wkv7(r.view(shape), log_w.view(shape), k.view(shape), v.view(shape), -kk,
+                    kk * a.view(shape), backend=self.backend)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (r.view(shape) * k.view(shape) * self.r_k).sum(-1, keepdim=True) * v.view(shape)
+        return x + self.o((y + bonus.reshape(B, T, C)) * g)
+
+
+class Attention(nn.Module):
+    """Bias-free q/k/v/o projections, no positional encoding (as RWKV-X's sparse block)."""
+
+    def __init__(self, c, head_size, sparse_backend=None, chunk=2048, top_k=3):
+        super().__init__()
+        self.h, self.d = c // head_size, head_size
+        self.sparse_backend, self.chunk, self.top_k = sparse_backend, chunk, top_k
+        self.ln = nn.LayerNorm(c)
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.ln(x)
+        q, k, v = (p(h).view(B, T, self.h, self.d) for p in (self.q, self.k, self.v))
+        if self.sparse_backend is not None:
+            y = topk_chunk_attention(q, k, v, chunk_size=self.chunk, top_k=self.top_k,
+                                     backend=self.sparse_backend)
+        else:
+            y = sdpa_causal(q, k, v)
+        return x + self.o(y.reshape(B, T, C))
+
+
+def sdpa_causal(q, k, v):
+    """Dense causal attention on [B, T, H, D] through SDPA's flash backend (any backend on the CPU)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if DEVICE.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    return out.transpose(1, 2)
+
+
+def timing_plan(lengths, cfg):
+    """[(T, case name, build)] where build() returns (step, note)."""
+    H, D, chunk, top_k = cfg["heads"], cfg["head_size"], cfg["chunk"], cfg["top_k"]
+    C = H * D
+    wkv_ours = cfg["wkv_backend"]
+    sparse_ours = cfg["sparse_backend"]
+    fla_call, fla_note = fla_chunk_rwkv7() if DEVICE.type == "cuda" else (None, "fla needs CUDA: skipped")
+
+    def wkv_case(T, use_fla):
+        def build():
+            xs = [t.requires_grad_(True) for t in wkv_inputs(1, T, H, D, DTYPE, seed=T)]
+            if use_fla:
+                if fla_call is None:
+                    raise Unavailable(fla_note)
+                return _grad_step(fla_call, xs), fla_note
+            return _grad_step(lambda *a: wkv7(*a, backend=wkv_ours), xs), f"wkv7 backend={wkv_ours}"
+        return build
+
+    def attn_case(T, sparse):
+        def build():
+            q, k, v = (_randn(1, T, H, D, seed=T + i).to(DTYPE).requires_grad_(True) for i in range(3))
+            if sparse:
+                fn = lambda q, k, v: topk_chunk_attention(  # noqa: E731
+                    q, k, v, chunk_size=chunk, top_k=top_k, backend=sparse_ours)
+                return _grad_step(fn, (q, k, v)), f"backend={sparse_ours} chunk={chunk} top_k={top_k}"
+            return _grad_step(sdpa_causal, (q, k, v)), "SDPA is_causal, flash backend" if DEVICE.type == "cuda" else "SDPA (CPU)"
+        return build
+
+    def layer_case(T, kind):
+        def build():
+            torch.manual_seed(0)
+            if kind == "rwkv":
+                block = nn.Sequential(RWKV7TimeMix(C, D, wkv_ours), ChannelMix(C))
+            elif kind == "sparse":
+                block = nn.Sequential(Attention(C, D, sparse_ours, chunk, top_k), ChannelMix(C))
+            else:
+                block = nn.Sequential(Attention(C, D, None), ChannelMix(C))
+            block = block.to(device=DEVICE, dtype=DTYPE)
+            x = (_randn(1, T, C, seed=T) * 0.5).to(DTYPE).requires_grad_(True)
+            return _grad_step(block, (x,), [p for p in block.parameters()]), f"block width {C}"
+        return build
+
+    plan = []
+    for T in lengths:
+        plan += [
+            (T, "wkv7_ours", wkv_case(T, False)),
+            (T, "wkv7_fla", wkv_case(T, True)),
+            (T, "sparse_ours", attn_case(T, True)),
+            (T, "sdpa_dense", attn_case(T, False)),
+            (T, "block_rwkv7", layer_case(T, "rwkv")),
+            (T, "block_sparse", layer_case(T, "sparse")),
+            (T, "block_dense", layer_case(T, "dense")),
+        ]
+    return plan
+
+
+def run_timing(lengths, cfg, budget_s):
+    rows = []
+    for T, name, build in timing_plan(lengths, cfg):
+        row = {"T": T, "case": name}
+        if _elapsed() > budget_s:
+            row["status"] = f"skipped: time budget ({budget_s:.0f} s) spent"
+            rows.append(row)
+            continue
+        reps = cfg["reps"] if T <= 16384 else max(1, cfg["reps"] - 2)
+        try:
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            step, note = build()
+            row["note"] = note
+            row["ms"] = time_fwd_bwd(step, cfg["warmup"], reps)
+            row["reps"] = reps
+            row["status"] = "ok"
+            if DEVICE.type == "cuda":
+                row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        except Unavailable as exc:
+            row["status"] = f"unavailable: {exc}"
+        except Exception as exc:  # OOM or a broken case: record it, go on
+            row["status"] = "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+            if not _is_oom(exc):
+                row["traceback"] = traceback.format_exc()[-2000:]
+        finally:
+            step = None  # noqa: F841  (drops the inputs and graph before the next case)
+            _free()
+        row["elapsed_s"] = round(_elapsed(), 1)
+        took = f" {row['ms']:.2f} ms" if "ms" in row else ""
+        print(f"[{_elapsed():6.1f}s] T={T:>6} {name:13s} {row['status']}{took}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+
+def _ratio(rows, T, baseline, ours):
+    by = {(r["T"], r["case"]): r for r in rows}
+    a, b = by.get((T, baseline), {}), by.get((T, ours), {})
+    if "ms" in a and "ms" in b and b["ms"] > 0:
+        return a["ms"] / b["ms"]
+    return None
+
+
+def summarize(rows, lengths):
+    """Speed-up rows: baseline ms / ours ms (> 1: ours faster)."""
+    out = []
+    by = {(r["T"], r["case"]): r for r in rows}
+
+    def ms(T, case):
+        r = by.get((T, case), {})
+        return r.get("ms"), r.get("status", "missing")
+
+    for T in lengths:
+        for label, ours, base in (
+            ("WKV-7 ours vs fla", "wkv7_ours", "wkv7_fla"),
+            ("sparse attn vs SDPA", "sparse_ours", "sdpa_dense"),
+        ):
+            o, so = ms(T, ours)
+            b, sb = ms(T, base)
+            out.append({"T": T, "what": label, "ours_ms": o, "baseline_ms": b,
+                        "speedup": (b / o) if (o and b) else None,
+                        "note": "" if (o and b) else f"ours: {so}; baseline: {sb}"})
+        r, sb_, d = ms(T, "block_rwkv7")[0], ms(T, "block_sparse")[0], ms(T, "block_dense")[0]
+        pair = (r + sb_) if (r and sb_) else None
+        out.append({"T": T, "what": "layer pair vs dense layer", "ours_ms": pair, "baseline_ms": d,
+                    "speedup": (d / pair) if (pair and d) else None,
+                    "note": f"pair ns/token {pair / T * 1e6:.0f}" if pair else "missing block timings"})
+        if r and sb_ and d:
+            # The RWKV-X 3:1 pattern (RRRA) against the same depth of dense attention blocks.
+            out[-1]["model_3to1_speedup"] = 4 * d / (3 * r + sb_)
+    return out
+
+
+def print_table(meta, checks, summary):
+    print()
+    print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']}")
+    for c in checks:
+        status = "PASS" if c.get("passed") else ("ERROR" if "error" in c else "FAIL")
+        detail = c.get("error", f"worst rms {c.get('worst_rms', float('nan')):.2e} (tol {c.get('tolerance')})")
+        extra = f", selection match {c['selection_match']:.4f}" if "selection_match" in c else ""
+        print(f"  check {c['check']:30s} {status:5s} {detail}{extra}")
+    print()
+    print(f"{'T':>7} | {'comparison':27s} | {'ours ms':>9} | {'base ms':>9} | {'speedup':>7} | note")
+    print("-" * 90)
+    for s in summary:
+        o = f"{s['ours_ms']:.2f}" if s["ours_ms"] else "-"
+        b = f"{s['baseline_ms']:.2f}" if s["baseline_ms"] else "-"
+        sp = f"{s['speedup']:.2f}x" if s["speedup"] else "-"
+        note = s["note"]
+        if "model_3to1_speedup" in s:
+            note += f"; 3:1 model {s['model_3to1_speedup']:.2f}x"
+        print(f"{s['T']:>7} | {s['what']:27s} | {o:>9} | {b:>9} | {sp:>7} | {note}")
+
+
+def main():
+    import triton
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU ({platform.processor() or 'unknown'}), Triton interpreter",
+        "capability": list(torch.cuda.get_device_capability()) if DEVICE.type == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "mode": "cpu-smoke" if SMOKE else ("quick" if ARGS.quick else "full"),
+        "dtype": str(DTYPE),
+        "sparse_backends": sparse_backends(torch.zeros(1, device=DEVICE)),
+        "wkv_backends": wkv_backends(torch.zeros(1, device=DEVICE)),
+        "megatron_imported": any(m == "megatron" or m.startswith("megatron.") for m in sys.modules),
+        "package_init_ran": hasattr(sys.modules["megatron_rwkvx"], "load_pretrained"),
+    }
+    print(f"gpu_check: {meta['mode']} on {meta['device']}", flush=True)
+
+    checks = []
+    for name, thunk in correctness_checks():
+        try:
+            res = thunk()
+        except Exception as exc:
+            res = {"check": name, "passed": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                   "traceback": traceback.format_exc()[-2000:]}
+        finally:
+            _free()
+        res["elapsed_s"] = round(_elapsed(), 1)
+        print(f"[{_elapsed():6.1f}s] check {name}: {'PASS' if res.get('passed') else 'FAIL'}", flush=True)
+        checks.append(res)
+
+    if SMOKE:
+        lengths = [32]
+        cfg = dict(heads=2, head_size=16, chunk=16, top_k=3, warmup=0, reps=1)
+    else:
+        lengths = [4096, 16384] if ARGS.quick else [4096, 16384, 65536, 131072]
+        cfg = dict(heads=32, head_size=64, chunk=2048, top_k=3, warmup=1, reps=5)
+    if ARGS.lengths:
+        lengths = [int(x) for x in ARGS.lengths.split(",")]
+    cfg["sparse_backend"] = "triton" if "triton" in meta["sparse_backends"] else "torch"
+    cfg["wkv_backend"] = "triton" if "triton" in meta["wkv_backends"] else "chunked"
+    budget = ARGS.budget_s if ARGS.budget_s is not None else (200.0 if ARGS.quick else 400.0)
+    rows = [] if ARGS.skip_timing else run_timing(lengths, cfg, budget)
+    summary = summarize(rows, lengths) if rows else []
+
+    meta["total_s"] = round(_elapsed(), 1)
+    results = {"meta": meta, "config": cfg, "lengths": lengths, "checks": checks, "timing": rows,
+               "summary": summary}
+    if ARGS.out:
+        Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(ARGS.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print_table(meta, checks, summary)
+    return 0 if all(c.get("passed") for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
