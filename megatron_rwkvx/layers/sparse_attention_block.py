@@ -119,21 +119,12 @@ class SparseAttentionMixer(MegatronModule):
 
 def sparse_attention_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
     """An ``A`` block: LayerNorm, sparse attention, LayerNorm, ChannelMix."""
-    from megatron_rwkvx.layers.rwkvx_layer import RWKVXLayer, RWKVXLayerSubmodules
-    from megatron_rwkvx.layers.specs import _norm, channel_mix_spec, transformer_engine_available
+    from megatron_rwkvx.layers.specs import block_spec
 
-    use_te = transformer_engine_available() if use_te is None else use_te
-    return ModuleSpec(
-        module=RWKVXLayer,
-        submodules=RWKVXLayerSubmodules(
-            input_norm=_norm(use_te),
-            mixer=ModuleSpec(
-                module=SparseAttentionMixer,
-                submodules=SparseAttentionSubmodules(
-                    column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
-                ),
-            ),
-            pre_mlp_norm=_norm(use_te),
-            mlp=channel_mix_spec(),
+    mixer = ModuleSpec(
+        module=SparseAttentionMixer,
+        submodules=SparseAttentionSubmodules(
+            column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
         ),
     )
+    return block_spec(mixer, use_te)

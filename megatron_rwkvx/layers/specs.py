@@ -44,23 +44,29 @@ def channel_mix_spec() -> ModuleSpec:
     )
 
 
-def rwkv7_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
-    """An ``R`` block: LayerNorm, RWKV-7 TimeMix, LayerNorm, ChannelMix."""
+def block_spec(mixer: ModuleSpec, use_te: Optional[bool] = None) -> ModuleSpec:
+    """A block of the stack: LayerNorm, ``mixer``, LayerNorm, ChannelMix."""
     use_te = transformer_engine_available() if use_te is None else use_te
     return ModuleSpec(
         module=RWKVXLayer,
         submodules=RWKVXLayerSubmodules(
             input_norm=_norm(use_te),
-            mixer=ModuleSpec(
-                module=RWKV7TimeMix,
-                submodules=RWKV7TimeMixSubmodules(
-                    column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
-                ),
-            ),
+            mixer=mixer,
             pre_mlp_norm=_norm(use_te),
             mlp=channel_mix_spec(),
         ),
     )
+
+
+def rwkv7_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """An ``R`` block: LayerNorm, RWKV-7 TimeMix, LayerNorm, ChannelMix."""
+    mixer = ModuleSpec(
+        module=RWKV7TimeMix,
+        submodules=RWKV7TimeMixSubmodules(
+            column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
+        ),
+    )
+    return block_spec(mixer, use_te)
 
 
 def layer_specs(use_te: Optional[bool] = None) -> Dict[str, ModuleSpec]:
