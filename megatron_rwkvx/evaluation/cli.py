@@ -1,0 +1,52 @@
+"""Command-line pieces shared by the inference and evaluation tools: model and tokenizer options."""
+from __future__ import annotations
+
+import argparse
+from typing import Dict
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a .pth file or a training checkpoint directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override, e.g. sparse_chunk_size=8 or layer_pattern=RRARRA (repeatable)")
+    p.add_argument("--max-cached-chunks", type=int, default=None,
+                   help="cap on cached chunks per attention layer (evicts the least selected); default none")
+    p.add_argument("--tokenizer-type", default="RWKVWorldTokenizer")
+    p.add_argument("--tokenizer-model", default=None)
+
+
+def parse_overrides(items) -> Dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = value
+    return out
+
+
+def engine_from_args(args):
+    import torch
+
+    from megatron_rwkvx.inference import InferenceEngine
+    from megatron_rwkvx.inference.loading import load_model
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model = load_model(args.model, device=args.device, dtype=dtype, **parse_overrides(args.set))
+    return InferenceEngine(model, max_cached_chunks=args.max_cached_chunks)
+
+
+def tokenizer_from_args(args):
+    from megatron_rwkvx.data.tokenizers import build_tokenizer
+
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)

@@ -1,0 +1,88 @@
+"""Passkey retrieval (DESIGN.md section 6): filler text with a 5-digit key hidden at a depth, greedy
+decoding, exact match of the first number generated. Prompts come from
+``megatron_rwkvx.data.sample_corpus.passkey_document`` (the same text the sample corpus uses)."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+from megatron_rwkvx.data.sample_corpus import passkey_document
+from megatron_rwkvx.inference.engine import InferenceEngine
+from megatron_rwkvx.inference.generation import generate
+
+_NUMBER = re.compile(r"\d+")
+
+
+def depth_grid(count: int) -> List[float]:
+    """``count`` depths from 0 (needle first) to 1 (needle last), as the sample corpus uses."""
+    if count < 1:
+        raise ValueError(f"need at least one depth, got {count}")
+    return [i / max(1, count - 1) for i in range(count)]
+
+
+def first_number(text: str) -> Optional[str]:
+    m = _NUMBER.search(text)
+    return m.group(0) if m else None
+
+
+def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], depths: Sequence[float],
+                seeds: int = 5, max_new_tokens: int = 8, piece_size: Optional[int] = 4096,
+                progress=None) -> List[Dict]:
+    """One record per (length, depth, seed): prompt length, key, generated text, correct."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+
+    def count(text: str) -> int:
+        return len(tokenizer.tokenize(text))
+
+    records = []
+    for length in lengths:
+        for depth in depths:
+            docs = [passkey_document(length, depth, seed, count) for seed in range(seeds)]
+            prompts = [tokenizer.tokenize(d["prompt"]) for d in docs]
+            outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(0,), prefill_piece=piece_size)
+            for doc, prompt, out in zip(docs, prompts, outputs):
+                text = tokenizer.detokenize([t for t in out if t != 0])
+                rec = {
+                    "length": length, "depth": depth, "seed": doc["seed"], "prompt_tokens": len(prompt),
+                    "answer": doc["answer"], "generated": text,
+                    "correct": first_number(text) == doc["answer"],
+                }
+                records.append(rec)
+                if progress is not None:
+                    progress(rec)
+    return records
+
+
+def accuracy_grid(records: Sequence[Dict]):
+    """(lengths, depths, grid[depth][length] accuracy in [0, 1])."""
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    grid = []
+    for d in depths:
+        row = []
+        for n in lengths:
+            hits = [r["correct"] for r in records if r["length"] == n and r["depth"] == d]
+            row.append(sum(hits) / len(hits))
+        grid.append(row)
+    return lengths, depths, grid
+
+
+def format_table(records: Sequence[Dict]) -> str:
+    """Markdown table: one row per depth, one column per context length, plus the mean."""
+    lengths, depths, grid = accuracy_grid(records)
+    head = "| depth | " + " | ".join(f"{n}" for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (len(lengths) + 1)]
+    for d, row in zip(depths, grid):
+        lines.append(f"| {d:.0%} | " + " | ".join(f"{v:.0%}" for v in row) + " |")
+    means = [sum(grid[j][i] for j in range(len(depths))) / len(depths) for i in range(len(lengths))]
+    lines.append("| mean | " + " | ".join(f"{v:.0%}" for v in means) + " |")
+    return "\n".join(lines)
+
+
+def heatmap_png(records: Sequence[Dict], path: str) -> None:
+    """Context length (x) by depth (y), red (0) to green (100%)."""
+    from megatron_rwkvx.evaluation.png import heatmap, short_number
+
+    lengths, depths, grid = accuracy_grid(records)
+    heatmap(grid, [short_number(n) for n in lengths], [f"{d:.0%}" for d in depths]).save(path)
