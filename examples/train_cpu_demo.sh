@@ -12,9 +12,9 @@ OUT=${OUT:-demo_output}
 PYTHON=${PYTHON:-python}
 DEMO_SIZE=${DEMO_SIZE:-full}
 if [[ "$DEMO_SIZE" == test ]]; then
-  DOCS=120; SEQ0=64; ITERS0=4; SEQ1=64; ITERS1=3; SEQ2=128; ITERS2=3; LCE_ITERS=2; CHUNK=32; EVAL=1
+  DOCS=120; SEQ0=64; ITERS0=4; SEQ1=64; ITERS1=3; SEQ2=128; ITERS2=3; LCE_ITERS=2; CHUNK=32; EVAL=1; PASSKEY_LENGTHS=64
 else
-  DOCS=1000; SEQ0=128; ITERS0=60; SEQ1=128; ITERS1=20; SEQ2=256; ITERS2=16; LCE_ITERS=6; CHUNK=64; EVAL=4
+  DOCS=1000; SEQ0=128; ITERS0=60; SEQ1=128; ITERS1=20; SEQ2=256; ITERS2=16; LCE_ITERS=6; CHUNK=64; EVAL=4; PASSKEY_LENGTHS=128,256
 fi
 # The tiny model: width 128, heads of 32, 4 RWKV-7 blocks; the World vocabulary (65,536).
 MODEL=(--hidden-size 128 --head-size 32)
@@ -69,9 +69,14 @@ rm -rf "$OUT/checkpoints/stage2-longce"
 "$PYTHON" tools/export_checkpoint.py --load "$OUT/checkpoints/stage2-longce" --output "$OUT/rwkvx-tiny.pth" \
   --dtype fp32 --overwrite
 
+step "8. passkey retrieval with exact incremental decoding (a tiny model: do not expect it to pass)"
+"$PYTHON" tools/eval_passkey.py --model "$OUT/rwkvx-tiny.pth" --set sparse_chunk_size="$CHUNK" \
+  --set sparse_top_k=2 --lengths "$PASSKEY_LENGTHS" --depths 3 --seeds 1 --output-dir "$OUT/passkey"
+
 echo
 echo "=== done ==="
 echo "checkpoints : $OUT/checkpoints/{rwkv7,rwkvx-expanded,stage1,stage2,stage2-longce}"
 echo "exported    : $OUT/rwkv7-tiny.pth (RWKV-7 layout), $OUT/rwkvx-tiny.pth (RWKV-X reference layout)"
+echo "passkey     : $OUT/passkey/passkey.md (table), passkey.png (heatmap)"
 echo "tensorboard : tensorboard --logdir $OUT/tensorboard"
 echo "load it     : python -c \"import megatron_rwkvx; m = megatron_rwkvx.load_pretrained('$OUT/rwkvx-tiny.pth', sparse_chunk_size=$CHUNK, sparse_top_k=2)\""

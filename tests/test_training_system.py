@@ -228,6 +228,8 @@ def test_readme_main_job_in_test_size(tmp_path):
     env.update(DEMO_SIZE="test", OUT=str(tmp_path / "demo"), DEMO_PORT="29651")
     out = _run(["bash", "examples/train_cpu_demo.sh"], env=env, timeout=1200)
     assert "=== done ===" in out.stdout
+    assert "| depth |" in (tmp_path / "demo" / "passkey" / "passkey.md").read_text()
+    assert (tmp_path / "demo" / "passkey" / "passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import megatron_rwkvx
 
     model = megatron_rwkvx.load_pretrained(str(tmp_path / "demo" / "rwkvx-tiny.pth"),
