@@ -5,28 +5,22 @@ column-parallel, the value projection row-parallel; ``x_k`` acts on the full inp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
+    ProjectionSubmodules,
+    build_column_projection,
+    build_row_projection,
     gather_mixer_input,
     previous_token_across_ranks,
-    projection_config,
     replicated_param,
 )
 from megatron_rwkvx.layers.token_shift import token_shift_delta
-
-
-@dataclass
-class RWKV7ChannelMixSubmodules:
-    column_linear: Union[ModuleSpec, type] = None
-    row_linear: Union[ModuleSpec, type] = None
 
 
 class RWKV7ChannelMix(MegatronModule):
@@ -35,7 +29,7 @@ class RWKV7ChannelMix(MegatronModule):
     def __init__(
         self,
         config: RWKVXConfig,
-        submodules: RWKV7ChannelMixSubmodules,
+        submodules: ProjectionSubmodules,
         layer_number: int,
         rwkv_index: Optional[int] = None,
         pg_collection=None,
@@ -48,27 +42,11 @@ class RWKV7ChannelMix(MegatronModule):
         c = config.hidden_size
         x_k = rwkv7_init.channel_mix_vector(c, rwkv_index, max(config.num_rwkv_layers, 1))
         self.x_k = torch.nn.Parameter(x_k.to(config.params_dtype))
-        self.key = build_module(
-            submodules.column_linear,
-            c,
-            config.ffn_hidden_size,
-            config=projection_config(config),
-            init_method=rwkv7_init.uniform_init(0.5),
-            bias=False,
-            gather_output=False,
-            skip_bias_add=True,
-            disable_grad_reduce=True,
+        self.key = build_column_projection(
+            submodules, config, c, config.ffn_hidden_size, rwkv7_init.uniform_init(0.5)
         )
-        self.value = build_module(
-            submodules.row_linear,
-            config.ffn_hidden_size,
-            c,
-            config=config,
-            init_method=rwkv7_init.zero_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
+        self.value = build_row_projection(
+            submodules, config, config.ffn_hidden_size, c, rwkv7_init.zero_init
         )
 
     def forward(self, hidden_states: torch.Tensor, previous_token: Optional[torch.Tensor] = None):

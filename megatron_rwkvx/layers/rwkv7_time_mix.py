@@ -8,22 +8,22 @@ on the full input (token-shift mixes, LoRA down-projections) are replicated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
 
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
+    ProjectionSubmodules,
+    build_column_projection,
+    build_row_projection,
     context_parallel_group,
     gather_mixer_input,
     previous_token_across_ranks,
-    projection_config,
     replicated_param,
     shard_dim0,
     tp_world_size,
@@ -38,19 +38,13 @@ MIX_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 HEAD_SPLIT_VECTORS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")
 
 
-@dataclass
-class RWKV7TimeMixSubmodules:
-    column_linear: Union[ModuleSpec, type] = None
-    row_linear: Union[ModuleSpec, type] = None
-
-
 class RWKV7TimeMix(MegatronModule):
     """``forward(hidden_states [S, B, C], v_first) -> ((out [S, B, C], bias), v_first)``."""
 
     def __init__(
         self,
         config: RWKVXConfig,
-        submodules: RWKV7TimeMixSubmodules,
+        submodules: ProjectionSubmodules,
         layer_number: int,
         pg_collection=None,
     ) -> None:
@@ -64,7 +58,6 @@ class RWKV7TimeMix(MegatronModule):
         world = tp_world_size()
         self.head_size = n
         self.local_heads = config.num_attention_heads // world
-        self.local_width = self.local_heads * n
         dtype = config.params_dtype
 
         vectors = rwkv7_init.time_mix_vectors(c, n, self.rwkv_index, config.num_rwkv_layers)
@@ -84,20 +77,9 @@ class RWKV7TimeMix(MegatronModule):
             "v": config.v_lora_dim,
             "g": config.gate_lora_dim,
         }
-        proj_config = projection_config(config)
 
         def column(in_size, out_size, init):
-            return build_module(
-                submodules.column_linear,
-                in_size,
-                out_size,
-                config=proj_config,
-                init_method=init,
-                bias=False,
-                gather_output=False,
-                skip_bias_add=True,
-                disable_grad_reduce=True,
-            )
+            return build_column_projection(submodules, config, in_size, out_size, init)
 
         for key, width in lora.items():
             if key == "v" and self.makes_v_first:
@@ -110,17 +92,7 @@ class RWKV7TimeMix(MegatronModule):
         self.receptance = column(c, c, rwkv7_init.uniform_init(0.5))
         self.key = column(c, c, rwkv7_init.uniform_init(0.05))
         self.value = column(c, c, rwkv7_init.uniform_init(0.5))
-        self.output = build_module(
-            submodules.row_linear,
-            c,
-            c,
-            config=config,
-            init_method=rwkv7_init.zero_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-        )
+        self.output = build_row_projection(submodules, config, c, c, rwkv7_init.zero_init)
 
     def _add_param(self, name: str, value: torch.Tensor, dtype) -> None:
         self.register_parameter(name, torch.nn.Parameter(value.to(dtype).contiguous()))

@@ -7,28 +7,23 @@ key/value heads) is available through ``num_query_groups``; the default is plain
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
+    ProjectionSubmodules,
+    build_column_projection,
+    build_row_projection,
     context_parallel_group,
     gather_mixer_input,
-    projection_config,
     tp_world_size,
 )
-
-
-@dataclass
-class SparseAttentionSubmodules:
-    column_linear: Union[ModuleSpec, type] = None
-    row_linear: Union[ModuleSpec, type] = None
 
 
 class SparseAttentionMixer(MegatronModule):
@@ -37,7 +32,7 @@ class SparseAttentionMixer(MegatronModule):
     def __init__(
         self,
         config: RWKVXConfig,
-        submodules: SparseAttentionSubmodules,
+        submodules: ProjectionSubmodules,
         layer_number: int,
         pg_collection=None,
     ) -> None:
@@ -48,36 +43,16 @@ class SparseAttentionMixer(MegatronModule):
         self.local_heads = config.num_attention_heads // world
         kv_heads = config.num_query_groups or config.num_attention_heads
         self.local_kv_heads = kv_heads // world
-        proj_config = projection_config(config)
-
         def column(out_size, scale):
-            return build_module(
-                submodules.column_linear,
-                c,
-                out_size,
-                config=proj_config,
-                init_method=rwkv7_init.uniform_init(scale),
-                bias=False,
-                gather_output=False,
-                skip_bias_add=True,
-                disable_grad_reduce=True,
+            return build_column_projection(
+                submodules, config, c, out_size, rwkv7_init.uniform_init(scale)
             )
 
         self.query = column(c, 0.5)
         self.key = column(kv_heads * n, 0.5)
         self.value = column(kv_heads * n, 0.5)
         # Zero output: a freshly inserted block starts as the identity.
-        self.output = build_module(
-            submodules.row_linear,
-            c,
-            c,
-            config=config,
-            init_method=rwkv7_init.zero_init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-        )
+        self.output = build_row_projection(submodules, config, c, c, rwkv7_init.zero_init)
 
     def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor] = None):
         from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
@@ -123,7 +98,7 @@ def sparse_attention_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
 
     mixer = ModuleSpec(
         module=SparseAttentionMixer,
-        submodules=SparseAttentionSubmodules(
+        submodules=ProjectionSubmodules(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
         ),
     )

@@ -14,9 +14,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL
 from megatron_rwkvx.layers.norms import SequenceParallelLayerNorm
-from megatron_rwkvx.layers.rwkv7_channel_mix import RWKV7ChannelMix, RWKV7ChannelMixSubmodules
-from megatron_rwkvx.layers.rwkv7_time_mix import RWKV7TimeMix, RWKV7TimeMixSubmodules
+from megatron_rwkvx.layers.rwkv7_channel_mix import RWKV7ChannelMix
+from megatron_rwkvx.layers.rwkv7_time_mix import RWKV7TimeMix
 from megatron_rwkvx.layers.rwkvx_layer import RWKVXLayer, RWKVXLayerSubmodules
+from megatron_rwkvx.layers.tensor_parallel_utils import ProjectionSubmodules
 
 
 def transformer_engine_available() -> bool:
@@ -38,7 +39,7 @@ def _norm(use_te: bool):
 def channel_mix_spec() -> ModuleSpec:
     return ModuleSpec(
         module=RWKV7ChannelMix,
-        submodules=RWKV7ChannelMixSubmodules(
+        submodules=ProjectionSubmodules(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
         ),
     )
@@ -62,7 +63,7 @@ def rwkv7_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
     """An ``R`` block: LayerNorm, RWKV-7 TimeMix, LayerNorm, ChannelMix."""
     mixer = ModuleSpec(
         module=RWKV7TimeMix,
-        submodules=RWKV7TimeMixSubmodules(
+        submodules=ProjectionSubmodules(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
         ),
     )

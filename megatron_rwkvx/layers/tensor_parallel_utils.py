@@ -14,6 +14,8 @@ follow, and both are handled here so the mixers stay readable:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 from megatron.core import parallel_state
@@ -21,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 
 def tp_world_size() -> int:
@@ -80,3 +83,43 @@ def previous_token_across_ranks(x: torch.Tensor, previous: "torch.Tensor | None"
     from megatron_rwkvx.parallel.cp_comm import previous_token_from_prev_rank
 
     return previous_token_from_prev_rank(x, group)
+
+
+@dataclass
+class ProjectionSubmodules:
+    """The linear layers a mixer is built from (local or Transformer-Engine classes)."""
+
+    column_linear: Union[ModuleSpec, type] = None
+    row_linear: Union[ModuleSpec, type] = None
+
+
+def build_column_projection(submodules: ProjectionSubmodules, config, in_size: int, out_size: int,
+                            init_method):
+    """A head-split projection fed by the mixer's gathered input (no gather, no grad reduce)."""
+    return build_module(
+        submodules.column_linear,
+        in_size,
+        out_size,
+        config=projection_config(config),
+        init_method=init_method,
+        bias=False,
+        gather_output=False,
+        skip_bias_add=True,
+        disable_grad_reduce=True,
+    )
+
+
+def build_row_projection(submodules: ProjectionSubmodules, config, in_size: int, out_size: int,
+                         init_method):
+    """The mixer's output projection (reduce, or reduce-scatter under sequence parallelism)."""
+    return build_module(
+        submodules.row_linear,
+        in_size,
+        out_size,
+        config=config,
+        init_method=init_method,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        is_expert=False,
+    )
