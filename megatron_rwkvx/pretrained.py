@@ -1,16 +1,14 @@
 """``load_pretrained``: a single-process model from a checkpoint file, ready for inference."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 from megatron_rwkvx.checkpointing.official_format import (
     OFFICIAL_RWKV7,
     REFERENCE_RWKVX,
-    CheckpointFormatError,
     config_kwargs_from_state_dict,
-    describe_architecture,
     import_state_dict,
     load_state_dict_file,
 )

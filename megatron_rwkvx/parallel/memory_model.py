@@ -5,9 +5,9 @@ Deliberately simple and explicit: every term is a formula a user can check by ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import RWKVXConfig
 
 # Activation elements kept for backward, per token, per block, in units of the width C
 # (bf16 unless noted). RWKV-7 block: LN1 in, six token-shift mixes, r/k/v/w/a/g/kk projections,

@@ -27,7 +27,6 @@ def random_official_state_dict(
     out = {}
     for e in checkpoint_entries(cfg, layout):
         shape = e.full_shape
-        name = e.model_key.rsplit(".", 1)[-1] if not e.model_key.endswith("weight") else e.model_key
         key = e.model_key
         if key.endswith(("norm.weight", "ln0.weight")) or key.endswith("final_norm.weight"):
             t = 1.0 + randn(*shape, scale=0.1)

@@ -6,7 +6,7 @@ the body runs in spawned gloo processes (see ``megatron_rwkvx.testing.distribute
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

@@ -15,7 +15,7 @@ import shutil
 from typing import List, Optional
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 
 from megatron_rwkvx.checkpointing.megatron_format import (
     LATEST_FILE,

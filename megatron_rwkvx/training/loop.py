@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from functools import partial
 from typing import Dict, List, Optional
@@ -63,7 +62,6 @@ def _forward_step(args, device, data_iterator, model):
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
     loss_mask = batch["loss_mask"].to(device)
-    unwrapped = model.module if hasattr(model, "module") else model
     weights = None
     if args.loss == "longce" and model.training:
         # Batched short-context forwards without gradient; their tokens count in the throughput.
@@ -176,7 +174,7 @@ def pretrain(args) -> int:
     init_num_microbatches_calculator(
         rank, None, args.global_batch_size, args.micro_batch_size, args.data_parallel_size
     )
-    state = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0, "skipped_iters": 0}
+    state = {"iteration": 0, "consumed_train_samples": 0, "skipped_iters": 0}
     if resuming:
         state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg, logger.print))
         logger.print(f"resumed from {args.load} at iteration {state['iteration']}")
@@ -212,7 +210,8 @@ def pretrain(args) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if args.device == "cuda" else None)
 
     start_time = time.time()
-    window_start, window_tokens, window_iters = time.time(), 0, 0
+    start_iteration = state["iteration"]  # after a resume the ETA counts this run's iterations
+    window_start, window_tokens = time.time(), 0
     window_loss = torch.zeros(2)
     exit_code = 0
     for m in ddp_chunks:
@@ -255,7 +254,6 @@ def pretrain(args) -> int:
         state["consumed_train_samples"] += args.global_batch_size
         tokens_this_iter = args.global_batch_size * args.seq_length
         window_tokens += tokens_this_iter
-        window_iters += 1
         if finite:
             window_loss += totals.cpu()
 
@@ -271,7 +269,7 @@ def pretrain(args) -> int:
             mfu = f"{100 * per_device / peak:.1f}%" if peak else "-"
             avg = (window_loss[0] / window_loss[1].clamp_min(1)).item() if window_loss[1] > 0 else float("nan")
             lr = scheduler.get_lr(optimizer.param_groups[0]) if optimizer.param_groups else args.lr
-            eta = (time.time() - start_time) / max(it - (state.get("_start_it") or 0), 1) * (args.train_iters - it)
+            eta = (time.time() - start_time) / max(it - start_iteration, 1) * (args.train_iters - it)
             logger.print(
                 f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
@@ -281,7 +279,7 @@ def pretrain(args) -> int:
             logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
                             "train/skipped_iters": state["skipped_iters"]}, it)
-            window_start, window_tokens, window_iters = time.time(), 0, 0
+            window_start, window_tokens = time.time(), 0
             window_loss.zero_()
 
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):

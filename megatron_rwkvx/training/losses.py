@@ -7,7 +7,7 @@ micro-batches and data-parallel ranks.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
