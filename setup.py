@@ -42,11 +42,14 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0"],
         "reference": ["rwkv>=0.8.28"],
-        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0"],
+        # lm-eval's registry API (register_model, create_from_arg_obj) as used by the adapter.
+        "eval": ["lm-eval>=0.4.9,<0.5"],
+        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5"],
     },
     entry_points={
         "console_scripts": [
             "rwkvx-pretrain=megatron_rwkvx.pretrain:main",
+            "rwkvx-lm-eval=megatron_rwkvx.evaluation.lm_eval_cli:main",
         ],
     },
 )

@@ -14,6 +14,7 @@ so there is no context window to slide: a rolling loglikelihood is one pass over
 """
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +27,18 @@ try:  # lm-eval is optional: the adapter works (and is tested) without it
     from lm_eval.api.registry import register_model as _register_model
 except ImportError:  # pragma: no cover - depends on the environment
     _LMBase, _register_model = object, None
+
+_log = logging.getLogger(__name__)
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    """lm-eval passes ``cuda:0`` unless told otherwise; like its own Hugging Face model, fall back
+    to the CPU (with a warning) when no GPU is present rather than failing after the load."""
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _log.warning("rwkvx: device %r asked for but CUDA is not available; running on the CPU", device)
+        return "cpu"
+    return device
 
 
 def _parse_arg_string(arg_string: str) -> dict:
@@ -56,12 +69,17 @@ class RWKVXLM(_LMBase):
                  batch_size=1, max_batch_size=None, **config_overrides) -> None:
         if _LMBase is not object:
             super().__init__()
+        if batch_size not in (1, "1", None, "auto") or max_batch_size not in (None, 1):
+            # Every request runs alone through the exact engine; a batch would only change speed.
+            _log.warning("rwkvx: batch_size=%s ignored; requests are scored one at a time", batch_size)
+        self._device = torch.device(_resolve_device(device)) if engine is None else next(
+            engine.model.parameters()).device
         if engine is None:
             if pretrained is None:
                 raise ValueError("give pretrained=<.pth file or checkpoint directory> in --model_args")
             from megatron_rwkvx.inference.loading import load_model
 
-            model = load_model(pretrained, device=device, dtype=getattr(torch, dtype), **config_overrides)
+            model = load_model(pretrained, device=self._device, dtype=getattr(torch, dtype), **config_overrides)
             engine = InferenceEngine(model, max_cached_chunks=max_cached_chunks)
         if tokenizer is None:
             from megatron_rwkvx.data.tokenizers import build_tokenizer
