@@ -208,8 +208,9 @@ def test_kernels_compile_for_hopper_without_spills():
 
 
 def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
-    """tools/gpu_check.py --cpu-smoke: every section runs (interpreter, tiny sizes), the JSON is
-    written, the table is printed last, and megatron is never imported (the GPU box lacks it)."""
+    """tools/gpu_check.py --cpu-smoke: every section runs (interpreter, tiny sizes: checks, timing,
+    kernel breakdown, WKV-7 variant sweep), the JSON is written, the summary table is printed
+    last, and megatron is never imported (the GPU box lacks it)."""
     pytest.importorskip("triton")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "smoke.json"
@@ -234,6 +235,40 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
         "WKV-7 ours vs fla", "sparse attn vs SDPA", "layer pair vs dense layer"
     ]
     assert res["summary"][1]["speedup"] > 0 and res["summary"][2]["speedup"] > 0
+    # The kernel breakdown: forward vs forward+backward, and a profile or its recorded error.
+    assert res["breakdown"]["T"] == 64
+    cases = {c["case"]: c for c in res["breakdown"]["cases"]}
+    assert set(cases) == {"wkv7_ours", "wkv7_fla", "sparse_ours"}
+    assert cases["wkv7_fla"]["status"].startswith("unavailable")
+    for name in ("wkv7_ours", "sparse_ours"):
+        case = cases[name]
+        assert case["status"] == "ok", case
+        assert case["fwd_ms"] > 0 and case["fwd_bwd_ms"] > 0 and "bwd_ms" in case
+        if "profile" in case:
+            prof = case["profile"]
+            assert prof["wall_ms"] > 0 and prof["gap_ms"] >= 0 and prof["kernels"], prof
+            assert all(k["calls"] >= 1 and k["ms"] >= 0 and k["name"] for k in prof["kernels"])
+        else:
+            assert case["profile_error"], case
+    # The WKV-7 variant sweep: every chunk size timed and checked against the default call; a
+    # pair mode either timed or recorded as unavailable.
+    var = res["variants"]
+    assert var["lengths"] == [64] and {r["T"] for r in var["rows"]} == {64}
+    default = [r for r in var["rows"] if r["variant"] == "default"]
+    assert len(default) == 1 and default[0]["status"] == "ok" and default[0]["ms"] > 0
+    for chunk in (16, 32, 64):
+        timed = [r for r in var["rows"] if r["chunk_size"] == chunk and r["status"] == "ok"]
+        assert timed, var["rows"]
+        for r in timed:
+            assert r["ms"] > 0 and r["vs_default"] > 0 and r["correct"], r
+            assert r["y_rms_vs_default"] < var["tolerance"]
+        for mode in ("exact", "factored"):
+            rows = [r for r in var["rows"] if (r["chunk_size"], r["pair_mode"]) == (chunk, mode)]
+            assert len(rows) == 1 and rows[0]["status"] in ("ok", "unavailable (no pair_mode)"), rows
+    assert {"breakdown", "variants"} <= set(res["sections_s"])
+    # Their tables come before the final summary table.
+    text = proc.stdout
+    assert text.index("kernel breakdown at T=64") < text.index("WKV-7 variants") < text.index("| comparison")
     last = proc.stdout.strip().splitlines()
     assert last[-1].strip().startswith("32 | layer pair vs dense layer")
 

@@ -31,12 +31,21 @@ CASES = {
     "fp32_N64": (1, 20, 1, 64, "float32", True, None, "model", True),
     "fp32_chunk32_strong_decay": (1, 40, 1, 16, "float32", True, 32, "strong", True),
     "fp16_T37": (1, 37, 2, 16, "float16", True, None, "model", True),
+    "fp32_T37_exact": (1, 37, 2, 16, "float32", True, None, "model", True),
+    "fp32_chunk64_factored": (1, 70, 1, 16, "float32", True, 64, "model", True),
+    "fp32_near_bound_factored": (1, 33, 1, 16, "float32", True, None, "bounded", True),
+    "fp16_chunk32_exact": (1, 40, 1, 16, "float16", True, 32, "model", True),
 }
+# Cases that force the pair-matrix path; the others use "auto" (factored for "model" decays, the
+# exact path for "strong" ones, whose (chunk/2) * max|w| exceeds the limit).
+PAIR_MODE = {"fp32_T37_exact": "exact", "fp32_chunk64_factored": "factored",
+             "fp32_near_bound_factored": "factored", "fp16_chunk32_exact": "exact"}
 
 
 def _inputs(B, T, H, N, decay, seed):
     """Model-like inputs: a = -kk, b = kk * rate with kk unit-norm per head, log-decay in
-    [-0.61, 0) ("model") or spread down to about -20 with some channels exactly 0 ("strong")."""
+    [-0.61, 0) ("model"), spread down to about -20 with some channels exactly 0 ("strong"), or
+    down to -4.8 ("bounded": chunk 16's factored scales reach e^38, near the limit of 40)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -45,6 +54,9 @@ def _inputs(B, T, H, N, decay, seed):
     r, k, v = (randn(B, T, H, N) * 0.5 for _ in range(3))
     if decay == "model":
         w = -torch.exp(torch.tensor(-0.5)) * torch.sigmoid(randn(B, T, H, N))
+    elif decay == "bounded":
+        w = -4.8 * torch.sigmoid(randn(B, T, H, N) + 3.0)
+        w[..., : N // 4] = 0.0
     else:
         w = -torch.exp(randn(B, T, H, N) * 1.5)
         w[..., : N // 4] = 0.0
@@ -55,12 +67,17 @@ def _inputs(B, T, H, N, decay, seed):
     return (r, w, k, v, -kk, kk * rate), state
 
 
-def _run(backend, xs, state, chunk_size, dy, dstate):
+def _run(backend, xs, state, chunk_size, dy, dstate, pair_mode=None):
     from megatron_rwkvx.kernels.wkv7 import wkv7
 
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     state = None if state is None else state.detach().clone().requires_grad_(True)
-    y, final = wkv7(*xs, state, backend=backend, chunk_size=chunk_size)
+    if pair_mode is None:
+        y, final = wkv7(*xs, state, backend=backend, chunk_size=chunk_size)
+    else:
+        from megatron_rwkvx.kernels.wkv7.triton_backend import wkv7_triton
+
+        y, final = wkv7_triton(*xs, state, chunk_size=chunk_size, pair_mode=pair_mode)
     loss = (y.float() * dy).sum()
     if dstate is not None:
         loss = loss + (final * dstate).sum()
@@ -79,7 +96,7 @@ def _compare_case(name):
     # Representable in the input dtype, so both backends see the same output gradient.
     dy = torch.randn(B, T, H, N, generator=gen).to(dtype).float()
     dstate = torch.randn(B, H, N, N, generator=gen) if state_loss else None
-    got = _run("triton", xs, state, chunk, dy, dstate)
+    got = _run("triton", xs, state, chunk, dy, dstate, PAIR_MODE.get(name))
     # The reference sees the same (rounded) values in fp32.
     ref = _run("naive", [x.float() for x in xs], state, None, dy, dstate)
     errors = {}
@@ -98,14 +115,21 @@ def _compare_case(name):
 
 def _error_messages():
     """The backend's own input checks (reached only where the device is acceptable)."""
-    from megatron_rwkvx.kernels.wkv7.triton_backend import wkv7_triton
+    from megatron_rwkvx.kernels.wkv7.triton_backend import _check, wkv7_triton
 
     (r, w, k, v, a, b), _ = _inputs(1, 4, 1, 16, "model", seed=0)
-    out = {}
+    (_, strong_w, *_), _ = _inputs(1, 4, 1, 16, "strong", seed=0)
+    out = {
+        "auto_model_decay_factored": _check(r, w, None, "auto")[1],
+        "auto_model_decay_chunk64_factored": _check(r, w, 64, "auto")[1],
+        "auto_strong_decay_factored": _check(r, strong_w, 16, "auto")[1],
+    }
     attempts = {
         "chunk_size": lambda: wkv7_triton(r, w, k, v, a, b, chunk_size=8),
         "positive_w": lambda: wkv7_triton(r, -w, k, v, a, b),
         "head_size": lambda: wkv7_triton(*(torch.zeros(1, 2, 1, 256) for _ in range(6))),
+        "pair_mode": lambda: wkv7_triton(r, w, k, v, a, b, pair_mode="fast"),
+        "factored_strong": lambda: wkv7_triton(r, strong_w, k, v, a, b, pair_mode="factored"),
     }
     for key, fn in attempts.items():
         try:
@@ -155,6 +179,11 @@ def test_triton_rejects_bad_arguments(interpreter_results):
     assert "chunk_size must be one of" in msgs["chunk_size"]
     assert "log decay" in msgs["positive_w"]
     assert "head size 256" in msgs["head_size"]
+    assert "pair_mode must be one of" in msgs["pair_mode"]
+    assert "pair_mode='factored' needs" in msgs["factored_strong"]
+    assert msgs["auto_model_decay_factored"] is True
+    assert msgs["auto_model_decay_chunk64_factored"] is True
+    assert msgs["auto_strong_decay_factored"] is False
 
 
 def test_triton_refuses_cpu_tensors_without_interpreter():
@@ -167,6 +196,27 @@ def test_triton_refuses_cpu_tensors_without_interpreter():
     assert "triton" not in available_backends(x)
     with pytest.raises(RuntimeError, match="cannot run on device cpu"):
         wkv7(x, x, x, x, x, x, backend="triton")
+
+
+def test_default_path_compiles_for_hopper():
+    """The GPU default (chunk 16, factored pair matrices, bf16, head size 64) compiles to sm_90 in
+    every autotune configuration, and each kernel has one that (nearly) keeps to its registers."""
+    pytest.importorskip("triton")
+    from megatron_rwkvx.kernels.wkv7.triton_backend import _INTERPRET
+
+    if _INTERPRET:
+        pytest.skip("kernels imported under the interpreter cannot be compiled")
+    from megatron_rwkvx.kernels.wkv7.triton_compile_check import compile_all
+
+    results = compile_all("bf16", 64, 90, chunks=(16,), paths=(True,))
+    best = {}
+    for name, info in results.items():
+        kernel = name.split()[0]
+        best[kernel] = min(best.get(kernel, 1 << 30), info["spill_bytes"])
+    assert set(best) == {"prep_fwd", "prep_bwd", "bwd_chunk", "fwd_scan", "bwd_scans"}
+    # bwd_chunk (every gradient of a chunk in one program) spills 48 bytes at 8 warps; more
+    # would mean a change pushed it past the register file.
+    assert all(spill <= 64 for spill in best.values()), best
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ as ``PYTHONPATH=<site>:. python tools/gpu_check.py --out results.json``; a shim 
 ``megatron_rwkvx.kernels`` to this checkout's ``kernels/`` without running
 ``megatron_rwkvx/__init__.py``.
 
-    python tools/gpu_check.py --out gpu.json            # T = 4K, 16K, 64K, 128K (~6-7 min)
+    python tools/gpu_check.py --out gpu.json            # everything below (< 8 min on an H200)
     python tools/gpu_check.py --quick --out gpu.json    # T = 4K, 16K, smaller checks (~3 min)
     python tools/gpu_check.py --cpu-smoke --out s.json  # tiny, CPU, Triton interpreter (tests)
 
@@ -25,6 +25,18 @@ Sections:
    sparse attention Triton (chunk 2048, top-k 3) vs SDPA causal (flash backend); one RWKV-X layer
    pair (an RWKV-7 block + a sparse-attention block, plain torch layers around the two ops) vs one
    dense attention block of the same width. B=1, 32 heads of 64 (width 2048), bf16.
+3. kernel breakdown (``--no-profile`` skips it): WKV-7 ours, WKV-7 fla and our sparse attention at
+   one length (``--profile-length``, default 64K): forward alone vs forward+backward, and one
+   forward+backward under ``torch.profiler`` (CUDA activity): each GPU kernel's calls and total
+   ms, and the step's wall time (CUDA events) minus the time the GPU was busy in kernels (gaps:
+   host syncs, launch overhead).
+4. WKV-7 variant sweep (``--no-variants`` skips it): ``wkv7_triton`` with chunk_size 16/32/64 and
+   pair_mode exact/factored at ``--variant-lengths`` (default 16K, 128K), fwd+bwd ms against the
+   default call and fla, and y against the default call's y (rms ratio < 2e-2).
+
+Order, most valuable first, every timing case gated by one time budget (``--budget-s``):
+correctness; the main table at 16K and 128K; the breakdown; the variants; the main table's other
+lengths (4K, 64K).
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -56,6 +69,12 @@ def _parse_args(argv=None):
         help="no timing case starts after this many seconds (default 400, --quick 200)",
     )
     p.add_argument("--skip-timing", action="store_true", help="correctness checks only")
+    p.add_argument("--profile-length", type=int, default=None,
+                   help="T of the kernel breakdown (default 65536; 64 with --cpu-smoke)")
+    p.add_argument("--no-profile", action="store_true", help="skip the kernel breakdown")
+    p.add_argument("--variant-lengths", type=str, default=None,
+                   help="comma-separated T list of the WKV-7 variant sweep (default 16384,131072)")
+    p.add_argument("--no-variants", action="store_true", help="skip the WKV-7 variant sweep")
     return p.parse_args(argv)
 
 
@@ -294,7 +313,8 @@ def time_fwd_bwd(step, warmup, reps):
 
 
 def _grad_step(fn, inputs, params=()):
-    """A closure running fn(*inputs) forward and backward into ``inputs`` and ``params``."""
+    """A closure running fn(*inputs) forward and backward into ``inputs`` and ``params``;
+    ``step.forward()`` runs the forward pass alone (autograd recording on, output dropped)."""
     leaves = list(inputs) + list(params)
 
     def step():
@@ -303,6 +323,10 @@ def _grad_step(fn, inputs, params=()):
             out = out[0]
         torch.autograd.grad(out, leaves, torch.ones_like(out))
 
+    def forward():
+        fn(*inputs)
+
+    step.forward = forward
     return step
 
 
@@ -481,6 +505,7 @@ def run_timing(lengths, cfg, budget_s):
             rows.append(row)
             continue
         reps = cfg["reps"] if T <= 16384 else max(1, cfg["reps"] - 2)
+        t0 = time.time()
         try:
             if DEVICE.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -501,11 +526,336 @@ def run_timing(lengths, cfg, budget_s):
         finally:
             step = None  # noqa: F841  (drops the inputs and graph before the next case)
             _free()
+        row["case_s"] = round(time.time() - t0, 1)  # wall time, compile and autotune included
         row["elapsed_s"] = round(_elapsed(), 1)
         took = f" {row['ms']:.2f} ms" if "ms" in row else ""
-        print(f"[{_elapsed():6.1f}s] T={T:>6} {name:13s} {row['status']}{took}", flush=True)
+        print(f"[{_elapsed():6.1f}s] T={T:>6} {name:13s} {row['status']}{took} ({row['case_s']} s)", flush=True)
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. kernel breakdown
+
+
+BREAKDOWN_CASES = ("wkv7_ours", "wkv7_fla", "sparse_ours")
+
+
+def _error_status(exc: BaseException) -> str:
+    return "OOM" if _is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _skipped(budget_s: float) -> str:
+    return f"skipped: time budget ({budget_s:.0f} s) spent"
+
+
+def _short_name(name: str, width: int = 56) -> str:
+    """A GPU kernel's name without ``void``, namespaces and its argument list, at most ``width``."""
+    n = name.strip()
+    if n.startswith("void "):
+        n = n[5:]
+    n = n.replace("(anonymous namespace)::", "")
+    n = re.sub(r"\b[A-Za-z_]\w*::", "", n)
+    n = n.split("(", 1)[0].strip() or name.strip()
+    return n if len(n) <= width else n[: width - 2] + ".."
+
+
+def profile_step(step, top: int = 15) -> dict:
+    """One ``step()`` under ``torch.profiler``: per kernel (shortened name) the calls and total ms,
+    and the step's wall time minus the time the GPU was busy in kernels (gaps). On the CPU
+    (interpreter) it records CPU activity: torch ops with their self time (the interpreted Triton
+    kernels' time lands in their autograd functions' self time)."""
+    from torch.profiler import ProfilerActivity
+
+    if DEVICE.type != "cuda":
+        return _profile_once(step, [ProfilerActivity.CPU], top)
+    try:
+        return _profile_once(step, [ProfilerActivity.CUDA], top)
+    except _NoEvents as exc:  # some builds list kernels only with CPU activity on as well
+        out = _profile_once(step, [ProfilerActivity.CPU, ProfilerActivity.CUDA], top)
+        out["note"] = f"CUDA activity alone: {exc}; retried with CPU+CUDA activity (gaps inflated)"
+        return out
+
+
+class _NoEvents(RuntimeError):
+    pass
+
+
+def _profile_once(step, activities, top):
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
+
+    cuda = DEVICE.type == "cuda"
+    _sync()
+    with profile(activities=activities) as prof:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            wall = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            step()
+            wall = (time.perf_counter() - t0) * 1e3
+    want = DeviceType.CUDA if cuda else DeviceType.CPU
+    groups, spans = {}, []
+    for e in prof.events():
+        if e.device_type != want:
+            continue
+        if cuda:
+            t_start, t_end = e.time_range.start, e.time_range.end
+            spans.append((t_start, t_end))
+            us = t_end - t_start
+        else:
+            us = e.self_cpu_time_total
+        short = _short_name(e.name)
+        g = groups.setdefault(short, {"name": short, "calls": 0, "ms": 0.0, "full_name": e.name[:300]})
+        g["calls"] += 1
+        g["ms"] += us / 1e3
+    if not groups:
+        raise _NoEvents(f"the profiler recorded no {'GPU kernel' if cuda else 'CPU'} events"
+                        + (" (CUPTI unavailable?)" if cuda else ""))
+    kernel_ms = sum(g["ms"] for g in groups.values())
+    busy_ms = kernel_ms
+    if cuda:  # the union of the kernels' intervals (one stream: no overlap, but be safe)
+        busy_us, reach = 0.0, -math.inf
+        for t_start, t_end in sorted(spans):
+            if t_end > reach:
+                busy_us += t_end - max(t_start, reach)
+                reach = t_end
+        busy_ms = busy_us / 1e3
+    ranked = sorted(groups.values(), key=lambda g: -g["ms"])
+    rest = ranked[top:]
+    return {
+        "activity": "+".join(str(a).split(".")[-1].lower() for a in activities)
+        + ("" if cuda else " (interpreter: torch ops, self time)"),
+        "wall_ms": wall, "kernel_ms": kernel_ms, "busy_ms": busy_ms,
+        "gap_ms": max(0.0, wall - busy_ms), "gap_share": max(0.0, wall - busy_ms) / wall if wall > 0 else None,
+        "n_events": sum(g["calls"] for g in ranked), "n_kinds": len(ranked),
+        "kernels": ranked[:top],
+        "other": {"kinds": len(rest), "calls": sum(g["calls"] for g in rest), "ms": sum(g["ms"] for g in rest)},
+    }
+
+
+def run_breakdown(T, cfg, budget_s):
+    """Forward alone, forward+backward, and one profiled forward+backward per case at length T."""
+    res = {"T": T, "cases": []}
+    builds = {name: build for _, name, build in timing_plan([T], cfg)}
+    reps = cfg["reps"] if T <= 16384 else max(1, cfg["reps"] - 2)
+    for name in BREAKDOWN_CASES:
+        row = {"case": name}
+        res["cases"].append(row)
+        if _elapsed() > budget_s:
+            row["status"] = _skipped(budget_s)
+            continue
+        t0, step = time.time(), None
+        try:
+            step, row["note"] = builds[name]()
+            step()  # warm-up: compiles and autotunes
+            step.forward()
+            _sync()
+            row["fwd_ms"] = time_fwd_bwd(step.forward, 0, reps)
+            row["fwd_bwd_ms"] = time_fwd_bwd(step, 0, reps)
+            row["bwd_ms"] = row["fwd_bwd_ms"] - row["fwd_ms"]
+            row["reps"] = reps
+            row["status"] = "ok"
+            try:
+                row["profile"] = profile_step(step)
+            except Exception as exc:  # CUPTI missing, a profiler bug, OOM: the timings stand
+                row["profile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        except Unavailable as exc:
+            row["status"] = f"unavailable: {exc}"
+        except Exception as exc:
+            row["status"] = _error_status(exc)
+            if not _is_oom(exc):
+                row["traceback"] = traceback.format_exc()[-2000:]
+        finally:
+            step = None  # noqa: F841
+            _free()
+        row["case_s"] = round(time.time() - t0, 1)
+        took = f" fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in row else ""
+        prof = " (profile: " + ("ok" if "profile" in row else row.get("profile_error", "-")[:80]) + ")"
+        print(f"[{_elapsed():6.1f}s] breakdown T={T} {name:12s} {row['status']}{took}"
+              f"{prof if row['status'] == 'ok' else ''}", flush=True)
+    return res
+
+
+def print_breakdown(bd, top=8):
+    if "cases" not in bd:
+        print(f"\nkernel breakdown: {bd.get('status')}")
+        return
+    print(f"\nkernel breakdown at T={bd['T']} (fwd+bwd; per kernel: total ms, calls; gaps = wall - kernel busy)")
+    for row in bd["cases"]:
+        if row.get("status") != "ok":
+            print(f"  {row['case']:12s} {row.get('status')}")
+            continue
+        head = (f"  {row['case']:12s} fwd {row['fwd_ms']:.2f} | bwd {row['bwd_ms']:.2f} | "
+                f"fwd+bwd {row['fwd_bwd_ms']:.2f} ms")
+        prof = row.get("profile")
+        if prof is None:
+            print(f"{head}; profile: {row.get('profile_error')}")
+            continue
+        share = f" ({100 * prof['gap_share']:.1f}%)" if prof["gap_share"] is not None else ""
+        print(f"{head}; profiled {prof['wall_ms']:.2f} = kernels {prof['busy_ms']:.2f} + gaps "
+              f"{prof['gap_ms']:.2f}{share}; {prof['n_events']} launches")
+        for g in prof["kernels"][:top]:
+            print(f"      {g['ms']:9.3f} ms {g['calls']:5d}x  {g['name']}")
+        rest = prof["kernels"][top:]
+        n_rest = len(rest) + prof["other"]["kinds"]
+        if n_rest:
+            ms = sum(g["ms"] for g in rest) + prof["other"]["ms"]
+            print(f"      {ms:9.3f} ms        ({n_rest} more kinds)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. WKV-7 variant sweep
+
+
+VARIANT_CHUNKS = (16, 32, 64)
+VARIANT_PAIR_MODES = ("exact", "factored")
+NO_PAIR_MODE = "unavailable (no pair_mode)"
+
+
+def _variant_label(chunk, mode):
+    if chunk is None and mode is None:
+        return "default"
+    return f"L{chunk}" + (f"/{mode}" if mode else "")
+
+
+def run_variants(lengths, cfg, budget_s, main_rows):
+    """``wkv7_triton`` at each chunk size and pair mode, fwd+bwd, against the default call."""
+    import inspect
+
+    from megatron_rwkvx.kernels.wkv7 import triton_backend as tb
+
+    fn0 = tb.wkv7_triton
+    params = inspect.signature(fn0).parameters
+    pair_ok = "pair_mode" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    H, D = cfg["heads"], cfg["head_size"]
+    res = {"lengths": lengths, "chunk_sizes": list(VARIANT_CHUNKS), "pair_modes": list(VARIANT_PAIR_MODES),
+           "default_chunk_size": getattr(tb, "DEFAULT_CHUNK_SIZE", None),
+           "module_pair_modes": list(getattr(tb, "PAIR_MODES", ())) or None,
+           "pair_mode_supported": pair_ok, "tolerance": 2e-2, "rows": []}
+    fla_ms = {r["T"]: r["ms"] for r in main_rows if r["case"] == "wkv7_fla" and "ms" in r}
+    fla_call, fla_note = (None, "fla needs CUDA") if DEVICE.type != "cuda" else (None, None)
+    for T in lengths:
+        reps = cfg["reps"] if T <= 16384 else max(1, cfg["reps"] - 2)
+        xs = y_def = None
+        queue = [(None, None)] + [(L, M) for L in VARIANT_CHUNKS for M in VARIANT_PAIR_MODES]
+        if not pair_ok:
+            queue += [(L, None) for L in VARIANT_CHUNKS]
+        i = 0
+        while i < len(queue):
+            L, M = queue[i]
+            i += 1
+            row = {"T": T, "variant": _variant_label(L, M), "chunk_size": L, "pair_mode": M}
+            res["rows"].append(row)
+            if M is not None and not pair_ok:
+                row["status"] = NO_PAIR_MODE
+                continue
+            if _elapsed() > budget_s:
+                row["status"] = _skipped(budget_s)
+                continue
+            t0 = time.time()
+            kw = {"initial_state": None}
+            if L is not None:
+                kw["chunk_size"] = L
+            if M is not None:
+                kw["pair_mode"] = M
+
+            def fn(*a, kw=kw):
+                return fn0(*a, **kw)
+
+            try:
+                if xs is None:  # the main WKV timing's inputs
+                    xs = [t.requires_grad_(True) for t in wkv_inputs(1, T, H, D, DTYPE, seed=T)]
+                with torch.no_grad():
+                    y = fn(*xs)[0]
+                if L is None and M is None:
+                    y_def = y
+                elif y_def is not None:
+                    row["y_rms_vs_default"] = _rms_ratio(y, y_def)
+                    row["correct"] = row["y_rms_vs_default"] < res["tolerance"]
+                y = None
+                row["ms"] = time_fwd_bwd(_grad_step(fn, xs), cfg["warmup"], reps)
+                row["reps"] = reps
+                row["status"] = "ok"
+            except TypeError as exc:
+                if M is not None and "pair_mode" in str(exc):
+                    row["status"] = NO_PAIR_MODE
+                    if pair_ok:  # the signature promised it; time the chunk sizes alone instead
+                        pair_ok = res["pair_mode_supported"] = False
+                        queue += [(L2, None) for L2 in VARIANT_CHUNKS if (L2, None) not in queue]
+                else:
+                    row["status"] = _error_status(exc)
+                    row["traceback"] = traceback.format_exc()[-2000:]
+            except Exception as exc:
+                row["status"] = _error_status(exc)
+                if not _is_oom(exc):
+                    row["traceback"] = traceback.format_exc()[-2000:]
+            finally:
+                y = None
+                _free()
+            row["case_s"] = round(time.time() - t0, 1)
+            took = f" {row['ms']:.2f} ms" if "ms" in row else ""
+            rms = f", y rms {row['y_rms_vs_default']:.1e}" if "y_rms_vs_default" in row else ""
+            print(f"[{_elapsed():6.1f}s] variant T={T} {row['variant']:12s} {row['status']}{took}{rms}", flush=True)
+        xs = y_def = None
+        _free()
+        if T not in fla_ms and DEVICE.type == "cuda":
+            # fla was not timed at this T by the main table: time it here, last.
+            row = {"T": T, "variant": "fla", "chunk_size": None, "pair_mode": None}
+            res["rows"].append(row)
+            if _elapsed() > budget_s:
+                row["status"] = _skipped(budget_s)
+            else:
+                if fla_call is None and fla_note is None:
+                    fla_call, fla_note = fla_chunk_rwkv7()
+                t0 = time.time()
+                try:
+                    if fla_call is None:
+                        raise Unavailable(fla_note)
+                    xf = [t.requires_grad_(True) for t in wkv_inputs(1, T, H, D, DTYPE, seed=T)]
+                    row["ms"] = fla_ms[T] = time_fwd_bwd(_grad_step(fla_call, xf), cfg["warmup"], reps)
+                    row["status"] = "ok"
+                except Unavailable as exc:
+                    row["status"] = f"unavailable: {exc}"
+                except Exception as exc:
+                    row["status"] = _error_status(exc)
+                finally:
+                    xf = None  # noqa: F841
+                    _free()
+                row["case_s"] = round(time.time() - t0, 1)
+    for row in res["rows"]:
+        base = next((r.get("ms") for r in res["rows"] if r["T"] == row["T"] and r["variant"] == "default"), None)
+        if "ms" in row and row["variant"] != "fla":
+            row["vs_default"] = base / row["ms"] if base else None
+            row["vs_fla"] = fla_ms[row["T"]] / row["ms"] if row["T"] in fla_ms else None
+    res["fla_ms"] = fla_ms
+    return res
+
+
+def print_variants(var):
+    if "rows" not in var:
+        print(f"\nWKV-7 variants: {var.get('status')}")
+        return
+    print("\nWKV-7 variants, fwd+bwd (speed-up = other ms / this ms; > 1: this one is faster)")
+    print(f"{'T':>7} | {'variant':13s} | {'ms':>8} | {'vs default':>10} | {'vs fla':>7} | y rms vs default")
+    for T in var["lengths"]:
+        rows = [r for r in var["rows"] if r["T"] == T]
+        timed = [r for r in rows if "ms" in r and r["variant"] != "fla"]
+        best = min(timed, key=lambda r: r["ms"]) if timed else None
+        for r in rows:
+            if "ms" not in r:
+                print(f"{T:>7} | {r['variant']:13s} | {r['status']}")
+                continue
+            vd = f"{r['vs_default']:.2f}x" if r.get("vs_default") else "-"
+            vf = f"{r['vs_fla']:.2f}x" if r.get("vs_fla") else "-"
+            rms = f"{r['y_rms_vs_default']:.1e}" + ("" if r["correct"] else " FAIL") if "y_rms_vs_default" in r else "-"
+            mark = " *fastest" if r is best else ""
+            print(f"{T:>7} | {r['variant']:13s} | {r['ms']:8.2f} | {vd:>10} | {vf:>7} | {rms}{mark}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +940,7 @@ def main():
     }
     print(f"gpu_check: {meta['mode']} on {meta['device']}", flush=True)
 
+    sections = {}
     checks = []
     for name, thunk in correctness_checks():
         try:
@@ -602,28 +953,65 @@ def main():
         res["elapsed_s"] = round(_elapsed(), 1)
         print(f"[{_elapsed():6.1f}s] check {name}: {'PASS' if res.get('passed') else 'FAIL'}", flush=True)
         checks.append(res)
+    sections["checks"] = [0.0, round(_elapsed(), 1)]
 
     if SMOKE:
         lengths = [32]
         cfg = dict(heads=2, head_size=16, chunk=16, top_k=3, warmup=0, reps=1)
+        profile_length, variant_lengths = 64, [64]
     else:
         lengths = [4096, 16384] if ARGS.quick else [4096, 16384, 65536, 131072]
         cfg = dict(heads=32, head_size=64, chunk=2048, top_k=3, warmup=1, reps=5)
+        profile_length, variant_lengths = (16384, [16384]) if ARGS.quick else (65536, [16384, 131072])
     if ARGS.lengths:
         lengths = [int(x) for x in ARGS.lengths.split(",")]
+    if ARGS.profile_length:
+        profile_length = ARGS.profile_length
+    if ARGS.variant_lengths:
+        variant_lengths = [int(x) for x in ARGS.variant_lengths.split(",")]
     cfg["sparse_backend"] = "triton" if "triton" in meta["sparse_backends"] else "torch"
     cfg["wkv_backend"] = "triton" if "triton" in meta["wkv_backends"] else "chunked"
     budget = ARGS.budget_s if ARGS.budget_s is not None else (200.0 if ARGS.quick else 400.0)
-    rows = [] if ARGS.skip_timing else run_timing(lengths, cfg, budget)
-    summary = summarize(rows, lengths) if rows else []
+    meta["budget_s"] = budget
+
+    def section(name, fn, skip_reason):
+        """Run one section unless skipped; an unexpected error is recorded, never raised."""
+        if skip_reason:
+            return {"status": f"skipped ({skip_reason})"}
+        t0 = round(_elapsed(), 1)
+        try:
+            out = fn()
+        except Exception as exc:
+            out = {"status": _error_status(exc), "traceback": traceback.format_exc()[-2000:]}
+            print(f"[{_elapsed():6.1f}s] {name}: {out['status']}", flush=True)
+        sections[name] = [t0, round(_elapsed(), 1)]
+        return out
+
+    # The most valuable numbers first: the main table at 16K and 128K, then the breakdown, then
+    # the variants, then the main table's other lengths; one time budget gates every case.
+    first = [T for T in (16384, 131072) if T in lengths]
+    rest = [T for T in lengths if T not in first]
+    skip = "--skip-timing" if ARGS.skip_timing else None
+    rows = section("timing_first", lambda: run_timing(first, cfg, budget), skip) if first else []
+    rows = rows if isinstance(rows, list) else []
+    breakdown = section("breakdown", lambda: run_breakdown(profile_length, cfg, budget),
+                        skip or ("--no-profile" if ARGS.no_profile else None))
+    variants = section("variants", lambda: run_variants(variant_lengths, cfg, budget, rows),
+                       skip or ("--no-variants" if ARGS.no_variants else None))
+    if rest:
+        more = section("timing_rest", lambda: run_timing(rest, cfg, budget), skip)
+        rows += more if isinstance(more, list) else []
+    summary = summarize(rows, sorted(lengths)) if rows else []
 
     meta["total_s"] = round(_elapsed(), 1)
-    results = {"meta": meta, "config": cfg, "lengths": lengths, "checks": checks, "timing": rows,
-               "summary": summary}
+    results = {"meta": meta, "config": cfg, "lengths": lengths, "sections_s": sections, "checks": checks,
+               "timing": rows, "summary": summary, "breakdown": breakdown, "variants": variants}
     if ARGS.out:
         Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
         with open(ARGS.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
+    print_breakdown(breakdown)
+    print_variants(variants)
     print_table(meta, checks, summary)
     return 0 if all(c.get("passed") for c in checks) else 1
 

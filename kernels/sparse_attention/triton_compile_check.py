@@ -1,64 +1,17 @@
-"""Ahead-of-time compilation of the sparse-attention kernels for a GPU target, without a GPU.
-
-The interpreter runs the kernels' arithmetic but not the compiler: it accepts non-constexpr
-globals, mismatched loop-carried types and dot shapes that fail to compile, and it says nothing
-about register pressure. ``compile_all`` lowers every kernel through Triton's NVIDIA backend to
-a cubin (ptxas ships with triton) with the block sizes the backend would launch, marks pointer and
-stride arguments divisible by 16 as the JIT does for contiguous tensors of head size 64/128, and
-reads registers and spill bytes from the cubin with the bundled ``cuobjdump``.
+"""Ahead-of-time compilation of the sparse-attention kernels for a GPU target, without a GPU
+(``kernels/aot_compile.py``): ``compile_all`` compiles every kernel with the block sizes the
+backend would launch (head size 64/128) and reports registers and spill bytes. This caught what
+the interpreter cannot (a non-constexpr global) and set the block sizes.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-from typing import Dict, Optional
+from ..aot_compile import compile_kernel as _compile
 
 _STRIDES = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
 _SCALARS = dict(
     Tq="i32", Hq="i32", Hkv="i32", q_offset="i32", chunk="i32", key_stop="i32", n_past="i32",
     qk_scale="fp32", scale="fp32",
 )
-
-
-def _resource_usage(cubin: bytes) -> Optional[Dict[str, int]]:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    for line in text.splitlines():
-        if "REG:" in line:
-            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
-            return {"registers": int(fields["REG"]), "spill_bytes": int(fields["STACK"])}
-    return None
-
-
-def _compile(fn, args: Dict[str, str], consts: Dict[str, object], warps: int, stages: int, capability: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    signature = {n: ("constexpr" if n in consts else args[n]) for n in names}
-    aligned = [n for n in names if n not in consts and (args[n].startswith("*") or n.startswith("stride"))]
-    src = ASTSource(
-        fn,
-        signature,
-        constexprs={(names.index(n),): v for n, v in consts.items()},
-        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
-    )
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "num_stages": stages}
-    )
-    info = {"warps": warps, "uses_wgmma": "wgmma" in kernel.asm.get("ptx", "")}
-    usage = _resource_usage(kernel.asm["cubin"])
-    info.update(usage or {"registers": -1, "spill_bytes": -1})
-    return info
 
 
 def compile_all(dtype: str = "bf16", head_dim: int = 64, capability: int = 90, group: int = 2, slots: int = 2):

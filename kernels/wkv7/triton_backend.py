@@ -12,10 +12,16 @@ inputs and the initial state only. Transient in the backward pass: two fp32 stat
 
 Precision: all arithmetic is fp32; matrix products use ``ieee`` fp32 for fp32 inputs and TF32 for
 fp16/bf16 inputs (TF32 keeps 10 mantissa bits, more than bf16 inputs carry).
+
+Pair matrices (``pair_mode``): ``factored`` forms them with tensor-core products of decay-scaled
+tiles, ``exact`` with a per-column loop that is safe for any ``w <= 0`` (see ``triton_kernels``);
+``auto`` (default) takes ``factored`` whenever the largest per-token decay keeps every scale
+factor below ``e^FACTOR_EXPONENT_LIMIT``, which RWKV-7's decay always does.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -28,15 +34,24 @@ from .dispatch import register_backend
 DEFAULT_CHUNK_SIZE = 16
 SUPPORTED_CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_SIZE = 128
+PAIR_MODES = ("auto", "factored", "exact")
+# Largest exponent of one factored scale, (L/2) * max|w|: a product of two such factors (masked
+# non-causal pairs included) stays below e^80 < fp32's 3.4e38, with no subnormal concerns for the
+# causal ones that matter (their true value is <= 1 in decay).
+FACTOR_EXPONENT_LIMIT = 40.0
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Small autotune sets: the scans' value-row block trades parallelism (B*H*N/BV programs) against
-# reloading the shared per-chunk tiles; the chunk kernels only vary the warp count.
+# reloading the shared per-chunk tiles, and their software pipelining (num_stages 3) against
+# registers: compiled for sm_90 (``triton_compile_check``), the pipelined scans sit at 240-255
+# registers and spill at L=32, the unpipelined ones (num_stages 1) stay at 150-250 without spills;
+# which is faster is for the autotuner to measure. The chunk kernels only vary the warp count.
 _SCAN_CONFIGS = [
-    triton.Config({"BV": 16}, num_warps=2),
-    triton.Config({"BV": 32}, num_warps=4),
-    triton.Config({"BV": 64}, num_warps=8),
+    triton.Config({"BV": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BV": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=4, num_stages=3),
 ]
 _CHUNK_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
 
@@ -52,10 +67,10 @@ def _tuned(kernel, configs, key, prune=None):
     return triton.autotune(configs=configs, key=key, **extra)(kernel)
 
 
-_prep_tuned = _tuned(K._wkv7_prep_kernel, _CHUNK_CONFIGS, ["BN", "L", "WITH_Y", "STORE_A"])
+_prep_tuned = _tuned(K._wkv7_prep_kernel, _CHUNK_CONFIGS, ["BN", "L", "WITH_Y", "STORE_A", "FACTORED"])
 _fwd_scan_tuned = _tuned(K._wkv7_fwd_scan_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
 _bwd_scans_tuned = _tuned(K._wkv7_bwd_scans_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
-_bwd_chunk_tuned = _tuned(K._wkv7_bwd_chunk_kernel, _CHUNK_CONFIGS, ["BN", "L"])
+_bwd_chunk_tuned = _tuned(K._wkv7_bwd_chunk_kernel, _CHUNK_CONFIGS, ["BN", "L", "FACTORED"])
 _SCAN_KERNELS = (K._wkv7_fwd_scan_kernel, K._wkv7_bwd_scans_kernel)
 
 
@@ -87,7 +102,7 @@ def _scan_grid(BH, N, passes=1):
     return lambda meta: (BH, triton.cdiv(N, meta["BV"]), passes)
 
 
-def _prep(r, w, k, v, a, b, L, NT, backward):
+def _prep(r, w, k, v, a, b, L, NT, backward, factored):
     """Intra-chunk buffers (see ``triton_kernels``): the forward pass needs ``yloc``, the backward
     pass the pair matrices ``amat``."""
     B, T, H, N = r.shape
@@ -103,14 +118,14 @@ def _prep(r, w, k, v, a, b, L, NT, backward):
     args = (r, w, k, v, a, b, bufs["q"], bufs["rp"], bufs["bhat"], bufs["dec"], bufs["p"],
             bufs["khat"], bufs.get("yloc", unwritten), bufs.get("amat", unwritten), T, H, N, NT)
     _launch(_prep_tuned, K._wkv7_prep_kernel, (NT, BH), args, L=L, BN=_block_n(N),
-            WITH_Y=not backward, STORE_A=backward, PREC=_precision(r.dtype))
+            WITH_Y=not backward, STORE_A=backward, PREC=_precision(r.dtype), FACTORED=factored)
     return bufs
 
 
-def _forward(r, w, k, v, a, b, initial_state, L):
+def _forward(r, w, k, v, a, b, initial_state, L, factored):
     B, T, H, N = r.shape
     BH, NT = B * H, triton.cdiv(T, L)
-    bufs = _prep(r, w, k, v, a, b, L, NT, backward=False)
+    bufs = _prep(r, w, k, v, a, b, L, NT, backward=False, factored=factored)
     y = torch.empty_like(r)
     final = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
     s0 = initial_state if initial_state is not None else final  # unread without HAS_INIT
@@ -121,11 +136,11 @@ def _forward(r, w, k, v, a, b, initial_state, L):
     return y, final
 
 
-def _backward(r, w, k, v, a, b, initial_state, dy, dfinal, L):
+def _backward(r, w, k, v, a, b, initial_state, dy, dfinal, L, factored):
     B, T, H, N = r.shape
     BH, NT, BN = B * H, triton.cdiv(T, L), _block_n(N)
     prec = _precision(r.dtype)
-    bufs = _prep(r, w, k, v, a, b, L, NT, backward=True)
+    bufs = _prep(r, w, k, v, a, b, L, NT, backward=True, factored=factored)
     # Chunk-entry states are recomputed rather than saved by the forward pass: N*N/L floats per
     # token and head would outweigh the inputs several times over at long context.
     states = torch.empty(BH, NT, N, N, device=r.device, dtype=torch.float32)
@@ -143,17 +158,18 @@ def _backward(r, w, k, v, a, b, initial_state, dy, dfinal, L):
     del bufs
     grads = [torch.empty_like(r) for _ in range(6)]
     args = (r, w, k, v, a, b, dy, amat, states, dstates, *grads, T, H, N, NT)
-    _launch(_bwd_chunk_tuned, K._wkv7_bwd_chunk_kernel, (NT, BH), args, L=L, BN=BN, PREC=prec)
+    _launch(_bwd_chunk_tuned, K._wkv7_bwd_chunk_kernel, (NT, BH), args, L=L, BN=BN, PREC=prec,
+            FACTORED=factored)
     return grads, dinit
 
 
 class _WKV7Triton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, initial_state, chunk):
+    def forward(ctx, r, w, k, v, a, b, initial_state, chunk, factored):
         with _device_ctx(r):
-            y, final = _forward(r, w, k, v, a, b, initial_state, chunk)
+            y, final = _forward(r, w, k, v, a, b, initial_state, chunk, factored)
         ctx.save_for_backward(r, w, k, v, a, b, initial_state)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.factored = chunk, factored
         # Unused outputs then arrive as None, and the kernels skip them instead of reading zeros.
         ctx.set_materialize_grads(False)
         return y, final
@@ -166,17 +182,20 @@ class _WKV7Triton(torch.autograd.Function):
         if dfinal is not None:
             dfinal = dfinal.float().contiguous()
         with _device_ctx(r):
-            grads, dinit = _backward(r, w, k, v, a, b, initial_state, dy, dfinal, ctx.chunk)
-        return (*grads, dinit if initial_state is not None else None, None)
+            grads, dinit = _backward(r, w, k, v, a, b, initial_state, dy, dfinal, ctx.chunk, ctx.factored)
+        return (*grads, dinit if initial_state is not None else None, None, None)
 
 
-def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int]) -> int:
+def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int], pair_mode: str) -> Tuple[int, bool]:
+    """(chunk length, whether the pair matrices are factored)."""
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     if isinstance(chunk, bool) or chunk not in SUPPORTED_CHUNK_SIZES:
         raise ValueError(
             f"wkv7 (triton): chunk_size must be one of {SUPPORTED_CHUNK_SIZES} (or None for "
             f"{DEFAULT_CHUNK_SIZE}), got {chunk_size!r}"
         )
+    if pair_mode not in PAIR_MODES:
+        raise ValueError(f"wkv7 (triton): pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
     N = r.shape[-1]
     if N > MAX_HEAD_SIZE:
         raise ValueError(
@@ -188,16 +207,25 @@ def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int]) -> int:
             f"wkv7 (triton): inputs are on {r.device}; the Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 set before triton is imported, for tests)"
         )
+    if w.numel() == 0:
+        return chunk, pair_mode != "exact"
     with torch.no_grad():
-        # One host sync: the kernels' numerical safety rests on w <= 0 (every exponent they
-        # take is then <= 0).
-        bad = ~torch.isfinite(w) | (w > 0)
-        if bool(bad.any()):
-            raise ValueError(
-                "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
-                f"got max {w.max().item():.4g}; pass log(decay), not the decay itself"
-            )
-    return chunk
+        # One host sync for both facts: the kernels' numerical safety rests on w <= 0 (every
+        # exponent of the exact path is then <= 0), and the factored path on a bounded -w.
+        w_max, w_min = (float(x) for x in torch.stack([w.max(), w.min()]).float().tolist())
+    if not (math.isfinite(w_max) and math.isfinite(w_min)) or w_max > 0:
+        raise ValueError(
+            "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
+            f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
+        )
+    fits = (chunk // 2) * -w_min <= FACTOR_EXPONENT_LIMIT
+    if pair_mode == "factored" and not fits:
+        raise ValueError(
+            f"wkv7 (triton): pair_mode='factored' needs (chunk_size/2) * max|w| <= "
+            f"{FACTOR_EXPONENT_LIMIT:g}, got {chunk // 2} * {-w_min:.4g}; use pair_mode='auto' or "
+            "'exact', or a smaller chunk_size"
+        )
+    return chunk, pair_mode == "factored" or (pair_mode == "auto" and fits)
 
 
 def wkv7_triton(
@@ -209,14 +237,15 @@ def wkv7_triton(
     b: torch.Tensor,
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    pair_mode: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton RWKV-7 recurrence (the ``wkv7`` contract): y in the input dtype, final state fp32.
 
     ``chunk_size``: 16 (default), 32 or 64 tokens per chunk; larger chunks shorten the sequential
     passes and shrink the backward pass's per-chunk states, but the intra-chunk work per token
-    grows with the chunk.
+    grows with the chunk. ``pair_mode``: ``auto``, ``factored`` or ``exact`` (module docstring).
     """
-    chunk = _check(r, w, chunk_size)
+    chunk, factored = _check(r, w, chunk_size, pair_mode)
     B, T, H, N = r.shape
     if B * T * H == 0:  # nothing to launch; the state passes through unchanged
         if initial_state is None:
@@ -225,7 +254,7 @@ def wkv7_triton(
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    return _WKV7Triton.apply(r, w, k, v, a, b, initial_state, chunk)
+    return _WKV7Triton.apply(r, w, k, v, a, b, initial_state, chunk, factored)
 
 
 def _available(r: torch.Tensor) -> bool:

@@ -13,8 +13,17 @@ Notation per head and chunk of ``L`` tokens (rows t = 0..L-1), state ``S`` ``[N_
 * end state ``S_L = S0 diag(e^gL) + U^T B^ + V^T K^`` with ``B^ = b e^(gL - g)`` and
   ``K^ = k e^(gL - g)``.
 
-Every exponent is a difference ``later - earlier`` of cumulative log-decays (<= 0 for ``w <= 0``),
-masked to -inf before ``exp`` where a pair is not causal, so nothing overflows.
+Two ways to form the pair matrices (``FACTORED``):
+
+* exact (any ``w <= 0``): per key column ``j``, every exponent is a difference ``later - earlier``
+  of cumulative log-decays (<= 0), masked to -inf before ``exp`` where a pair is not causal, so
+  nothing overflows; ``L`` steps of elementwise work on ``[L, N]`` tiles;
+* factored (bounded decay): with a per-channel reference ``ref = g[L/2 - 1]``,
+  ``exp(gm_t - g_j) = exp(gm_t - ref) exp(ref - g_j)``, so each matrix is one tensor-core product
+  ``(a e^(gm-ref)) (b e^(ref-g))^T`` masked afterwards. Every factor's exponent is at most
+  ``(L/2) max|w|`` in size, so the backend takes this path only when that stays far from fp32's
+  range (``triton_backend.FACTOR_EXPONENT_LIMIT``); RWKV-7's parametrisation keeps ``|w| <= e^-0.5``, i.e. at most
+  ~19 even for 64-token chunks. The backward pass uses the transposed products likewise.
 
 Kernels: ``prep`` (parallel over chunks: everything above that does not need ``S0``),
 ``fwd_scan`` (sequential over chunks, parallel over heads and value-row blocks: the rows of ``S``
@@ -65,6 +74,17 @@ def _store_rows(ptr, base, t0, T, stride_t, cols, N, x, L: tl.constexpr):
 
 
 @triton.jit
+def _key_column(b, k, g, gm, rows, j):
+    """Key column ``j`` of the exact path: rows ``b_j``, ``k_j`` and the decays from it to every
+    query row, ``e^(gm_t - g_j)`` (t > j) and ``e^(g_t - g_j)`` (t >= j), zero elsewhere (masked
+    before exp: the non-causal exponents are positive)."""
+    g_j = _row(g, rows, j)
+    e_a = tl.exp(tl.where(rows[:, None] > j, gm - g_j[None, :], float("-inf")))
+    e_r = tl.exp(tl.where(rows[:, None] >= j, g - g_j[None, :], float("-inf")))
+    return _row(b, rows, j), _row(k, rows, j), e_a, e_r
+
+
+@triton.jit
 def _pair_matrices(r, k, a, b, g, gm, L: tl.constexpr):
     """The four decayed pair matrices of one chunk (see the module docstring)."""
     rows = tl.arange(0, L)
@@ -73,18 +93,64 @@ def _pair_matrices(r, k, a, b, g, gm, L: tl.constexpr):
     A_rb = tl.zeros([L, L], dtype=tl.float32)
     A_rk = tl.zeros([L, L], dtype=tl.float32)
     for j in range(L):
-        g_j = _row(g, rows, j)
-        b_j = _row(b, rows, j)
-        k_j = _row(k, rows, j)
-        # Masked before exp: the non-causal exponents are positive.
-        a_dec = a * tl.exp(tl.where(rows[:, None] > j, gm - g_j[None, :], float("-inf")))
-        r_dec = r * tl.exp(tl.where(rows[:, None] >= j, g - g_j[None, :], float("-inf")))
+        b_j, k_j, e_a, e_r = _key_column(b, k, g, gm, rows, j)
+        a_dec = a * e_a
+        r_dec = r * e_r
         at_j = rows[None, :] == j
         A_ab += tl.where(at_j, tl.sum(a_dec * b_j[None, :], axis=1)[:, None], 0.0)
         A_ak += tl.where(at_j, tl.sum(a_dec * k_j[None, :], axis=1)[:, None], 0.0)
         A_rb += tl.where(at_j, tl.sum(r_dec * b_j[None, :], axis=1)[:, None], 0.0)
         A_rk += tl.where(at_j, tl.sum(r_dec * k_j[None, :], axis=1)[:, None], 0.0)
     return A_ab, A_ak, A_rb, A_rk
+
+
+@triton.jit
+def _factor_scales(g, gm, L: tl.constexpr):
+    """Scales ``e^(gm-ref)`` (for a), ``e^(g-ref)`` (for r) and ``e^(ref-g)`` (for b and k), with
+    ``ref = g[L/2-1]`` per channel: pair products of the scaled tiles carry exactly the decays of
+    the exact path."""
+    rows = tl.arange(0, L)
+    ref = _row(g, rows, L // 2 - 1)[None, :]
+    return tl.exp(gm - ref), tl.exp(g - ref), tl.exp(ref - g)
+
+
+@triton.jit
+def _pair_matrices_factored(a_f, r_f, b_f, k_f, L: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.arange(0, L)
+    strict = rows[:, None] > rows[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    bt = tl.trans(b_f)
+    kt = tl.trans(k_f)
+    A_ab = tl.where(strict, tl.dot(a_f, bt, input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_f, kt, input_precision=PREC), 0.0)
+    A_rb = tl.where(causal, tl.dot(r_f, bt, input_precision=PREC), 0.0)
+    A_rk = tl.where(causal, tl.dot(r_f, kt, input_precision=PREC), 0.0)
+    return A_ab, A_ak, A_rb, A_rk
+
+
+@triton.jit
+def _pair_matrix_grads(r, k, a, b, g, gm, dA_ab, dA_ak, dA_rb, dA_rk, L: tl.constexpr, BN: tl.constexpr):
+    """Gradients of a, r, b, k through the pair matrices, one key column j at a time (the exact
+    path's exponents). The query-side decay gradient is q * dq, so only dq is accumulated."""
+    rows = tl.arange(0, L)
+    da_p = tl.zeros([L, BN], dtype=tl.float32)
+    dr_p = tl.zeros([L, BN], dtype=tl.float32)
+    db_p = tl.zeros([L, BN], dtype=tl.float32)
+    dk_p = tl.zeros([L, BN], dtype=tl.float32)
+    for j in range(L):
+        b_j, k_j, e_a, e_r = _key_column(b, k, g, gm, rows, j)
+        c_ab = _col(dA_ab, rows, j)[:, None]
+        c_ak = _col(dA_ak, rows, j)[:, None]
+        c_rb = _col(dA_rb, rows, j)[:, None]
+        c_rk = _col(dA_rk, rows, j)[:, None]
+        da_p += (c_ab * b_j[None, :] + c_ak * k_j[None, :]) * e_a
+        dr_p += (c_rb * b_j[None, :] + c_rk * k_j[None, :]) * e_r
+        a_e = a * e_a
+        r_e = r * e_r
+        at_j = rows[:, None] == j
+        db_p += tl.where(at_j, tl.sum(c_ab * a_e + c_rb * r_e, axis=0)[None, :], 0.0)
+        dk_p += tl.where(at_j, tl.sum(c_ak * a_e + c_rk * r_e, axis=0)[None, :], 0.0)
+    return da_p, dr_p, db_p, dk_p
 
 
 @triton.jit
@@ -115,7 +181,7 @@ def _wkv7_prep_kernel(
     q_ptr, rp_ptr, bhat_ptr, dec_ptr, p_ptr, khat_ptr, yloc_ptr, amat_ptr,
     T, H, N, NT,
     L: tl.constexpr, BN: tl.constexpr, WITH_Y: tl.constexpr, STORE_A: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FACTORED: tl.constexpr,
 ):
     """Per chunk into fp32 buffers ``[B*H, NT*L, N]`` (``dec``: ``[B*H, NT, N]``): Q, P, B^, K^
     and exp(gL) (for the state pass), R' (outputs and the gradient pass), with WITH_Y Y_loc,
@@ -133,7 +199,11 @@ def _wkv7_prep_kernel(
     b = _load_rows(b_ptr, in_base, t0, T, stride, cols, N, L)
 
     g, gm, g_last = _chunk_decays(w, L)
-    A_ab, A_ak, A_rb, A_rk = _pair_matrices(r, k, a, b, g, gm, L)
+    if FACTORED:
+        s_a, s_r, s_kb = _factor_scales(g, gm, L)
+        A_ab, A_ak, A_rb, A_rk = _pair_matrices_factored(a * s_a, r * s_r, b * s_kb, k * s_kb, L, PREC)
+    else:
+        A_ab, A_ak, A_rb, A_rk = _pair_matrices(r, k, a, b, g, gm, L)
     Tinv = _unit_lower_inverse(A_ab, L)
     to_end = tl.exp(g_last[None, :] - g)
     Q = tl.dot(Tinv, a * tl.exp(gm), input_precision=PREC)
@@ -293,7 +363,7 @@ def _wkv7_bwd_chunk_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, amat_ptr, states_ptr, dstates_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, N, NT,
-    L: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, FACTORED: tl.constexpr,
 ):
     """Every input gradient of one chunk from its entry state ``S0``, the gradient ``dS_L`` at its
     end (both from ``bwd_scans``), ``dY`` and the pair matrices stored by ``prep``."""
@@ -353,29 +423,21 @@ def _wkv7_bwd_chunk_kernel(
     d_bh = tl.dot(U, dSL, input_precision=PREC)
     d_kh = tl.dot(v, dSL, input_precision=PREC)
 
-    # Gradients through the pair matrices, one key column j at a time (same exponents as
-    # _pair_matrices). The query-side decay gradient is q * dq, so only dq is accumulated.
-    da_p = tl.zeros([L, BN], dtype=tl.float32)
-    dr_p = tl.zeros([L, BN], dtype=tl.float32)
-    db_p = tl.zeros([L, BN], dtype=tl.float32)
-    dk_p = tl.zeros([L, BN], dtype=tl.float32)
-    for j in range(L):
-        g_j = _row(g, rows, j)
-        b_j = _row(b, rows, j)
-        k_j = _row(k, rows, j)
-        e_a = tl.exp(tl.where(rows[:, None] > j, gm - g_j[None, :], float("-inf")))
-        e_r = tl.exp(tl.where(rows[:, None] >= j, g - g_j[None, :], float("-inf")))
-        c_ab = _col(dA_ab, rows, j)[:, None]
-        c_ak = _col(dA_ak, rows, j)[:, None]
-        c_rb = _col(dA_rb, rows, j)[:, None]
-        c_rk = _col(dA_rk, rows, j)[:, None]
-        da_p += (c_ab * b_j[None, :] + c_ak * k_j[None, :]) * e_a
-        dr_p += (c_rb * b_j[None, :] + c_rk * k_j[None, :]) * e_r
-        a_e = a * e_a
-        r_e = r * e_r
-        at_j = rows[:, None] == j
-        db_p += tl.where(at_j, tl.sum(c_ab * a_e + c_rb * r_e, axis=0)[None, :], 0.0)
-        dk_p += tl.where(at_j, tl.sum(c_ak * a_e + c_rk * r_e, axis=0)[None, :], 0.0)
+    # Gradients through the pair matrices; da_p etc. are the gradients of a, r, b, k through them.
+    if FACTORED:
+        s_a, s_r, s_kb = _factor_scales(g, gm, L)
+        a_f = a * s_a
+        r_f = r * s_r
+        b_f = b * s_kb
+        k_f = k * s_kb
+        da_p = (tl.dot(dA_ab, b_f, input_precision=PREC) + tl.dot(dA_ak, k_f, input_precision=PREC)) * s_a
+        dr_p = (tl.dot(dA_rb, b_f, input_precision=PREC) + tl.dot(dA_rk, k_f, input_precision=PREC)) * s_r
+        db_p = (tl.dot(tl.trans(dA_ab), a_f, input_precision=PREC)
+                + tl.dot(tl.trans(dA_rb), r_f, input_precision=PREC)) * s_kb
+        dk_p = (tl.dot(tl.trans(dA_ak), a_f, input_precision=PREC)
+                + tl.dot(tl.trans(dA_rk), r_f, input_precision=PREC)) * s_kb
+    else:
+        da_p, dr_p, db_p, dk_p = _pair_matrix_grads(r, k, a, b, g, gm, dA_ab, dA_ak, dA_rb, dA_rk, L, BN)
 
     da = d_at * e_gm + da_p
     dr = d_rt * e_g + dr_p
