@@ -35,10 +35,10 @@ DEFAULT_CHUNK_SIZE = 16
 SUPPORTED_CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_SIZE = 128
 PAIR_MODES = ("auto", "factored", "exact")
-# Largest exponent of one factored scale, (L/2) * max|w|: a product of two such factors (masked
-# non-causal pairs included) stays below e^80 < fp32's 3.4e38, with no subnormal concerns for the
-# causal ones that matter (their true value is <= 1 in decay).
-FACTOR_EXPONENT_LIMIT = 40.0
+# Largest rescale exponent of the factored path, L * max|w|: the rescaled tiles stay below
+# e^60 * |x| (fp32 ends at e^88) and the decayed ones above e^-60 (fp32's normal range ends at
+# e^-87), so no factor overflows or loses bits to subnormals.
+FACTOR_EXPONENT_LIMIT = 60.0
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -218,11 +218,11 @@ def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int], pair_mod
             "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
             f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
         )
-    fits = (chunk // 2) * -w_min <= FACTOR_EXPONENT_LIMIT
+    fits = chunk * -w_min <= FACTOR_EXPONENT_LIMIT
     if pair_mode == "factored" and not fits:
         raise ValueError(
-            f"wkv7 (triton): pair_mode='factored' needs (chunk_size/2) * max|w| <= "
-            f"{FACTOR_EXPONENT_LIMIT:g}, got {chunk // 2} * {-w_min:.4g}; use pair_mode='auto' or "
+            f"wkv7 (triton): pair_mode='factored' needs chunk_size * max|w| <= "
+            f"{FACTOR_EXPONENT_LIMIT:g}, got {chunk} * {-w_min:.4g}; use pair_mode='auto' or "
             "'exact', or a smaller chunk_size"
         )
     return chunk, pair_mode == "factored" or (pair_mode == "auto" and fits)

@@ -18,12 +18,13 @@ Two ways to form the pair matrices (``FACTORED``):
 * exact (any ``w <= 0``): per key column ``j``, every exponent is a difference ``later - earlier``
   of cumulative log-decays (<= 0), masked to -inf before ``exp`` where a pair is not causal, so
   nothing overflows; ``L`` steps of elementwise work on ``[L, N]`` tiles;
-* factored (bounded decay): with a per-channel reference ``ref = g[L/2 - 1]``,
-  ``exp(gm_t - g_j) = exp(gm_t - ref) exp(ref - g_j)``, so each matrix is one tensor-core product
-  ``(a e^(gm-ref)) (b e^(ref-g))^T`` masked afterwards. Every factor's exponent is at most
-  ``(L/2) max|w|`` in size, so the backend takes this path only when that stays far from fp32's
-  range (``triton_backend.FACTOR_EXPONENT_LIMIT``); RWKV-7's parametrisation keeps ``|w| <= e^-0.5``, i.e. at most
-  ~19 even for 64-token chunks. The backward pass uses the transposed products likewise.
+* factored (bounded decay): ``exp(gm_t - g_j) = e^(gm_t) e^(-gL) * e^(gL - g_j)``, so each matrix
+  is one tensor-core product of tiles the chunk needs anyway (``a e^gm``, ``r e^g``, ``B^``,
+  ``K^``), the query side rescaled by ``e^-gL``, masked afterwards; the backward pass gets the
+  gradients through them from eight more products rescaled likewise. The rescale reaches
+  ``e^(L max|w|)``, so the backend takes this path only when that stays far from fp32's range
+  (``triton_backend.FACTOR_EXPONENT_LIMIT``); RWKV-7's parametrisation keeps ``|w| <= e^-0.5``,
+  i.e. at most ~39 even for 64-token chunks.
 
 Kernels: ``prep`` (parallel over chunks: everything above that does not need ``S0``),
 ``fwd_scan`` (sequential over chunks, parallel over heads and value-row blocks: the rows of ``S``
@@ -105,26 +106,21 @@ def _pair_matrices(r, k, a, b, g, gm, L: tl.constexpr):
 
 
 @triton.jit
-def _factor_scales(g, gm, L: tl.constexpr):
-    """Scales ``e^(gm-ref)`` (for a), ``e^(g-ref)`` (for r) and ``e^(ref-g)`` (for b and k), with
-    ``ref = g[L/2-1]`` per channel: pair products of the scaled tiles carry exactly the decays of
-    the exact path."""
-    rows = tl.arange(0, L)
-    ref = _row(g, rows, L // 2 - 1)[None, :]
-    return tl.exp(gm - ref), tl.exp(g - ref), tl.exp(ref - g)
-
-
-@triton.jit
-def _pair_matrices_factored(a_f, r_f, b_f, k_f, L: tl.constexpr, PREC: tl.constexpr):
+def _pair_matrices_factored(a_t, r_t, b_h, k_h, g_last, L: tl.constexpr, PREC: tl.constexpr):
+    """The pair matrices as products of the chunk's decayed tiles ``a e^gm``, ``r e^g``,
+    ``b e^(gL-g)``, ``k e^(gL-g)``, the query side rescaled by ``e^-gL`` (at most ``e^(L max|w|)``)."""
     rows = tl.arange(0, L)
     strict = rows[:, None] > rows[None, :]
     causal = rows[:, None] >= rows[None, :]
-    bt = tl.trans(b_f)
-    kt = tl.trans(k_f)
-    A_ab = tl.where(strict, tl.dot(a_f, bt, input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(a_f, kt, input_precision=PREC), 0.0)
-    A_rb = tl.where(causal, tl.dot(r_f, bt, input_precision=PREC), 0.0)
-    A_rk = tl.where(causal, tl.dot(r_f, kt, input_precision=PREC), 0.0)
+    from_end = tl.exp(-g_last)[None, :]
+    a_s = a_t * from_end
+    r_s = r_t * from_end
+    bt = tl.trans(b_h)
+    kt = tl.trans(k_h)
+    A_ab = tl.where(strict, tl.dot(a_s, bt, input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_s, kt, input_precision=PREC), 0.0)
+    A_rb = tl.where(causal, tl.dot(r_s, bt, input_precision=PREC), 0.0)
+    A_rk = tl.where(causal, tl.dot(r_s, kt, input_precision=PREC), 0.0)
     return A_ab, A_ak, A_rb, A_rk
 
 
@@ -199,22 +195,25 @@ def _wkv7_prep_kernel(
     b = _load_rows(b_ptr, in_base, t0, T, stride, cols, N, L)
 
     g, gm, g_last = _chunk_decays(w, L)
+    to_end = tl.exp(g_last[None, :] - g)
+    a_t = a * tl.exp(gm)
+    r_t = r * tl.exp(g)
+    b_h = b * to_end
+    k_h = k * to_end
     if FACTORED:
-        s_a, s_r, s_kb = _factor_scales(g, gm, L)
-        A_ab, A_ak, A_rb, A_rk = _pair_matrices_factored(a * s_a, r * s_r, b * s_kb, k * s_kb, L, PREC)
+        A_ab, A_ak, A_rb, A_rk = _pair_matrices_factored(a_t, r_t, b_h, k_h, g_last, L, PREC)
     else:
         A_ab, A_ak, A_rb, A_rk = _pair_matrices(r, k, a, b, g, gm, L)
     Tinv = _unit_lower_inverse(A_ab, L)
-    to_end = tl.exp(g_last[None, :] - g)
-    Q = tl.dot(Tinv, a * tl.exp(gm), input_precision=PREC)
-    Rp = r * tl.exp(g) + tl.dot(A_rb, Q, input_precision=PREC)
+    Q = tl.dot(Tinv, a_t, input_precision=PREC)
+    Rp = r_t + tl.dot(A_rb, Q, input_precision=PREC)
 
     buf_base = bh.to(tl.int64) * NT * L * N
     TP = NT * L
     _store_rows(q_ptr, buf_base, t0, TP, N, cols, N, Q, L)
     _store_rows(rp_ptr, buf_base, t0, TP, N, cols, N, Rp, L)
-    _store_rows(bhat_ptr, buf_base, t0, TP, N, cols, N, b * to_end, L)
-    _store_rows(khat_ptr, buf_base, t0, TP, N, cols, N, k * to_end, L)
+    _store_rows(bhat_ptr, buf_base, t0, TP, N, cols, N, b_h, L)
+    _store_rows(khat_ptr, buf_base, t0, TP, N, cols, N, k_h, L)
     tl.store(dec_ptr + (bh.to(tl.int64) * NT + c) * N + cols, tl.exp(g_last), mask=cols < N)
     v = _load_rows(v_ptr, in_base, t0, T, stride, cols, N, L)
     P = tl.dot(Tinv, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)
@@ -425,17 +424,17 @@ def _wkv7_bwd_chunk_kernel(
 
     # Gradients through the pair matrices; da_p etc. are the gradients of a, r, b, k through them.
     if FACTORED:
-        s_a, s_r, s_kb = _factor_scales(g, gm, L)
-        a_f = a * s_a
-        r_f = r * s_r
-        b_f = b * s_kb
-        k_f = k * s_kb
-        da_p = (tl.dot(dA_ab, b_f, input_precision=PREC) + tl.dot(dA_ak, k_f, input_precision=PREC)) * s_a
-        dr_p = (tl.dot(dA_rb, b_f, input_precision=PREC) + tl.dot(dA_rk, k_f, input_precision=PREC)) * s_r
-        db_p = (tl.dot(tl.trans(dA_ab), a_f, input_precision=PREC)
-                + tl.dot(tl.trans(dA_rb), r_f, input_precision=PREC)) * s_kb
-        dk_p = (tl.dot(tl.trans(dA_ak), a_f, input_precision=PREC)
-                + tl.dot(tl.trans(dA_rk), r_f, input_precision=PREC)) * s_kb
+        # Same factorisation as the forward pass: products with the decayed tiles, rescaled.
+        from_end = tl.exp(-g_last)[None, :]
+        from_start = tl.exp(-g)
+        da_p = (tl.dot(dA_ab, b_h, input_precision=PREC)
+                + tl.dot(dA_ak, k_h, input_precision=PREC)) * from_end * e_gm
+        dr_p = (tl.dot(dA_rb, b_h, input_precision=PREC)
+                + tl.dot(dA_rk, k_h, input_precision=PREC)) * from_end * e_g
+        db_p = (tl.dot(tl.trans(dA_ab), a_t, input_precision=PREC)
+                + tl.dot(tl.trans(dA_rb), r_t, input_precision=PREC)) * from_start
+        dk_p = (tl.dot(tl.trans(dA_ak), a_t, input_precision=PREC)
+                + tl.dot(tl.trans(dA_rk), r_t, input_precision=PREC)) * from_start
     else:
         da_p, dr_p, db_p, dk_p = _pair_matrix_grads(r, k, a, b, g, gm, dA_ab, dA_ak, dA_rb, dA_rk, L, BN)
 
