@@ -1,7 +1,10 @@
 """Key/value cache of one sparse-attention layer, kept by chunks, and its exact decode attention.
 
-Layout per batch row: ``slots`` of ``chunk_size`` keys/values. Slots ``0 .. complete-1`` hold the
-complete past chunks in increasing chunk order, slot ``complete`` the chunk being filled. When a
+Layout: keys and values are ``[B, Hkv, slots, chunk_size, D]`` (head-major), so one head's chunk is
+one contiguous ``[chunk_size, D]`` block that a decode step reads sequentially (the earlier
+``[B, slots, chunk_size, Hkv, D]`` layout spread it as D floats every ``Hkv * D``: reads 2-2.5x slower).
+Per batch row, slots ``0 .. complete-1`` hold the complete past chunks in increasing chunk order,
+slot ``complete`` the chunk being filled. When a
 chunk fills, its fp32 mean key is computed once with the training code's ``chunk_mean_keys``, so a
 decode step only scores the stored means (one dot product per chunk and head) and attends
 ``top_k`` chunks: its cost does not grow with the context beyond that score vector.
@@ -59,7 +62,7 @@ class ChunkedKVCache:
         self.kv_heads = kv_heads
         self.head_size = head_size
         slots = initial_slots if max_chunks is None else min(initial_slots, max_chunks + 1)
-        shape = (batch_size, slots, chunk_size, kv_heads, head_size)
+        shape = (batch_size, kv_heads, slots, chunk_size, head_size)  # head-major: see the docstring
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.mean_keys = torch.zeros(batch_size, slots, kv_heads, head_size, dtype=torch.float32, device=device)
@@ -75,7 +78,7 @@ class ChunkedKVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[2]
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
@@ -89,16 +92,25 @@ class ChunkedKVCache:
         if self.max_chunks is not None:
             new = min(new, self.max_chunks + 1)
 
-        def grow(t: torch.Tensor, fill) -> torch.Tensor:
-            out = t.new_full((t.shape[0], new) + tuple(t.shape[2:]), fill)
-            out[:, : t.shape[1]] = t
+        def grow(t: torch.Tensor, fill, dim: int = 1) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = new
+            out = t.new_full(shape, fill)
+            out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
 
-        self.keys = grow(self.keys, 0)
-        self.values = grow(self.values, 0)
+        self.keys = grow(self.keys, 0, dim=2)
+        self.values = grow(self.values, 0, dim=2)
         self.mean_keys = grow(self.mean_keys, 0)
         self.chunk_ids = grow(self.chunk_ids, -1)
         self.selected_count = grow(self.selected_count, 0)
+
+    def _sequence(self, t: torch.Tensor, row: int, end: int) -> torch.Tensor:
+        """Positions ``0 .. end-1`` of ``row`` (chunk ``i`` = slot ``i``) as a ``[1, end, Hkv, D]``
+        view of the head-major storage (strided: the heads are the outer dimension)."""
+        slots = -(-end // self.chunk_size)
+        flat = t[row, :, :slots].reshape(self.kv_heads, slots * self.chunk_size, self.head_size)
+        return flat[:, :end].transpose(0, 1).unsqueeze(0)
 
     def _advance(self, row: int, count: int) -> None:
         """Account ``count`` new tokens of ``row`` (already written); close its chunk if it filled."""
@@ -106,7 +118,8 @@ class ChunkedKVCache:
         if self.lengths[row] % self.chunk_size:
             return
         slot = self.complete[row]
-        self.mean_keys[row, slot] = chunk_mean_keys(self.keys[row : row + 1, slot], self.chunk_size)[0, 0]
+        chunk = self.keys[row, :, slot].transpose(0, 1).unsqueeze(0).contiguous()  # [1, cs, Hkv, D]
+        self.mean_keys[row, slot] = chunk_mean_keys(chunk, self.chunk_size)[0, 0]
         self.chunk_ids[row, slot] = self.lengths[row] // self.chunk_size - 1
         self.complete[row] += 1
         if self.max_chunks is not None and self.complete[row] > self.max_chunks:
@@ -116,7 +129,9 @@ class ChunkedKVCache:
         n = self.complete[row]
         # The chunk that just completed has not been selectable yet; it is never the victim.
         victim = int(self.selected_count[row, : n - 1].argmin())  # first minimum: the oldest
-        for t in (self.keys, self.values, self.mean_keys, self.chunk_ids, self.selected_count):
+        for t in (self.keys, self.values):  # [B, Hkv, slots, ...]
+            t[row, :, victim : n - 1] = t[row, :, victim + 1 : n].clone()
+        for t in (self.mean_keys, self.chunk_ids, self.selected_count):  # [B, slots, ...]
             t[row, victim : n - 1] = t[row, victim + 1 : n].clone()
         self.chunk_ids[row, n - 1] = -1
         self.selected_count[row, n - 1] = 0
@@ -142,12 +157,16 @@ class ChunkedKVCache:
             take = min(cs - offset, total - i)
             slot = self.complete[row]
             self._ensure_slots(slot + 1)
-            self.keys[row, slot, offset : offset + take] = k[i : i + take]
-            self.values[row, slot, offset : offset + take] = v[i : i + take]
+            self.keys[row, :, slot, offset : offset + take] = k[i : i + take].transpose(0, 1)
+            self.values[row, :, slot, offset : offset + take] = v[i : i + take].transpose(0, 1)
             end = slot * cs + offset + take
-            shape = (1, (slot + 1) * cs, self.kv_heads, self.head_size)
-            k_seq = self.keys[row : row + 1, : slot + 1].reshape(shape)[:, :end]
-            v_seq = self.values[row : row + 1, : slot + 1].reshape(shape)[:, :end]
+            # Keys as a contiguous copy (O(end), like the operator's own work on this part): the
+            # chunk means are then reduced in the training layout's order, bit for bit (a strided
+            # view can round them differently). Values stay a view: every backend re-lays them
+            # out itself (torch: head-major blocks, which this view already is; reference:
+            # repeat_interleave; Triton: .contiguous()), so the result is the same.
+            k_seq = self._sequence(self.keys, row, end).contiguous()
+            v_seq = self._sequence(self.values, row, end)
             q_part = q[None, i : i + take]
             outs.append(topk_chunk_attention(
                 q_part, k_seq, v_seq, chunk_size=cs, top_k=self.top_k, scale=scale,
@@ -178,8 +197,9 @@ class ChunkedKVCache:
         ridx = torch.tensor(list(rows), device=device)
         own = torch.tensor([self.complete[r] for r in rows], device=device)
         offset = torch.tensor([self.lengths[r] % cs for r in rows], device=device)
-        self.keys[ridx, own, offset] = k.to(self.keys.dtype)
-        self.values[ridx, own, offset] = v.to(self.values.dtype)
+        # Advanced indices around a slice: the indexed shape is [R, Hkv, D], as k and v are.
+        self.keys[ridx, :, own, offset] = k.to(self.keys.dtype)
+        self.values[ridx, :, own, offset] = v.to(self.values.dtype)
 
         qf = q.float().view(r_count, hkv, g, d)
         sel_lists = None
@@ -203,8 +223,9 @@ class ChunkedKVCache:
                                                accumulate=True)
             sel_lists = sel.tolist()
 
-        # Per row and query head, on strided views of the cache: the selected chunks are read once,
-        # never gathered into a copy (that copy would cost more than the attention itself).
+        # Per row and query head, on views of the cache (each a contiguous [chunk, D] block): the
+        # selected chunks are read once, never gathered into a copy (that copy would cost more
+        # than the attention itself).
         out = torch.empty(r_count, hkv, g, d, dtype=torch.float32, device=device)
         with _no_torch_function():
             self._attend_rows(rows, qf, sel_lists, scale, out)
@@ -217,12 +238,13 @@ class ChunkedKVCache:
         for i, r in enumerate(rows):
             slot, off = self.complete[r], self.lengths[r] % cs
             for h in range(hkv):
-                k_own = self.keys[r, slot, : off + 1, h]  # [off+1, D] view
-                v_own = self.values[r, slot, : off + 1, h]
+                kh, vh = self.keys[r, h], self.values[r, h]  # [slots, cs, D]: each chunk contiguous
+                k_own = kh[slot, : off + 1]  # [off+1, D] view
+                v_own = vh[slot, : off + 1]
                 for j in range(g):
                     chunks = [c for c in sel_lists[i][h][j] if c >= 0] if sel_lists else []
-                    ks = [self.keys[r, c, :, h] for c in chunks] + [k_own]
-                    vs = [self.values[r, c, :, h] for c in chunks] + [v_own]
+                    ks = [kh[c] for c in chunks] + [k_own]
+                    vs = [vh[c] for c in chunks] + [v_own]
                     qv = qf[i, h, j]
                     logits = torch.cat([torch.mv(kk.float(), qv) for kk in ks]) * scale
                     probs = torch.softmax(logits, dim=0)
