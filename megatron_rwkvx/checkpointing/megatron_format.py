@@ -14,6 +14,8 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+
 MODEL_CONFIG_FILE = "model_config.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
@@ -73,7 +75,7 @@ def check_architecture(saved: Dict, cfg, directory: str) -> None:
         and k not in ("sparse_chunk_size", "sparse_top_k")  # attention hyper-parameters may change
     ]
     if diffs:
-        raise ValueError(
+        raise CheckpointFormatError(
             f"checkpoint {directory} is of another architecture:\n  " + "\n  ".join(diffs)
             + "\nMatch the model arguments to the checkpoint (see its model_config.json)."
         )

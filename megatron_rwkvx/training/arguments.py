@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-interval", type=int, default=None)
     e.add_argument("--keep-last-checkpoints", type=int, default=3)
     e.add_argument("--no-load-optim", action="store_true")
+    e.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="with --use-distributed-optimizer: save the optimizer state so that it loads "
+                        "at any TP/PP/DP layout (slower saves); default: DP-reshardable, which "
+                        "loads only at the same TP/PP layout")
     e.add_argument("--no-load-rng", action="store_true")
     e.add_argument("--log-interval", type=int, default=10)
     e.add_argument("--tensorboard-dir", default=None)
@@ -181,6 +185,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("--hidden-size is required unless --init-from gives the model shape")
     if args.virtual_pipeline_model_parallel_size is not None and pp == 1:
         fail("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
+    if args.dist_ckpt_optim_fully_reshardable:
+        if not args.use_distributed_optimizer:
+            fail("--dist-ckpt-optim-fully-reshardable applies to --use-distributed-optimizer only")
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+        if not HAVE_APEX_OR_TE:
+            fail("--dist-ckpt-optim-fully-reshardable needs Transformer Engine or Apex: with "
+                 "torch's Adam (their fallback) megatron-core 0.16.1 saves that format but fails "
+                 "to load it ('step' missing); install one of them, or drop the flag (the default "
+                 "format resumes at any data-parallel size with the same TP/PP)")
     if args.loss == "longce":
         if args.longce_stride <= 0 or args.longce_window <= args.longce_stride:
             fail("LongCE needs 0 < --longce-stride < --longce-window")

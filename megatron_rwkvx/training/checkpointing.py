@@ -27,6 +27,7 @@ from megatron_rwkvx.checkpointing.megatron_format import (
     read_latest_iteration,
     read_model_config,
 )
+from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 from megatron_rwkvx.training.initialize import rng_state, set_rng_state
 
 
@@ -41,15 +42,71 @@ def _layout(args) -> dict:
         "pp": args.pipeline_model_parallel_size,
         "cp": args.context_parallel_size,
         "vpp": args.virtual_pipeline_model_parallel_size,
+        "distributed_optimizer": bool(args.use_distributed_optimizer),
     }
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool) -> dict:
+def _optimizer_metadata(args, saved_type: Optional[str] = None) -> Optional[dict]:
+    """How the distributed optimizer lays out its state in the checkpoint. megatron-core's default
+    (``fully_sharded_model_space``) cannot be saved any more in 0.16 (flattened ranges are
+    refused), so the type is always explicit: ``dp_reshardable`` (megatron-LM's default; loads at
+    the same TP/PP) or ``fully_reshardable``; a load uses the type the save used."""
+    if not args.use_distributed_optimizer:
+        return None
+    if saved_type is None:
+        saved_type = "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+    return {"distrib_optim_sharding_type": saved_type}
+
+
+def _torch_adam_distributed_optimizers(optimizer):
+    """The distributed optimizers of ``optimizer`` whose inner optimizer is torch's Adam (megatron-core
+    uses it when neither Transformer Engine nor Apex is installed); none otherwise."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return []
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, dopt.DistributedOptimizer)]
+
+
+def _prime_torch_adam_state(optimizer) -> None:
+    """megatron-core's ``DistributedOptimizer.state_dict()`` reads torch Adam's per-parameter
+    ``step``, which torch creates only at its first step: a resume, which asks for the state before
+    any step, fails on an assertion. Create the state as a first step would; the load overwrites
+    it."""
+    for opt in _torch_adam_distributed_optimizers(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def _restore_torch_adam_step(optimizer) -> None:
+    """After the load, torch Adam's per-parameter ``step`` still holds the primed value, while
+    megatron-core keeps the saved step count in the param groups: copy it over, or Adam's bias
+    correction restarts and the resumed run diverges from the uninterrupted one."""
+    for opt in _torch_adam_distributed_optimizers(optimizer):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool, metadata=None) -> dict:
     state = {}
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         state[key] = chunk.module.sharded_state_dict()
     if with_optimizer and optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+        if is_loading:
+            _prime_torch_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 
@@ -68,7 +125,8 @@ def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler
             __import__("json").dumps(architecture_of(cfg), indent=2, sort_keys=True),
         )
     torch.distributed.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True)
+    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
+                           metadata=_optimizer_metadata(args))
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["train_state"] = dict(train_state, iteration=iteration)
     state["layout"] = _layout(args)
@@ -111,12 +169,41 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
     target = iteration_dir(directory, iteration)
     common = dist_checkpointing.load_common_state_dict(target)
     with_optim = not args.no_load_optim
-    sharded = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optim)
+    saved_layout = common.get("layout") or {}
+    saved_dist_opt = saved_layout.get("distributed_optimizer")
+    if with_optim and saved_dist_opt is not None and saved_dist_opt != bool(args.use_distributed_optimizer):
+        raise CheckpointFormatError(
+            f"{target}: the optimizer state was saved {'with' if saved_dist_opt else 'without'} "
+            f"--use-distributed-optimizer and this run is {'with' if args.use_distributed_optimizer else 'without'} "
+            "it; use the same setting, or --no-load-optim to load the weights only"
+        )
+    saved_type = (common.get("optimizer") or {}).get("param_state_sharding_type") if with_optim else None
+    if (with_optim and saved_type == "dp_reshardable"
+            and (saved_layout.get("tp"), saved_layout.get("pp"), saved_layout.get("vpp"))
+            != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                args.virtual_pipeline_model_parallel_size)):
+        raise CheckpointFormatError(
+            f"{target}: the distributed optimizer state was saved DP-reshardable at TP={saved_layout.get('tp')} "
+            f"PP={saved_layout.get('pp')} (VPP={saved_layout.get('vpp')}) and cannot load at TP="
+            f"{args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+            f"(VPP={args.virtual_pipeline_model_parallel_size}); resume at the saved layout, load the "
+            "weights only with --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable"
+        )
+    if with_optim and saved_type == "fully_reshardable" and _torch_adam_distributed_optimizers(optimizer):
+        raise CheckpointFormatError(
+            f"{target}: the distributed optimizer state was saved fully reshardable, which "
+            "megatron-core 0.16.1 cannot load into torch's Adam (no Transformer Engine or Apex "
+            "here); install one of them, or load the weights only with --no-load-optim"
+        )
+    sharded = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optim,
+                             metadata=_optimizer_metadata(args, saved_type))
     loaded = dist_checkpointing.load(sharded, target)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         chunk.module.load_state_dict(loaded[key], strict=True)
     if with_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 training: the optimizer's main params are views of the weights
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_step(optimizer)
         scheduler.load_state_dict(common["opt_param_scheduler"])
     same_layout = common.get("layout") == _layout(args)
     rng_file = os.path.join(target, f"rng_rank{torch.distributed.get_rank():05d}.pt")

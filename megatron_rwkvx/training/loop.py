@@ -17,7 +17,9 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 from megatron_rwkvx.training import checkpointing as ckpt
+from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.initialize import initialize_distributed, set_random_seed
 from megatron_rwkvx.training.losses import (
     longce_short_context_losses,
@@ -176,7 +178,10 @@ def pretrain(args) -> int:
     )
     state = {"iteration": 0, "consumed_train_samples": 0, "skipped_iters": 0}
     if resuming:
-        state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg, logger.print))
+        try:
+            state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg, logger.print))
+        except CheckpointFormatError as err:  # a checkpoint that does not fit this run: no traceback
+            raise ArgumentError(f"--load {args.load}: {err}") from err
         logger.print(f"resumed from {args.load} at iteration {state['iteration']}")
 
     n_chunks = len(ddp_chunks)
