@@ -49,7 +49,8 @@ NAMES = ["y", "final_state", "dr", "dw", "dk", "dv", "da", "db", "dinitial_state
     [
         (32, 8, LOG_DECAY_MIN, None),  # a multiple of the chunk
         (45, 16, LOG_DECAY_MIN, None),  # not a multiple: padded
-        (45, 16, -5.0, None),  # strong decay: exp(-g) would overflow in a factorised form
+        (45, 16, -5.0, None),  # strong decay: past the factored form's limit, the exact pair products
+        (45, 16, -3.6, None),  # factored near its limit (16 * 3.6 = 57.6 <= 60)
         (37, 8, LOG_DECAY_MIN, 32),
         (9, 8, -2.0, 1),  # a chunk of one token: only the sequential pass
         (40, 64, LOG_DECAY_MIN, None),  # the model's head size
@@ -67,6 +68,22 @@ def test_chunked_matches_naive_values_and_all_gradients(T, N, w_min, chunk):
     for name, x, xr in zip(NAMES, got, ref):
         assert x.shape == xr.shape and x.dtype == xr.dtype, name
         assert rel_err(x, xr) < 1e-5, (name, rel_err(x, xr))
+
+
+def test_factored_pair_products_equal_the_exact_ones_and_are_chosen_by_the_decay_bound():
+    from megatron_rwkvx.kernels.wkv7 import chunked
+    from megatron_rwkvx.kernels.wkv7.checks import factored_pairs_fit
+
+    gen = torch.Generator().manual_seed(3)
+    D, L, N = 6, 16, 16
+    w = -3.6 * torch.sigmoid(torch.randn(D, L, N, generator=gen, dtype=torch.float64) + 3)
+    g = w.cumsum(1)
+    q_log = torch.stack((F.pad(g[:, :-1], (0, 0, 1, 0)), g), dim=1)
+    q, keys = (torch.randn(D, 2, L, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    exact = chunked._pair_matrices(q, q_log, keys, g)
+    assert rel_err(chunked._pair_matrices_factored(q, q_log, keys, g), exact) < 1e-12
+    assert factored_pairs_fit(16, LOG_DECAY_MIN) and factored_pairs_fit(64, LOG_DECAY_MIN)
+    assert not factored_pairs_fit(16, -5.0)
 
 
 def official_recurrence(r, w, k, v, a, b, state):

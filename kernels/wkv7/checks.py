@@ -8,6 +8,18 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INPUT_NAMES = ("r", "w", "k", "v", "a", "b")
 
+# The chunked backends may form a chunk's decayed pair products as one matrix product of tiles
+# rescaled by e^(g_t - g_L) (query side, at most e^(L max|w|)) and e^(g_L - g_j) (key side, at
+# least e^-(L max|w|)). Below this exponent nothing overflows fp32 (e^88) or falls into its
+# subnormals (e^-87); above it they use the exact per-difference form. RWKV-7's decay has
+# |w| <= e^-0.5, i.e. L max|w| <= 38.8 even for 64-token chunks.
+FACTOR_EXPONENT_LIMIT = 60.0
+
+
+def factored_pairs_fit(chunk: int, w_min: float) -> bool:
+    """Whether chunks of ``chunk`` tokens with log-decays >= ``w_min`` may use the factored form."""
+    return chunk * -w_min <= FACTOR_EXPONENT_LIMIT
+
 
 def check_inputs(tensors: Sequence[torch.Tensor], initial_state: Optional[torch.Tensor]) -> None:
     """Raise a ValueError/TypeError naming the problem unless the inputs follow the wkv7 contract."""

@@ -15,10 +15,12 @@ log-decay inside the chunk (inclusive, ``g_0 = 0``) and ``S_0`` the state enteri
 Only the pass over the chunks (``U`` from ``S_0``, then ``S_L``) is sequential; everything else
 is batched over all chunks of a segment.
 
-Numerics: every exponent is a difference ``g_later - g_earlier`` of cumulative log-decays of one
-chunk, which is <= 0 because ``w <= 0`` (checked), so nothing overflows whatever the decay (the
-factorisation ``exp(g_t) exp(-g_j)`` would overflow for strong decay); see ``_pair_matrices`` for
-how the pair products still run as matrix products.
+Numerics: in ``_pair_matrices`` every exponent is a difference ``g_later - g_earlier`` of
+cumulative log-decays of one chunk, which is <= 0 because ``w <= 0`` (checked), so nothing
+overflows whatever the decay; it still runs the pair products as matrix products, in ``log L``
+levels. When the decay is bounded (``checks.factored_pairs_fit``, always for RWKV-7's
+parametrisation) ``_pair_matrices_factored`` does it in one product of tiles rescaled through the
+chunk's end, ``exp(g_t - g_L) * exp(g_L - g_j)``, whose factors then stay inside fp32's range.
 
 Memory: the sequence is processed in segments of whole chunks under a custom autograd Function
 that saves only its inputs and the state entering each segment, and recomputes a segment's
@@ -26,10 +28,13 @@ intra-chunk quantities in the backward pass; transient memory is bounded by the 
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .checks import factored_pairs_fit
 
 DEFAULT_CHUNK_SIZE = 16
 # Elements of one [batch x heads, tokens, N] input slice per segment. The intra-chunk
@@ -77,6 +82,20 @@ def _pair_matrices(q, q_log, keys, g):
     return A
 
 
+def _pair_matrices_factored(q, q_log, keys, g):
+    """``_pair_matrices`` (same arguments and result) as one batched product, for bounded decay:
+    ``exp(q_log_t - g_j) = exp(q_log_t - g_L) * exp(g_L - g_j)``; the first factor is at most
+    ``e^(L max|w|)``, the second at most 1, so the caller must check ``factored_pairs_fit``."""
+    D, _, L, N = q.shape
+    g_end = g[:, -1:]  # [D, 1, N]
+    q_scaled = q * torch.exp(q_log - g_end[:, None])
+    k_scaled = keys * torch.exp(g_end - g)[:, None]
+    A = (q_scaled.reshape(D, 2 * L, N) @ k_scaled.reshape(D, 2 * L, N).transpose(-1, -2)).view(D, 2, L, 2, L)
+    rows = torch.arange(L, device=q.device)
+    keep = torch.stack((rows[:, None] > rows[None, :], rows[:, None] >= rows[None, :]))  # a: j < t; r: j <= t
+    return torch.where(keep[None, :, :, None, :], A, A.new_zeros(()))
+
+
 def _segment(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -86,8 +105,10 @@ def _segment(
     b: torch.Tensor,
     state: torch.Tensor,
     chunk: int,
+    factored: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable chunked recurrence over one segment.
+    """Differentiable chunked recurrence over one segment (``factored``: the pair products in one
+    matrix product, allowed only when ``factored_pairs_fit``).
 
     ``r .. b``: fp32 ``[G, T, N]`` (G = batch x heads, T a multiple of ``chunk``), ``w <= 0``;
     ``state``: fp32 ``[G, N, N]``. Returns ``y [G, T, N]`` and the state after the segment.
@@ -101,9 +122,8 @@ def _segment(
     g_prev = F.pad(g[:, :-1], (0, 0, 1, 0))  # exclusive: through token t-1
     g_end = g[:, -1:]
 
-    A = _pair_matrices(
-        torch.stack((a, r), dim=1), torch.stack((g_prev, g), dim=1), torch.stack((b, k), dim=1), g
-    )
+    pairs = _pair_matrices_factored if factored else _pair_matrices
+    A = pairs(torch.stack((a, r), dim=1), torch.stack((g_prev, g), dim=1), torch.stack((b, k), dim=1), g)
     A_ab, A_ak, A_rb, A_rk = A[:, 0, :, 0], A[:, 0, :, 1], A[:, 1, :, 0], A[:, 1, :, 1]
 
     eye = torch.eye(L, dtype=r.dtype, device=r.device)
@@ -148,17 +168,17 @@ class _ChunkedWKV7(torch.autograd.Function):
     segment (last to first) under autograd, carrying the state gradient backwards."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state, chunk):
+    def forward(ctx, r, w, k, v, a, b, state, chunk, factored):
         G, T, N = r.shape
         bounds = _segment_bounds(T, G, N, chunk)
         ys, entering = [], []
         for t0, t1 in bounds:
             entering.append(state)
             y, state = _segment(r[:, t0:t1], w[:, t0:t1], k[:, t0:t1], v[:, t0:t1],
-                                a[:, t0:t1], b[:, t0:t1], state, chunk)
+                                a[:, t0:t1], b[:, t0:t1], state, chunk, factored)
             ys.append(y)
         ctx.save_for_backward(r, w, k, v, a, b, *entering)
-        ctx.chunk, ctx.bounds = chunk, bounds
+        ctx.chunk, ctx.bounds, ctx.factored = chunk, bounds, factored
         return torch.cat(ys, dim=1), state
 
     @staticmethod
@@ -172,13 +192,13 @@ class _ChunkedWKV7(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [x[:, t0:t1].detach().requires_grad_(i in wanted) for i, x in enumerate(inputs)]
                 s_leaf = s_in.detach().requires_grad_(True)
-                y, s_out = _segment(*leaves, s_leaf, ctx.chunk)
+                y, s_out = _segment(*leaves, s_leaf, ctx.chunk, ctx.factored)
                 targets = [leaves[i] for i in wanted] + [s_leaf]
                 got = torch.autograd.grad((y, s_out), targets, (dy[:, t0:t1], dstate))
             for i, gi in zip(wanted, got[:-1]):
                 grads[i][:, t0:t1] = gi
             dstate = got[-1]
-        return (*grads, dstate if ctx.needs_input_grad[6] else None, None)
+        return (*grads, dstate if ctx.needs_input_grad[6] else None, None, None)
 
 
 def wkv7_chunked(
@@ -202,13 +222,16 @@ def wkv7_chunked(
         raise ValueError(
             f"wkv7 (chunked): chunk_size must be a power of two (e.g. 16 or 32), got {chunk_size!r}"
         )
-    with torch.no_grad():
-        w_max = w.max() if w.numel() else None
-        if w_max is not None and not bool(torch.isfinite(w).all() & (w_max <= 0)):
+    factored = False
+    if w.numel():
+        with torch.no_grad():  # one read of w (a device sync on a GPU) for both facts
+            w_max, w_min = (float(x) for x in torch.stack([w.max(), w.min()]).float().tolist())
+        if not (math.isfinite(w_max) and math.isfinite(w_min)) or w_max > 0:
             raise ValueError(
                 "wkv7 (chunked): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
-                f"got max {w_max.item():.4g}; pass log(decay), not the decay itself"
+                f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
             )
+        factored = factored_pairs_fit(chunk, w_min)
     B, T, H, N = r.shape
     pad = (-T) % chunk
 
@@ -224,6 +247,6 @@ def wkv7_chunked(
         state = r.new_zeros(B * H, N, N, dtype=torch.float32)
     else:
         state = initial_state.reshape(B * H, N, N)
-    y, state = _ChunkedWKV7.apply(*(to_gtn(x) for x in (r, w, k, v, a, b)), state, chunk)
+    y, state = _ChunkedWKV7.apply(*(to_gtn(x) for x in (r, w, k, v, a, b)), state, chunk, factored)
     y = y.reshape(B, H, T + pad, N)[:, :, :T].permute(0, 2, 1, 3).contiguous()
     return y, state.reshape(B, H, N, N)

@@ -16,7 +16,7 @@ fp16/bf16 inputs (TF32 keeps 10 mantissa bits, more than bf16 inputs carry).
 Pair matrices (``pair_mode``): ``factored`` forms them with tensor-core products of decay-scaled
 tiles, ``exact`` with a per-column loop that is safe for any ``w <= 0`` (see ``triton_kernels``);
 ``auto`` (default) takes ``factored`` whenever the largest per-token decay keeps every scale
-factor below ``e^FACTOR_EXPONENT_LIMIT``, which RWKV-7's decay always does.
+factor below ``e^FACTOR_EXPONENT_LIMIT`` (``checks.py``), which RWKV-7's decay always does.
 """
 from __future__ import annotations
 
@@ -29,16 +29,13 @@ import torch
 import triton
 
 from . import triton_kernels as K
+from .checks import FACTOR_EXPONENT_LIMIT, factored_pairs_fit
 from .dispatch import register_backend
 
 DEFAULT_CHUNK_SIZE = 16
 SUPPORTED_CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_SIZE = 128
 PAIR_MODES = ("auto", "factored", "exact")
-# Largest rescale exponent of the factored path, L * max|w|: the rescaled tiles stay below
-# e^60 * |x| (fp32 ends at e^88) and the decayed ones above e^-60 (fp32's normal range ends at
-# e^-87), so no factor overflows or loses bits to subnormals.
-FACTOR_EXPONENT_LIMIT = 60.0
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -218,7 +215,7 @@ def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int], pair_mod
             "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
             f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
         )
-    fits = chunk * -w_min <= FACTOR_EXPONENT_LIMIT
+    fits = factored_pairs_fit(chunk, w_min)
     if pair_mode == "factored" and not fits:
         raise ValueError(
             f"wkv7 (triton): pair_mode='factored' needs chunk_size * max|w| <= "

@@ -23,7 +23,7 @@ Two ways to form the pair matrices (``FACTORED``):
   ``K^``), the query side rescaled by ``e^-gL``, masked afterwards; the backward pass gets the
   gradients through them from eight more products rescaled likewise. The rescale reaches
   ``e^(L max|w|)``, so the backend takes this path only when that stays far from fp32's range
-  (``triton_backend.FACTOR_EXPONENT_LIMIT``); RWKV-7's parametrisation keeps ``|w| <= e^-0.5``,
+  (``checks.FACTOR_EXPONENT_LIMIT``); RWKV-7's parametrisation keeps ``|w| <= e^-0.5``,
   i.e. at most ~39 even for 64-token chunks.
 
 Kernels: ``prep`` (parallel over chunks: everything above that does not need ``S0``),
