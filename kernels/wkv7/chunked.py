@@ -96,6 +96,54 @@ def _pair_matrices_factored(q, q_log, keys, g):
     return torch.where(keep[None, :, :, None, :], A, A.new_zeros(()))
 
 
+class _StateScan(torch.autograd.Function):
+    """The sequential pass over the chunks of a segment, with its backward written out: autograd
+    through a Python loop of small products spends more on its graph (a node per op and chunk,
+    zero-filled gradients for every unbound slice) than on the products.
+
+    Per chunk ``c`` (state ``S`` ``[G, N_v, N_k]``): ``U_c = P_c + Q_c S^T``,
+    ``S <- S * d_c + U_c^T B_c + KV_c``. Returns the states entering the chunks ``[G*C, N, N]``,
+    ``U`` ``[G*C, L, N]`` and the state after the last chunk."""
+
+    @staticmethod
+    def forward(ctx, P, Q, b_end, S_kv, decay, state, G):
+        D, L, N = P.shape
+        C = D // G
+        Pc, Qc, Bc, KVc, Dc = (x.view(G, C, *x.shape[1:]) for x in (P, Q, b_end, S_kv, decay))
+        S_in = P.new_empty(G, C, N, N)
+        U = P.new_empty(G, C, L, N)
+        for c in range(C):
+            S_in[:, c] = state
+            torch.baddbmm(Pc[:, c], Qc[:, c], state.transpose(-1, -2), out=U[:, c])
+            state = torch.baddbmm(torch.addcmul(KVc[:, c], state, Dc[:, c]), U[:, c].transpose(-1, -2), Bc[:, c])
+        ctx.save_for_backward(Q, b_end, decay, S_in, U)
+        ctx.G = G
+        return S_in.view(D, N, N), U.view(D, L, N), state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dS_in, dU, dS):
+        Q, b_end, decay, S_in, U = ctx.saved_tensors
+        G = ctx.G
+        D, L, N = Q.shape
+        C = D // G
+        Qc, Bc, Dc = (x.view(G, C, *x.shape[1:]) for x in (Q, b_end, decay))
+        dS_in, dU = dS_in.reshape(G, C, N, N), dU.reshape(G, C, L, N)
+        dP, dQ, dB = torch.empty_like(Q), torch.empty_like(Q), torch.empty_like(b_end)
+        dKV, dDecay = Q.new_empty(D, N, N), torch.empty_like(decay)
+        dPc, dQc, dBc, dKVc, dDc = (x.view(G, C, *x.shape[1:]) for x in (dP, dQ, dB, dKV, dDecay))
+        for c in reversed(range(C)):
+            S_c = S_in[:, c]
+            dKVc[:, c] = dS
+            dDc[:, c] = (dS * S_c).sum(dim=-2, keepdim=True)
+            dU_c = torch.baddbmm(dU[:, c], Bc[:, c], dS.transpose(-1, -2))  # [G, L, N_v]
+            torch.bmm(U[:, c], dS, out=dBc[:, c])
+            dPc[:, c] = dU_c
+            torch.bmm(dU_c, S_c, out=dQc[:, c])
+            dS = torch.baddbmm(torch.addcmul(dS_in[:, c], dS, Dc[:, c]), dU_c.transpose(-1, -2), Qc[:, c])
+        return dP, dQ, dB, dKV, dDecay, dS, None
+
+
 def _segment(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -136,20 +184,7 @@ def _segment(
     S_kv = v.transpose(-1, -2) @ (k * to_end)  # [D, N_v, N_k]
     chunk_decay = torch.exp(g_end)  # [D, 1, N_k]
 
-    # Sequential pass. unbind, not indexing: one backward node for all chunks instead of a
-    # full-size zero gradient per chunk.
-    def per_chunk(x):
-        return x.view(G, C, *x.shape[1:]).unbind(1)
-
-    entering: List[torch.Tensor] = []
-    corrections: List[torch.Tensor] = []
-    for P_c, Q_c, b_c, kv_c, d_c in zip(*map(per_chunk, (P, Q, b_end, S_kv, chunk_decay))):
-        entering.append(state)
-        U_c = torch.baddbmm(P_c, Q_c, state.transpose(-1, -2))  # u_t = S_{t-1} a_t, [G, L, N_v]
-        corrections.append(U_c)
-        state = torch.baddbmm(torch.addcmul(kv_c, state, d_c), U_c.transpose(-1, -2), b_c)
-    S_in = torch.stack(entering, dim=1).view(D, N, N)
-    U = torch.stack(corrections, dim=1).view(D, L, N)
+    S_in, U, state = _StateScan.apply(P, Q, b_end, S_kv, chunk_decay, state, G)
     y = torch.baddbmm(
         torch.cat((A_rb, A_rk), dim=-1) @ torch.cat((U, v), dim=1),
         r * torch.exp(g),
