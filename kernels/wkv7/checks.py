@@ -1,6 +1,7 @@
 """Validation of the ``wkv7`` inputs, shared by every backend."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,21 @@ INPUT_NAMES = ("r", "w", "k", "v", "a", "b")
 # subnormals (e^-87); above it they use the exact per-difference form. RWKV-7's decay has
 # |w| <= e^-0.5, i.e. L max|w| <= 38.8 even for 64-token chunks.
 FACTOR_EXPONENT_LIMIT = 60.0
+
+
+def log_decay_min(w: torch.Tensor, backend: str) -> Optional[float]:
+    """The smallest log-decay of ``w`` (None when empty), after checking that ``w`` is finite and
+    <= 0, which the chunked backends' numerics rest on. One read of ``w``: a device sync on a GPU."""
+    if not w.numel():
+        return None
+    with torch.no_grad():
+        w_max, w_min = (float(x) for x in torch.stack([w.max(), w.min()]).float().tolist())
+    if not (math.isfinite(w_max) and math.isfinite(w_min)) or w_max > 0:
+        raise ValueError(
+            f"wkv7 ({backend}): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
+            f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
+        )
+    return w_min
 
 
 def factored_pairs_fit(chunk: int, w_min: float) -> bool:

@@ -28,13 +28,12 @@ intra-chunk quantities in the backward pass; transient memory is bounded by the 
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .checks import factored_pairs_fit
+from .checks import factored_pairs_fit, log_decay_min
 
 DEFAULT_CHUNK_SIZE = 16
 # Elements of one [batch x heads, tokens, N] input slice per segment. The intra-chunk
@@ -257,16 +256,8 @@ def wkv7_chunked(
         raise ValueError(
             f"wkv7 (chunked): chunk_size must be a power of two (e.g. 16 or 32), got {chunk_size!r}"
         )
-    factored = False
-    if w.numel():
-        with torch.no_grad():  # one read of w (a device sync on a GPU) for both facts
-            w_max, w_min = (float(x) for x in torch.stack([w.max(), w.min()]).float().tolist())
-        if not (math.isfinite(w_max) and math.isfinite(w_min)) or w_max > 0:
-            raise ValueError(
-                "wkv7 (chunked): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
-                f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
-            )
-        factored = factored_pairs_fit(chunk, w_min)
+    w_min = log_decay_min(w, "chunked")
+    factored = w_min is not None and factored_pairs_fit(chunk, w_min)
     B, T, H, N = r.shape
     pad = (-T) % chunk
 

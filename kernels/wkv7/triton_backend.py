@@ -21,7 +21,6 @@ factor below ``e^FACTOR_EXPONENT_LIMIT`` (``checks.py``), which RWKV-7's decay a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional, Tuple
 
@@ -29,7 +28,7 @@ import torch
 import triton
 
 from . import triton_kernels as K
-from .checks import FACTOR_EXPONENT_LIMIT, factored_pairs_fit
+from .checks import FACTOR_EXPONENT_LIMIT, factored_pairs_fit, log_decay_min
 from .dispatch import register_backend
 
 DEFAULT_CHUNK_SIZE = 16
@@ -204,17 +203,11 @@ def _check(r: torch.Tensor, w: torch.Tensor, chunk_size: Optional[int], pair_mod
             f"wkv7 (triton): inputs are on {r.device}; the Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 set before triton is imported, for tests)"
         )
-    if w.numel() == 0:
+    # The kernels' numerical safety rests on w <= 0 (every exponent of the exact path is then
+    # <= 0), the factored path on a bounded -w: one read of w checks both.
+    w_min = log_decay_min(w, "triton")
+    if w_min is None:
         return chunk, pair_mode != "exact"
-    with torch.no_grad():
-        # One host sync for both facts: the kernels' numerical safety rests on w <= 0 (every
-        # exponent of the exact path is then <= 0), and the factored path on a bounded -w.
-        w_max, w_min = (float(x) for x in torch.stack([w.max(), w.min()]).float().tolist())
-    if not (math.isfinite(w_max) and math.isfinite(w_min)) or w_max > 0:
-        raise ValueError(
-            "wkv7 (triton): w must be the log decay, finite and <= 0 (decay exp(w) in (0, 1]); "
-            f"got max {w_max:.4g}, min {w_min:.4g}; pass log(decay), not the decay itself"
-        )
     fits = factored_pairs_fit(chunk, w_min)
     if pair_mode == "factored" and not fits:
         raise ValueError(
