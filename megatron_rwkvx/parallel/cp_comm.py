@@ -84,11 +84,8 @@ class _GatherFromContextParallel(torch.autograd.Function):
         return _local_slice(grad, ctx.dim, ctx.group).clone(), None, None
 
 
-class _AllGatherSumGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return torch.cat(_all_gather(x, group), dim=dim)
+class _AllGatherSumGrad(_GatherFromContextParallel):
+    """The same gather; only the backward differs."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -131,13 +128,7 @@ def gather_from_context_parallel(
     evaluation on the full output). When each rank uses the gathered tensor differently (K/V of
     attention), use :func:`all_gather_sum_grad` instead. Every rank must pass the same shape.
     """
-    group = resolve_group(group)
-    if dist.get_world_size(group) == 1:
-        return tensor
-    dim = dim % tensor.dim()
-    if not tensor.requires_grad:
-        return torch.cat(_all_gather(tensor, group), dim=dim)
-    return _GatherFromContextParallel.apply(tensor, dim, group)
+    return _gather(tensor, dim, group, _GatherFromContextParallel)
 
 
 def all_gather_sum_grad(
@@ -150,13 +141,18 @@ def all_gather_sum_grad(
     Every rank must pass the same shape, and every rank must use the result (its backward is a
     collective).
     """
+    return _gather(tensor, dim, group, _AllGatherSumGrad)
+
+
+def _gather(tensor, dim, group, function) -> torch.Tensor:
+    """The concatenation along ``dim`` of every rank's part, with ``function``'s backward."""
     group = resolve_group(group)
     if dist.get_world_size(group) == 1:
         return tensor
     dim = dim % tensor.dim()
     if not tensor.requires_grad:
         return torch.cat(_all_gather(tensor, group), dim=dim)
-    return _AllGatherSumGrad.apply(tensor, dim, group)
+    return function.apply(tensor, dim, group)
 
 
 def _exchange_with_neighbours(
