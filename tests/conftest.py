@@ -32,3 +32,23 @@ def _deterministic_threads():
     # Tests compare numbers at 1e-5; keep intra-op threading fixed so reductions are repeatable.
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Decoding is many tiny ops; one thread avoids spin-waiting on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_tiny_world_rwkvx(path, seed: int, pattern: str = "RA"):
+    """A random tiny RWKV-X ``.pth`` (reference layout) with the World tokenizer's vocabulary."""
+    from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
+    from megatron_rwkvx.config import RWKVXConfig
+    from megatron_rwkvx.testing.checkpoints import random_official_state_dict
+
+    cfg = RWKVXConfig(layer_pattern=pattern, **{**TINY, "vocab_size": 65536})
+    torch.save(random_official_state_dict(cfg, seed=seed, layout=REFERENCE_RWKVX), path)
+    return path

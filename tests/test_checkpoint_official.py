@@ -1,6 +1,5 @@
 """Official-layout checkpoints: round trip, and clear errors for files that do not fit."""
 import os
-import pickle
 
 import pytest
 import torch

@@ -19,13 +19,7 @@ SPARSE = dict(sparse_chunk_size=8, sparse_top_k=3, layer_pattern=PATTERN)  # T=6
 T = 60
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Decoding is many tiny ops; one thread avoids spin-waiting on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +81,15 @@ def test_prefill_in_pieces_equals_full_forward(hybrid, tokens, full_logits, piec
 
 def test_rows_with_different_lengths_decode_together(hybrid, tokens, full_logits):
     engine = InferenceEngine(hybrid)
-    lengths = [21, 34]
+    n0, n1 = 21, 34
     state = engine.new_state(2)
-    last = engine.prefill(state, [tokens[0, :21].tolist(), tokens[1, :34].tolist()], piece_size=9)
-    assert_close(last[0], full_logits[0, 20])
-    assert_close(last[1], full_logits[1, 33])
+    last = engine.prefill(state, [tokens[0, :n0].tolist(), tokens[1, :n1].tolist()], piece_size=9)
+    assert_close(last[0], full_logits[0, n0 - 1])
+    assert_close(last[1], full_logits[1, n1 - 1])
     for step in range(20):
-        logits = engine.decode(state, [tokens[0, 21 + step], tokens[1, 34 + step]])
-        assert_close(logits[0], full_logits[0, 21 + step])
-        assert_close(logits[1], full_logits[1, 34 + step])
+        logits = engine.decode(state, [tokens[0, n0 + step], tokens[1, n1 + step]])
+        assert_close(logits[0], full_logits[0, n0 + step])
+        assert_close(logits[1], full_logits[1, n1 + step])
     # Only row 1 advances: row 0 must be untouched.
     logits = engine.decode(state, [tokens[1, 54]], rows=[1])
     assert_close(logits[0], full_logits[1, 54])

@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import megatron_rwkvx
-from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
-from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.data.tokenizers import build_tokenizer
 from megatron_rwkvx.evaluation import long_loss, passkey
 from megatron_rwkvx.evaluation.lm_eval_adapter import RWKVXLM
@@ -21,29 +19,20 @@ from megatron_rwkvx.evaluation.png import read_png_size
 from megatron_rwkvx.inference import InferenceEngine
 from megatron_rwkvx.inference.generation import generate
 from megatron_rwkvx.inference.sampling import SamplingParams, sample_next
-from megatron_rwkvx.testing.checkpoints import random_official_state_dict
 
-from conftest import TINY
+from conftest import write_tiny_world_rwkvx
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = dict(layer_pattern="RA", sparse_chunk_size=16, sparse_top_k=2)
 SET_ARGS = ["--set", "layer_pattern=RA", "--set", "sparse_chunk_size=16", "--set", "sparse_top_k=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world_pth(tmp_path_factory):
-    cfg = RWKVXConfig(layer_pattern="RA", **{**TINY, "vocab_size": 65536})
-    path = tmp_path_factory.mktemp("tools") / "world_rwkvx.pth"
-    torch.save(random_official_state_dict(cfg, seed=5, layout=REFERENCE_RWKVX), path)
-    return path
+    return write_tiny_world_rwkvx(tmp_path_factory.mktemp("tools") / "world_rwkvx.pth", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,11 @@ import pytest
 import torch
 
 import megatron_rwkvx
-from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
-from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.data.tokenizers import build_tokenizer
 from megatron_rwkvx.inference import InferenceEngine
 from megatron_rwkvx.inference.generation import generate
-from megatron_rwkvx.testing.checkpoints import random_official_state_dict
 
-from conftest import TINY
+from conftest import write_tiny_world_rwkvx
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +86,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    cfg = RWKVXConfig(layer_pattern="RA", **{**TINY, "vocab_size": 65536})
-    pth = root / "tiny_rwkvx.pth"
-    torch.save(random_official_state_dict(cfg, seed=11, layout=REFERENCE_RWKVX), pth)
+    pth = write_tiny_world_rwkvx(root / "tiny_rwkvx.pth", seed=11)
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     tasks = root / "tasks"

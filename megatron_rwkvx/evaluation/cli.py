@@ -19,19 +19,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-model", default=None)
 
 
+def parse_number(value: str):
+    """``value`` as an int, else a float, else the string itself (FIELD=VALUE overrides)."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value
+
+
 def parse_overrides(items) -> Dict:
     out = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"error: --set expects FIELD=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        out[key.strip()] = value
+        out[key.strip()] = parse_number(value)
     return out
 
 

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_rwkvx.evaluation.cli import parse_number
 from megatron_rwkvx.inference.engine import InferenceEngine
 from megatron_rwkvx.inference.sampling import SamplingParams, sample_next
 
@@ -47,13 +48,8 @@ def _parse_arg_string(arg_string: str) -> dict:
         if "=" not in item:
             raise ValueError(f"model_args entries must be key=value, got {item!r}")
         key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
+        value = parse_number(value)
+        if isinstance(value, str):
             value = {"true": True, "false": False, "none": None}.get(value.lower(), value)
         out[key] = value
     return out
