@@ -95,13 +95,9 @@ def _own_forward_kernel(
 
 
 @triton.jit
-def _pair_forward_kernel(
-    Q, K, V, OP, LSEP, PAIRS, TILE_GROUP, TILE_START, OFFSETS,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, Hkv, n_past, chunk, qk_scale,
-    S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-):
+def _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S: tl.constexpr, BM: tl.constexpr):
+    """This program's tile of (query, chunk) pairs (see ``triton_pairs``): the key chunk ``j``, kv
+    head and batch it shares, then per pair its validity, id, query position and query head."""
     tile = tl.program_id(0)
     g = tl.load(TILE_GROUP + tile).to(tl.int64)
     start = tl.load(TILE_START + tile)
@@ -112,8 +108,18 @@ def _pair_forward_kernel(
     idx = start + tl.arange(0, BM)
     ok = idx < end
     pair = tl.load(PAIRS + idx, mask=ok, other=0).to(tl.int64)
-    t = (pair // S) % Tq
-    hq = (pair // S // Tq) % Hq
+    return j, kvh, b, ok, pair, (pair // S) % Tq, (pair // S // Tq) % Hq
+
+
+@triton.jit
+def _pair_forward_kernel(
+    Q, K, V, OP, LSEP, PAIRS, TILE_GROUP, TILE_START, OFFSETS,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    Tq, Hq, Hkv, n_past, chunk, qk_scale,
+    S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    j, kvh, b, ok, pair, t, hq = _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
     rd = tl.arange(0, BD)
     d_ok = rd < D
     row_off = b * stride_qb + hq * stride_qh + t * stride_qt
@@ -257,18 +263,7 @@ def _pair_dq_kernel(
     S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    g = tl.load(TILE_GROUP + tile).to(tl.int64)
-    start = tl.load(TILE_START + tile)
-    end = tl.load(OFFSETS + g + 1)
-    j = g % n_past
-    kvh = (g // n_past) % Hkv
-    b = g // n_past // Hkv
-    idx = start + tl.arange(0, BM)
-    ok = idx < end
-    pair = tl.load(PAIRS + idx, mask=ok, other=0).to(tl.int64)
-    t = (pair // S) % Tq
-    hq = (pair // S // Tq) % Hq
+    j, kvh, b, ok, pair, t, hq = _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
     rd = tl.arange(0, BD)
     d_ok = rd < D
     row_off = b * stride_qb + hq * stride_qh + t * stride_qt

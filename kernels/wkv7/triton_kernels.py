@@ -58,6 +58,12 @@ def _col(x, cols, j):
 
 
 @triton.jit
+def _head_input(bh, T, H, N):
+    """Offset and row stride of head ``bh % H`` of batch ``bh // H`` in a ``[B, T, H, N]`` input."""
+    return (bh // H).to(tl.int64) * T * H * N + (bh % H) * N, H * N
+
+
+@triton.jit
 def _load_rows(ptr, base, t0, T, stride_t, cols, N, L: tl.constexpr):
     """``[L, len(cols)]`` fp32 tile of rows ``t0 .. t0+L-1`` (zero past ``T`` and past ``N``)."""
     t = t0 + tl.arange(0, L)
@@ -184,8 +190,7 @@ def _wkv7_prep_kernel(
     and with STORE_A ``Tinv, A_ak, A_rb, A_rk`` (``[B*H, NT, 4, L, L]``, for ``bwd_chunk``)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    in_base = (bh // H).to(tl.int64) * T * H * N + (bh % H) * N
-    stride = H * N
+    in_base, stride = _head_input(bh, T, H, N)
     t0 = c * L
     cols = tl.arange(0, BN)
     r = _load_rows(r_ptr, in_base, t0, T, stride, cols, N, L)
@@ -232,6 +237,20 @@ def _wkv7_prep_kernel(
 
 
 @triton.jit
+def _state_rows(ptr, bh, iv, N, HAS: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr):
+    """Rows ``iv`` of head ``bh``'s ``N x N`` state in ``ptr`` (zeros without ``HAS``), with their
+    offsets and mask for later stores."""
+    ik = tl.arange(0, BN)
+    s_mask = (iv[:, None] < N) & (ik[None, :] < N)
+    s_off = iv[:, None] * N + ik[None, :]
+    if HAS:
+        S = tl.load(ptr + bh.to(tl.int64) * N * N + s_off, mask=s_mask, other=0.0)
+    else:
+        S = tl.zeros([BV, BN], dtype=tl.float32)
+    return S, s_off, s_mask
+
+
+@triton.jit
 def _state_scan(
     bh, iv, v_ptr, y_ptr, q_ptr, rp_ptr, bhat_ptr, khat_ptr, p_ptr, yloc_ptr, dec_ptr,
     s0_ptr, states_ptr, sT_ptr, T, H, N, NT,
@@ -241,16 +260,10 @@ def _state_scan(
     """Rows ``iv`` of the state through all chunks: the final state, and the outputs (forward,
     WRITE_Y) or the state entering each chunk (backward's recomputation, STORE_STATES)."""
     ik = tl.arange(0, BN)
-    in_base = (bh // H).to(tl.int64) * T * H * N + (bh % H) * N
-    stride = H * N
+    in_base, stride = _head_input(bh, T, H, N)
     buf_base = bh.to(tl.int64) * NT * L * N
     TP = NT * L
-    s_mask = (iv[:, None] < N) & (ik[None, :] < N)
-    s_off = iv[:, None] * N + ik[None, :]
-    if HAS_INIT:
-        S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + s_off, mask=s_mask, other=0.0)
-    else:
-        S = tl.zeros([BV, BN], dtype=tl.float32)
+    S, s_off, s_mask = _state_rows(s0_ptr, bh, iv, N, HAS_INIT, BV, BN)
     for c in range(NT):
         t0 = c * L
         if STORE_STATES:
@@ -286,16 +299,10 @@ def _grad_scan(
     """State gradient backwards through the chunks: ``dS0 = dY^T R' + dS_L M^T`` with the chunk
     transition ``M = diag(e^gL) + Q^T B^``; stores the gradient at each chunk's end."""
     ik = tl.arange(0, BN)
-    in_base = (bh // H).to(tl.int64) * T * H * N + (bh % H) * N
-    stride = H * N
+    in_base, stride = _head_input(bh, T, H, N)
     buf_base = bh.to(tl.int64) * NT * L * N
     TP = NT * L
-    s_mask = (iv[:, None] < N) & (ik[None, :] < N)
-    s_off = iv[:, None] * N + ik[None, :]
-    if HAS_DFINAL:
-        dS = tl.load(dsT_ptr + bh.to(tl.int64) * N * N + s_off, mask=s_mask, other=0.0)
-    else:
-        dS = tl.zeros([BV, BN], dtype=tl.float32)
+    dS, s_off, s_mask = _state_rows(dsT_ptr, bh, iv, N, HAS_DFINAL, BV, BN)
     for i in range(NT):
         c = NT - 1 - i
         t0 = c * L
@@ -368,8 +375,7 @@ def _wkv7_bwd_chunk_kernel(
     end (both from ``bwd_scans``), ``dY`` and the pair matrices stored by ``prep``."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    in_base = (bh // H).to(tl.int64) * T * H * N + (bh % H) * N
-    stride = H * N
+    in_base, stride = _head_input(bh, T, H, N)
     t0 = c * L
     rows = tl.arange(0, L)
     cols = tl.arange(0, BN)
