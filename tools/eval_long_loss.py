@@ -12,14 +12,13 @@ incremental engine, ``--piece-size`` tokens per call. Buckets double from ``--fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from megatron_rwkvx.evaluation.cli import add_model_args, engine_from_args, tokenizer_from_args
+    from megatron_rwkvx.evaluation.cli import add_model_args, engine_from_args, tokenizer_from_args, write_report
 
     add_model_args(p)
     p.add_argument("--input", required=True)
@@ -58,14 +57,8 @@ def main(argv=None) -> int:
         return 2
     longest = max(int(l.numel()) + 1 for l in losses)
     rows = losses_by_position(losses, bucket_edges(longest, args.first_bucket, args.bucket_size))
-    os.makedirs(args.output_dir, exist_ok=True)
-    table = format_table(rows)
-    with open(os.path.join(args.output_dir, "long_loss.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(args.output_dir, "long_loss.md"), "w") as f:
-        f.write(f"Loss by position ({args.model}, {len(losses)} documents)\n\n{table}\n")
-    plot_png(rows, os.path.join(args.output_dir, "long_loss.png"))
-    print(table)
+    write_report(args.output_dir, "long_loss", rows,
+                 f"Loss by position ({args.model}, {len(losses)} documents)", format_table(rows), plot_png)
     return 0
 
 

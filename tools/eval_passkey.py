@@ -12,14 +12,13 @@ depth, red 0% to green 100%).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from megatron_rwkvx.evaluation.cli import add_model_args, engine_from_args, tokenizer_from_args
+    from megatron_rwkvx.evaluation.cli import add_model_args, engine_from_args, tokenizer_from_args, write_report
 
     add_model_args(p)
     p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens")
@@ -51,13 +50,8 @@ def main(argv=None) -> int:
 
     records = run_passkey(engine, tokenizer, lengths, depth_grid(args.depths), args.seeds,
                           args.max_new_tokens, args.piece_size, progress=progress)
-    table = format_table(records)
-    with open(os.path.join(args.output_dir, "passkey.json"), "w") as f:
-        json.dump(records, f, indent=1)
-    with open(os.path.join(args.output_dir, "passkey.md"), "w") as f:
-        f.write(f"Passkey accuracy ({args.model}, {args.seeds} seeds per cell)\n\n{table}\n")
-    heatmap_png(records, os.path.join(args.output_dir, "passkey.png"))
-    print(table)
+    write_report(args.output_dir, "passkey", records,
+                 f"Passkey accuracy ({args.model}, {args.seeds} seeds per cell)", format_table(records), heatmap_png)
     overall = sum(r["correct"] for r in records) / len(records)
     print(f"overall accuracy {overall:.1%} over {len(records)} prompts; wrote {args.output_dir}/passkey.png")
     return 0

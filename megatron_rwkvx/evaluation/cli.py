@@ -54,3 +54,18 @@ def tokenizer_from_args(args):
     from megatron_rwkvx.data.tokenizers import build_tokenizer
 
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+
+
+def write_report(output_dir: str, stem: str, rows, title: str, table: str, draw_png) -> None:
+    """``<stem>.json`` (the rows), ``<stem>.md`` (title and table) and ``<stem>.png`` (``draw_png(rows,
+    path)``) in ``output_dir``; then the table on stdout."""
+    import json
+    import os
+
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(output_dir, f"{stem}.md"), "w") as f:
+        f.write(f"{title}\n\n{table}\n")
+    draw_png(rows, os.path.join(output_dir, f"{stem}.png"))
+    print(table)
