@@ -76,6 +76,56 @@ def _interpreter_report() -> dict:
         report[name] = errors(got, want, dtype == "float32")
         report[name]["dtypes_kept"] = all(t.dtype == dt for t in got)
 
+    # Another pair tile (16 pairs per streamed chunk instead of the interpreter's 32): the same
+    # results, and the upper-bound grid's spare programs differ.
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 150, 4, 32, generator=gen) for _ in range(3))
+    k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    grad = torch.randn(1, 150, 4, 32, generator=gen)
+    got = []
+    for tile in (16, None):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = topk_chunk_attention_triton(*leaves, chunk_size=16, top_k=4, pair_tile=tile)
+        out.backward(grad)
+        got.append((out.detach(), *(t.grad for t in leaves)))
+    want = run("reference", q, k, v, grad, chunk_size=16, top_k=4)
+    report["fp32_pair_tile16"] = errors(got[0], want, True)
+    report["fp32_pair_tile16"]["dtypes_kept"] = True
+    report["pair_tile_same_as_default"] = max((a - b).abs().max().item() for a, b in zip(*got))
+
+    # Every configuration of the GPU autotune sets (block sizes, including key blocks wider than
+    # the chunk and query tiles wider than the sequence) against the reference, each forced in
+    # turn as the fixed launch; pair tiles 64 and 128 alternate.
+    from megatron_rwkvx.kernels.sparse_attention import triton_backend as tb
+    from megatron_rwkvx.kernels.sparse_attention.triton_config import tuned_configs
+
+    tuned_errs = {}
+    plain = tb._Launcher
+    try:
+        for d, t in ((64, 160), (128, 70)):
+            sets = tuned_configs(d)
+            gen = torch.Generator().manual_seed(d)
+            q = torch.randn(1, t, 4, d, generator=gen)
+            k, v = (torch.randn(1, t, 2, d, generator=gen) for _ in range(2))
+            grad = torch.randn(1, t, 4, d, generator=gen)
+            want = run("reference", q, k, v, grad, chunk_size=24, top_k=3)
+            for i in range(max(len(c) for c in sets.values())):
+                class Forced(plain):
+                    def __init__(self, q, tq):
+                        super().__init__(q, tq)
+                        self.fixed = {n: c[i % len(c)] for n, c in sets.items()}
+                        self.tune = False
+
+                tb._Launcher = Forced
+                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+                out = topk_chunk_attention_triton(*leaves, chunk_size=24, top_k=3, pair_tile=(64, 128)[i % 2])
+                out.backward(grad)
+                got = (out.detach(), *(x.grad for x in leaves))
+                tuned_errs[f"d{d}_config{i}"] = max(errors(got, want, True).values())
+    finally:
+        tb._Launcher = plain
+    report["tuned_config_errors"] = tuned_errs
+
     # Selection: exact equality with the shared PyTorch selection, with GQA and offsets. Random
     # data has no near-ties; small integers make every score exact whatever the summation order,
     # so repeated chunks give exact ties that check the tie-break (lower chunk index first).
@@ -135,7 +185,7 @@ def test_registered_as_triton_backend(report):
     assert "triton" in report["backends"]
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("fp32")])
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("fp32")] + ["fp32_pair_tile16"])
 def test_fp32_matches_reference(report, name):
     errs = report[name]
     assert errs["dtypes_kept"]
@@ -149,6 +199,17 @@ def test_fp16_matches_reference(report, name):
     assert errs["dtypes_kept"]
     for what in ("out", "dq", "dk", "dv"):
         assert errs[what] < FP16_TOL, f"{name} {what}: rms error ratio {errs[what]:.2e}"
+
+
+def test_every_autotune_configuration_matches_reference(report):
+    errs = report["tuned_config_errors"]
+    assert len(errs) == 6 + 4  # the longest set per head size (64: dk/dv, 128: own forward, dk/dv)
+    bad = {k: e for k, e in errs.items() if not e < FP32_TOL}
+    assert not bad, bad
+
+
+def test_pair_tile_changes_no_result(report):
+    assert report["pair_tile_same_as_default"] < 1e-6
 
 
 def test_selection_is_exactly_the_shared_one(report):
@@ -180,6 +241,31 @@ def test_cpu_without_interpreter_is_refused():
         topk_chunk_attention(q, q, q, chunk_size=4, top_k=2, backend="triton")
 
 
+def test_autotune_switch(monkeypatch):
+    """RWKVX_TRITON_AUTOTUNE=0 turns the GPU autotuning off (reproducible runs); a bad value is
+    refused by name instead of being read as either."""
+    if not _compiled_kernels():
+        pytest.skip("the interpreter never autotunes")
+    from megatron_rwkvx.kernels.triton_launch import AUTOTUNE_ENV, autotune_enabled
+
+    monkeypatch.delenv(AUTOTUNE_ENV, raising=False)
+    assert autotune_enabled()
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")
+    assert not autotune_enabled()
+    monkeypatch.setenv(AUTOTUNE_ENV, "maybe")
+    with pytest.raises(ValueError, match=AUTOTUNE_ENV):
+        autotune_enabled()
+
+
+def test_pair_tile_must_be_a_power_of_two():
+    pytest.importorskip("triton")
+    from megatron_rwkvx.kernels.sparse_attention.triton_backend import topk_chunk_attention_triton
+
+    q = torch.randn(1, 8, 1, 16)
+    with pytest.raises(ValueError, match="pair_tile"):
+        topk_chunk_attention_triton(q, q, q, chunk_size=4, top_k=2, pair_tile=48)
+
+
 def test_bad_caller_selection_is_refused():
     pytest.importorskip("triton")
     from megatron_rwkvx.kernels.sparse_attention.triton_backend import _check_selected
@@ -207,9 +293,26 @@ def test_kernels_compile_for_hopper_without_spills():
         assert info["spill_bytes"] == 0, f"{name} spills registers: {info}"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_autotune_configuration_compiles_for_hopper_without_spills(head_dim):
+    """The GPU autotunes over these sets: a configuration that spills would only be slow, so
+    none may (bf16; the pair kernels at pair tiles 64 and 128)."""
+    if not _compiled_kernels():
+        pytest.skip("kernels imported under the interpreter cannot be compiled")
+    from megatron_rwkvx.kernels.sparse_attention.triton_compile_check import compile_tuned
+    from megatron_rwkvx.kernels.sparse_attention.triton_config import KERNEL_FAMILIES, tuned_configs
+
+    rows = compile_tuned(dtype="bf16", head_dim=head_dim, capability=90)
+    sets = tuned_configs(head_dim)
+    assert {r["kernel"] for r in rows} == set(KERNEL_FAMILIES)
+    assert len(rows) == sum(len(c) * (2 if n.startswith("pair") else 1) for n, c in sets.items())
+    spilled = [r for r in rows if r["spill_bytes"] != 0]
+    assert not spilled, spilled
+
+
 def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     """tools/gpu_check.py --cpu-smoke: every section runs (interpreter, tiny sizes: checks, timing,
-    kernel breakdown, WKV-7 variant sweep), the JSON is written, the summary table is printed
+    kernel breakdown, WKV-7 and sparse variant sweeps), the JSON is written, the summary table is printed
     last, and megatron is never imported (the GPU box lacks it)."""
     pytest.importorskip("triton")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,10 +368,18 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
         for mode in ("exact", "factored"):
             rows = [r for r in var["rows"] if (r["chunk_size"], r["pair_mode"]) == (chunk, mode)]
             assert len(rows) == 1 and rows[0]["status"] in ("ok", "unavailable (no pair_mode)"), rows
-    assert {"breakdown", "variants"} <= set(res["sections_s"])
+    # The sparse-attention variant sweep: autotuned, 128-pair tile and fixed blocks, same output.
+    svar = res["sparse_variants"]
+    assert [r["variant"] for r in svar["rows"]] == ["default", "pair_tile128", "fixed_blocks"]
+    for r in svar["rows"]:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["vs_default"] > 0, r
+        assert r["variant"] == "default" or (r["correct"] and r["out_rms_vs_default"] < svar["tolerance"]), r
+    assert isinstance(res["autotune_choices"], dict)  # empty in the interpreter: nothing tunes there
+    assert {"breakdown", "variants", "sparse_variants"} <= set(res["sections_s"])
     # Their tables come before the final summary table.
     text = proc.stdout
-    assert text.index("kernel breakdown at T=64") < text.index("WKV-7 variants") < text.index("| comparison")
+    assert (text.index("kernel breakdown at T=64") < text.index("WKV-7 variants")
+            < text.index("Sparse-attention variants") < text.index("| comparison"))
     last = proc.stdout.strip().splitlines()
     assert last[-1].strip().startswith("32 | layer pair vs dense layer")
 

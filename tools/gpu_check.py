@@ -33,10 +33,13 @@ Sections:
 4. WKV-7 variant sweep (``--no-variants`` skips it): ``wkv7_triton`` with chunk_size 16/32/64 and
    pair_mode exact/factored at ``--variant-lengths`` (default 16K, 128K), fwd+bwd ms against the
    default call and fla, and y against the default call's y (rms ratio < 2e-2).
+5. sparse-attention variant sweep (``--no-sparse-variants`` skips it): autotuned blocks (the
+   default), a 128-pair tile, and the fixed first-guess blocks (``RWKVX_TRITON_AUTOTUNE=0``) at
+   ``--sparse-variant-lengths`` (default 128K). The JSON also lists every autotuner's choices.
 
 Order, most valuable first, every timing case gated by one time budget (``--budget-s``):
-correctness; the main table at 16K and 128K; the breakdown; the variants; the main table's other
-lengths (4K, 64K).
+correctness; the main table at 16K and 128K; the breakdown; the WKV-7 variants; the sparse
+variants; the main table's other lengths (4K, 64K).
 """
 from __future__ import annotations
 
@@ -75,6 +78,9 @@ def _parse_args(argv=None):
     p.add_argument("--variant-lengths", type=str, default=None,
                    help="comma-separated T list of the WKV-7 variant sweep (default 16384,131072)")
     p.add_argument("--no-variants", action="store_true", help="skip the WKV-7 variant sweep")
+    p.add_argument("--sparse-variant-lengths", type=str, default=None,
+                   help="comma-separated T list of the sparse-attention variant sweep (default 131072)")
+    p.add_argument("--no-sparse-variants", action="store_true", help="skip the sparse-attention variant sweep")
     return p.parse_args(argv)
 
 
@@ -718,6 +724,14 @@ VARIANT_PAIR_MODES = ("exact", "factored")
 NO_PAIR_MODE = "unavailable (no pair_mode)"
 
 
+def _add_vs_default(rows, skip=None):
+    """``vs_default`` = the same T's default ms / this row's ms, on every timed row but ``skip``."""
+    for row in rows:
+        base = next((r.get("ms") for r in rows if r["T"] == row["T"] and r["variant"] == "default"), None)
+        if "ms" in row and row["variant"] != skip:
+            row["vs_default"] = base / row["ms"] if base else None
+
+
 def _variant_label(chunk, mode):
     if chunk is None and mode is None:
         return "default"
@@ -828,10 +842,9 @@ def run_variants(lengths, cfg, budget_s, main_rows):
                     xf = None  # noqa: F841
                     _free()
                 row["case_s"] = round(time.time() - t0, 1)
+    _add_vs_default(res["rows"], skip="fla")
     for row in res["rows"]:
-        base = next((r.get("ms") for r in res["rows"] if r["T"] == row["T"] and r["variant"] == "default"), None)
-        if "ms" in row and row["variant"] != "fla":
-            row["vs_default"] = base / row["ms"] if base else None
+        if "vs_default" in row:
             row["vs_fla"] = fla_ms[row["T"]] / row["ms"] if row["T"] in fla_ms else None
     res["fla_ms"] = fla_ms
     return res
@@ -856,6 +869,105 @@ def print_variants(var):
             rms = f"{r['y_rms_vs_default']:.1e}" + ("" if r["correct"] else " FAIL") if "y_rms_vs_default" in r else "-"
             mark = " *fastest" if r is best else ""
             print(f"{T:>7} | {r['variant']:13s} | {r['ms']:8.2f} | {vd:>10} | {vf:>7} | {rms}{mark}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. sparse-attention variant sweep
+
+
+SPARSE_VARIANTS = (
+    ("default", {}, True),  # autotuned block sizes, the default pair tile
+    ("pair_tile128", {"pair_tile": 128}, True),
+    ("fixed_blocks", {}, False),  # RWKVX_TRITON_AUTOTUNE=0: the fixed first-guess blocks
+)
+
+
+def _autotune_choices() -> dict:
+    """The configurations the autotuners picked so far, per kernel and key (JSON-friendly)."""
+    out = {}
+    try:
+        from megatron_rwkvx.kernels.sparse_attention import triton_backend as sb
+        from megatron_rwkvx.kernels.wkv7 import triton_backend as wb
+    except Exception as exc:  # an older checkout without autotuned sparse kernels
+        return {"error": _error_status(exc)}
+    tuners = {f"sparse.{n}.d{bd}": t for (n, bd), t in getattr(sb, "_tuned_cache", {}).items() if t is not None}
+    tuners.update({f"wkv7.{n}": getattr(wb, n) for n in dir(wb) if n.endswith("_tuned") and hasattr(getattr(wb, n), "cache")})
+    for name, tuner in tuners.items():
+        for key, config in getattr(tuner, "cache", {}).items():
+            out.setdefault(name, []).append({"key": [str(k) for k in key], "config": str(config)})
+    return out
+
+
+def run_sparse_variants(lengths, cfg, budget_s):
+    """Our sparse attention with autotuned blocks (default), a 128-pair tile, and the fixed blocks,
+    fwd+bwd, against the default; out against the default's out."""
+    from megatron_rwkvx.kernels.sparse_attention.triton_backend import topk_chunk_attention_triton
+
+    H, D, chunk, top_k = cfg["heads"], cfg["head_size"], cfg["chunk"], cfg["top_k"]
+    res = {"lengths": lengths, "variants": [v[0] for v in SPARSE_VARIANTS], "tolerance": 2e-2, "rows": []}
+    for T in lengths:
+        reps = cfg["reps"] if T <= 16384 else max(1, cfg["reps"] - 2)
+        qkv = out_def = None
+        for name, kw, tune in SPARSE_VARIANTS:
+            row = {"T": T, "variant": name}
+            res["rows"].append(row)
+            if _elapsed() > budget_s:
+                row["status"] = _skipped(budget_s)
+                continue
+            t0 = time.time()
+            old = os.environ.get("RWKVX_TRITON_AUTOTUNE")
+            os.environ["RWKVX_TRITON_AUTOTUNE"] = "1" if tune else "0"
+
+            def fn(q, k, v, kw=kw):
+                return topk_chunk_attention_triton(q, k, v, chunk_size=chunk, top_k=top_k, **kw)
+
+            try:
+                if qkv is None:  # the main table's sparse inputs
+                    qkv = [_randn(1, T, H, D, seed=T + i).to(DTYPE).requires_grad_(True) for i in range(3)]
+                with torch.no_grad():
+                    out = fn(*qkv)
+                if out_def is None:
+                    out_def = out
+                else:
+                    row["out_rms_vs_default"] = _rms_ratio(out, out_def)
+                    row["correct"] = row["out_rms_vs_default"] < res["tolerance"]
+                out = None
+                row["ms"] = time_fwd_bwd(_grad_step(fn, qkv), cfg["warmup"], reps)
+                row["reps"] = reps
+                row["status"] = "ok"
+            except Exception as exc:
+                row["status"] = _error_status(exc)
+                if not _is_oom(exc):
+                    row["traceback"] = traceback.format_exc()[-2000:]
+            finally:
+                out = None
+                if old is None:
+                    os.environ.pop("RWKVX_TRITON_AUTOTUNE", None)
+                else:
+                    os.environ["RWKVX_TRITON_AUTOTUNE"] = old
+                _free()
+            row["case_s"] = round(time.time() - t0, 1)
+            took = f" {row['ms']:.2f} ms" if "ms" in row else ""
+            print(f"[{_elapsed():6.1f}s] sparse variant T={T} {name:13s} {row['status']}{took}", flush=True)
+        qkv = out_def = None
+        _free()
+    _add_vs_default(res["rows"])
+    return res
+
+
+def print_sparse_variants(var):
+    if "rows" not in var:
+        print(f"\nSparse-attention variants: {var.get('status')}")
+        return
+    print("\nSparse-attention variants, fwd+bwd (vs default = default ms / this ms)")
+    print(f"{'T':>7} | {'variant':13s} | {'ms':>8} | {'vs default':>10} | out rms vs default")
+    for r in var["rows"]:
+        if "ms" not in r:
+            print(f"{r['T']:>7} | {r['variant']:13s} | {r['status']}")
+            continue
+        vd = f"{r['vs_default']:.2f}x" if r.get("vs_default") else "-"
+        rms = f"{r['out_rms_vs_default']:.1e}" + ("" if r["correct"] else " FAIL") if "out_rms_vs_default" in r else "-"
+        print(f"{r['T']:>7} | {r['variant']:13s} | {r['ms']:8.2f} | {vd:>10} | {rms}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -958,17 +1070,20 @@ def main():
     if SMOKE:
         lengths = [32]
         cfg = dict(heads=2, head_size=16, chunk=16, top_k=3, warmup=0, reps=1)
-        profile_length, variant_lengths = 64, [64]
+        profile_length, variant_lengths, sparse_variant_lengths = 64, [64], [64]
     else:
         lengths = [4096, 16384] if ARGS.quick else [4096, 16384, 65536, 131072]
         cfg = dict(heads=32, head_size=64, chunk=2048, top_k=3, warmup=1, reps=5)
         profile_length, variant_lengths = (16384, [16384]) if ARGS.quick else (65536, [16384, 131072])
+        sparse_variant_lengths = [16384] if ARGS.quick else [131072]
     if ARGS.lengths:
         lengths = [int(x) for x in ARGS.lengths.split(",")]
     if ARGS.profile_length:
         profile_length = ARGS.profile_length
     if ARGS.variant_lengths:
         variant_lengths = [int(x) for x in ARGS.variant_lengths.split(",")]
+    if ARGS.sparse_variant_lengths:
+        sparse_variant_lengths = [int(x) for x in ARGS.sparse_variant_lengths.split(",")]
     cfg["sparse_backend"] = "triton" if "triton" in meta["sparse_backends"] else "torch"
     cfg["wkv_backend"] = "triton" if "triton" in meta["wkv_backends"] else "chunked"
     budget = ARGS.budget_s if ARGS.budget_s is not None else (200.0 if ARGS.quick else 400.0)
@@ -998,6 +1113,11 @@ def main():
                         skip or ("--no-profile" if ARGS.no_profile else None))
     variants = section("variants", lambda: run_variants(variant_lengths, cfg, budget, rows),
                        skip or ("--no-variants" if ARGS.no_variants else None))
+    no_sparse = "--no-sparse-variants" if ARGS.no_sparse_variants else None
+    if cfg["sparse_backend"] != "triton":
+        no_sparse = no_sparse or "no triton sparse backend"
+    sparse_variants = section("sparse_variants", lambda: run_sparse_variants(sparse_variant_lengths, cfg, budget),
+                              skip or no_sparse)
     if rest:
         more = section("timing_rest", lambda: run_timing(rest, cfg, budget), skip)
         rows += more if isinstance(more, list) else []
@@ -1005,13 +1125,15 @@ def main():
 
     meta["total_s"] = round(_elapsed(), 1)
     results = {"meta": meta, "config": cfg, "lengths": lengths, "sections_s": sections, "checks": checks,
-               "timing": rows, "summary": summary, "breakdown": breakdown, "variants": variants}
+               "timing": rows, "summary": summary, "breakdown": breakdown, "variants": variants,
+               "sparse_variants": sparse_variants, "autotune_choices": _autotune_choices()}
     if ARGS.out:
         Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
         with open(ARGS.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
     print_breakdown(breakdown)
     print_variants(variants)
+    print_sparse_variants(sparse_variants)
     print_table(meta, checks, summary)
     return 0 if all(c.get("passed") for c in checks) else 1
 

@@ -14,6 +14,9 @@ are written once without atomics; dq of the pairs goes through a ``[pairs, D]`` 
 own-chunk dq kernel adds. Nothing of size T x T or heads x chunks x T is ever built.
 
 Index arithmetic that meets a stride is done in int64 so T of 128K and beyond is safe.
+
+``T_BUCKET`` (the query length rounded up to a power of two) is read by no kernel: it is part of
+the autotune key, so that block sizes tuned on a short call are not reused at 128K.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ _M_INIT = tl.constexpr(-1.0e30)
 def _own_forward_kernel(
     Q, K, V, O, LSE, OP, LSEP, SEL,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, q_offset, chunk, qk_scale,
+    Tq, Hq, q_offset, chunk, qk_scale, T_BUCKET,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -95,12 +98,12 @@ def _own_forward_kernel(
 
 
 @triton.jit
-def _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S: tl.constexpr, BM: tl.constexpr):
-    """This program's tile of (query, chunk) pairs (see ``triton_pairs``): the key chunk ``j``, kv
-    head and batch it shares, then per pair its validity, id, query position and query head."""
-    tile = tl.program_id(0)
-    g = tl.load(TILE_GROUP + tile).to(tl.int64)
-    start = tl.load(TILE_START + tile)
+def _pair_tile(g, PAIRS, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S: tl.constexpr, BM: tl.constexpr):
+    """This program's tile of (query, chunk) pairs of group ``g`` (see ``triton_pairs``): the key
+    chunk ``j``, kv head and batch it shares, then per pair its validity, id, query position and
+    query head."""
+    g = g.to(tl.int64)
+    start = tl.load(TILE_START + tl.program_id(0))
     end = tl.load(OFFSETS + g + 1)
     j = g % n_past
     kvh = (g // n_past) % Hkv
@@ -115,11 +118,14 @@ def _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S: t
 def _pair_forward_kernel(
     Q, K, V, OP, LSEP, PAIRS, TILE_GROUP, TILE_START, OFFSETS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, Hkv, n_past, chunk, qk_scale,
+    Tq, Hq, Hkv, n_past, chunk, qk_scale, T_BUCKET,
     S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    j, kvh, b, ok, pair, t, hq = _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
+    g = tl.load(TILE_GROUP + tl.program_id(0))
+    if g < 0:  # a spare program of the upper-bound grid
+        return
+    j, kvh, b, ok, pair, t, hq = _pair_tile(g, PAIRS, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
     rd = tl.arange(0, BD)
     d_ok = rd < D
     row_off = b * stride_qb + hq * stride_qh + t * stride_qt
@@ -170,12 +176,15 @@ def _delta_kernel(
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PAIRS, OFFSETS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, Hkv, q_offset, chunk, key_stop, n_past, qk_scale, scale,
+    Tq, Hq, Hkv, q_offset, chunk, key_stop, n_past, qk_scale, scale, n_bh, T_BUCKET,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    # One axis, heads fastest: the first key blocks, which every later query may select and so
+    # carry the most pairs, start first on every head instead of one head at a time.
+    pid = tl.program_id(0)
+    pid_n = pid // n_bh
+    bh = pid % n_bh
     b = (bh // Hkv).to(tl.int64)
     kvh = (bh % Hkv).to(tl.int64)
     first_key = pid_n * BN
@@ -259,11 +268,14 @@ def _dkdv_kernel(
 def _pair_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQP, PAIRS, TILE_GROUP, TILE_START, OFFSETS,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, Hkv, n_past, chunk, qk_scale, scale,
+    Tq, Hq, Hkv, n_past, chunk, qk_scale, scale, T_BUCKET,
     S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    j, kvh, b, ok, pair, t, hq = _pair_tile(PAIRS, TILE_GROUP, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
+    g = tl.load(TILE_GROUP + tl.program_id(0))
+    if g < 0:  # a spare program of the upper-bound grid
+        return
+    j, kvh, b, ok, pair, t, hq = _pair_tile(g, PAIRS, TILE_START, OFFSETS, Tq, Hq, Hkv, n_past, S, BM)
     rd = tl.arange(0, BD)
     d_ok = rd < D
     row_off = b * stride_qb + hq * stride_qh + t * stride_qt
@@ -294,7 +306,7 @@ def _pair_dq_kernel(
 def _own_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DQP, SEL,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    Tq, Hq, q_offset, chunk, qk_scale, scale,
+    Tq, Hq, q_offset, chunk, qk_scale, scale, T_BUCKET,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):

@@ -5,6 +5,9 @@ CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before trit
 (the interpreter; used by the tests). Inputs fp32, fp16 or bf16; fp32 uses true fp32 dot products
 (``input_precision="ieee"``), the others accumulate in fp32 like flash attention.
 
+Block sizes: autotuned on the GPU for bf16/fp16, fixed otherwise (``triton_config``). No host
+synchronisation: the pair kernels run on an upper bound of the tile count (``triton_pairs``).
+
 Memory besides q, k, v, out and their gradients: the selection ``[B, Hq, Tq, top_k - 1]`` (int32),
 its sorted pair list, fp32 lse and delta ``[B, Hq, Tq]``, and one fp32 ``[B*Hq*Tq*(top_k-1), D]``
 buffer for the selected chunks' partial outputs (forward) or partial dq (backward), which is
@@ -27,12 +30,54 @@ from .triton_attention import (
     _pair_dq_kernel,
     _pair_forward_kernel,
 )
-from .triton_config import INTERPRETED, blocks_for, next_pow2
+from ..triton_launch import autotuned, launch
+from .triton_config import INTERPRETED, blocks_for, fixed_configs, next_pow2, tuned_configs
 from .triton_pairs import PairGroups, group_pairs
 from .triton_select import chunk_mean_keys_triton, select_chunks_triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
+_RAW = {
+    "own_forward": _own_forward_kernel,
+    "pair_forward": _pair_forward_kernel,
+    "dkdv": _dkdv_kernel,
+    "pair_dq": _pair_dq_kernel,
+    "own_dq": _own_dq_kernel,
+}
+_TUNE_KEY = ["D", "S", "G", "BM", "chunk", "T_BUCKET"]  # BM: the pair tile of the pair kernels
+_tuned_cache: dict = {}
+
+
+def _tuned(name: str, bd: int):
+    """The autotuned kernel ``name`` at padded head size ``bd``, or None (no set for it)."""
+    if (name, bd) not in _tuned_cache:
+        sets = tuned_configs(bd)
+        key = [k for k in _TUNE_KEY if k in _RAW[name].arg_names]
+        _tuned_cache[name, bd] = autotuned(_RAW[name], sets[name], key) if sets else None
+    return _tuned_cache[name, bd]
+
+
+class _Launcher:
+    """Launches of one call: autotuned for bf16/fp16 on a GPU (where a set exists for the head
+    size), the fixed blocks otherwise (``kernels/triton_launch.py``)."""
+
+    def __init__(self, q: torch.Tensor, tq: int):
+        d = q.shape[-1]
+        self.bd = max(16, next_pow2(d))
+        self.blocks = blocks_for(d, q.element_size())
+        self.fixed = fixed_configs(self.blocks)
+        self.tune = q.dtype != torch.float32 and tuned_configs(self.bd) is not None
+        self.t_bucket = max(16, next_pow2(tq))
+
+    def __call__(self, name: str, grid, args, **meta):
+        tuned = _tuned(name, self.bd) if self.tune else None
+        fixed = self.fixed[name]
+        if tuned is None:
+            meta = {**meta, **fixed.kwargs}
+            g = grid(meta) if callable(grid) else grid
+            _RAW[name][g](*args, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+        else:
+            launch(tuned, _RAW[name], grid, args, fixed, **meta)
 
 
 def is_available(q: torch.Tensor) -> bool:
@@ -54,12 +99,13 @@ def _strides(q: torch.Tensor, k: torch.Tensor):
 
 class _TritonTopkChunkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, selected, chunk_size, scale, q_offset):
+    def forward(ctx, q, k, v, selected, chunk_size, scale, q_offset, pair_tile):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, tq, hq, d = q.shape
         hkv = k.shape[2]
-        blocks = blocks_for(d, q.element_size())
-        bd = max(16, next_pow2(d))
+        run = _Launcher(q, tq)
+        bd = run.bd
+        tile = pair_tile or run.blocks.m
         n_past = (q_offset + tq - 1) // chunk_size
         slots = selected.shape[-1] if n_past > 0 else 0
         qk_scale = scale * math.log2(math.e)
@@ -71,25 +117,22 @@ class _TritonTopkChunkAttention(torch.autograd.Function):
         o_pair = lse_pair = lse  # placeholders never read when slots == 0
         if slots > 0:
             selected = selected.to(torch.int32).contiguous()
-            groups = group_pairs(selected, hkv, n_past, blocks.m)
+            groups = group_pairs(selected, hkv, n_past, tile)
             n_pairs = selected.numel()
             o_pair = torch.empty(n_pairs, d, device=q.device, dtype=torch.float32)
             lse_pair = torch.empty(n_pairs, device=q.device, dtype=torch.float32)
-            if groups.n_tiles > 0:
-                _pair_forward_kernel[(groups.n_tiles,)](
+            if groups.max_tiles > 0:
+                run("pair_forward", (groups.max_tiles,), (
                     q, k, v, o_pair, lse_pair, groups.pairs, groups.tile_group, groups.tile_start,
                     groups.offsets, *_strides(q, k), tq, hq, hkv, n_past, chunk_size, qk_scale,
-                    S=slots, D=d, BD=bd, BM=blocks.m, BN=blocks.n, PREC=prec,
-                    num_warps=blocks.warps, num_stages=blocks.stages,
-                )
+                    run.t_bucket,
+                ), S=slots, D=d, BD=bd, BM=tile, PREC=prec)
         else:
             selected = lse
-        _own_forward_kernel[(triton.cdiv(tq, blocks.m), b * hq)](
+        run("own_forward", lambda meta: (triton.cdiv(tq, meta["BM"]), b * hq), (
             q, k, v, out, lse, o_pair, lse_pair, selected, *_strides(q, k),
-            tq, hq, q_offset, chunk_size, qk_scale,
-            G=hq // hkv, S=slots, D=d, BD=bd, BM=blocks.m, BN=blocks.n, PREC=prec,
-            num_warps=blocks.warps, num_stages=blocks.stages,
-        )
+            tq, hq, q_offset, chunk_size, qk_scale, run.t_bucket,
+        ), G=hq // hkv, S=slots, D=d, BD=bd, PREC=prec)
         pair_tensors = groups.tensors() if groups is not None else ()
         ctx.save_for_backward(q, k, v, out, lse, selected, *pair_tensors)
         ctx.groups = groups
@@ -103,8 +146,8 @@ class _TritonTopkChunkAttention(torch.autograd.Function):
         groups: Optional[PairGroups] = ctx.groups
         b, tq, hq, d = q.shape
         tk, hkv = k.shape[1], k.shape[2]
-        blocks = blocks_for(d, q.element_size())
-        bd = max(16, next_pow2(d))
+        run = _Launcher(q, tq)
+        bd = run.bd
         qk_scale = scale * math.log2(math.e)
         prec = _precision(q.dtype)
         do = grad_out.contiguous()
@@ -114,9 +157,10 @@ class _TritonTopkChunkAttention(torch.autograd.Function):
             pairs = offsets = tile_group = tile_start = lse
 
         delta = torch.empty_like(lse)
-        _delta_kernel[(triton.cdiv(tq, blocks.m), b * hq)](
+        delta_m = 64
+        _delta_kernel[(triton.cdiv(tq, delta_m), b * hq)](
             out, do, delta, q.stride(0), q.stride(1), q.stride(2), tq, hq,
-            D=d, BD=bd, BM=blocks.m, num_warps=4,
+            D=d, BD=bd, BM=delta_m, num_warps=4,
         )
 
         key_stop = q_offset + tq  # later keys are never attended: zero gradient
@@ -125,31 +169,26 @@ class _TritonTopkChunkAttention(torch.autograd.Function):
         if key_stop < tk:
             dk[:, key_stop:].zero_()
             dv[:, key_stop:].zero_()
-        _dkdv_kernel[(triton.cdiv(key_stop, blocks.kv_n), b * hkv)](
+        run("dkdv", lambda meta: (triton.cdiv(key_stop, meta["BN"]) * b * hkv,), (
             q, k, v, do, lse, delta, dk, dv, pairs, offsets, *_strides(q, k),
             tq, hq, hkv, q_offset, chunk_size, key_stop, max(n_past, 1), qk_scale, scale,
-            G=hq // hkv, S=slots, D=d, BD=bd, BM=blocks.kv_m, BN=blocks.kv_n, PREC=prec,
-            num_warps=blocks.kv_warps, num_stages=blocks.bwd_stages,
-        )
+            b * hkv, run.t_bucket,
+        ), G=hq // hkv, S=slots, D=d, BD=bd, PREC=prec)
 
         dq_pair = lse
         if groups is not None:
             dq_pair = torch.empty(selected.numel(), d, device=q.device, dtype=torch.float32)
-            if groups.n_tiles > 0:
-                _pair_dq_kernel[(groups.n_tiles,)](
+            if groups.max_tiles > 0:
+                run("pair_dq", (groups.max_tiles,), (
                     q, k, v, do, lse, delta, dq_pair, pairs, tile_group, tile_start, offsets,
-                    *_strides(q, k), tq, hq, hkv, n_past, chunk_size, qk_scale, scale,
-                    S=slots, D=d, BD=bd, BM=groups.tile, BN=blocks.dq_n, PREC=prec,
-                    num_warps=blocks.dq_warps, num_stages=blocks.bwd_stages,
-                )
+                    *_strides(q, k), tq, hq, hkv, n_past, chunk_size, qk_scale, scale, run.t_bucket,
+                ), S=slots, D=d, BD=bd, BM=groups.tile, PREC=prec)
         dq = torch.empty_like(q)
-        _own_dq_kernel[(triton.cdiv(tq, blocks.m), b * hq)](
+        run("own_dq", lambda meta: (triton.cdiv(tq, meta["BM"]), b * hq), (
             q, k, v, do, lse, delta, dq, dq_pair, selected, *_strides(q, k),
-            tq, hq, q_offset, chunk_size, qk_scale, scale,
-            G=hq // hkv, S=slots, D=d, BD=bd, BM=blocks.m, BN=blocks.dq_n, PREC=prec,
-            num_warps=blocks.dq_warps, num_stages=blocks.bwd_stages,
-        )
-        return dq, dk, dv, None, None, None, None
+            tq, hq, q_offset, chunk_size, qk_scale, scale, run.t_bucket,
+        ), G=hq // hkv, S=slots, D=d, BD=bd, PREC=prec)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _check_selected(selected: torch.Tensor, q: torch.Tensor, top_k: int, chunk_size: int, q_offset: int):
@@ -182,13 +221,21 @@ def topk_chunk_attention_triton(
     scale: Optional[float] = None,
     q_offset: int = 0,
     selected: Optional[torch.Tensor] = None,
+    pair_tile: Optional[int] = None,
 ) -> torch.Tensor:
     """Triton top-k chunk attention; same contract as ``topk_chunk_attention`` (validated there).
 
     ``selected`` ``[B, Hq, Tq, top_k - 1]`` may be passed when the caller already has the
     selection (context parallelism with all-gathered chunk keys); by default it is computed by
-    the Triton selection kernels, reproducing ``selection.py``.
+    the Triton selection kernels, reproducing ``selection.py``. ``pair_tile`` (a power of two
+    >= 16; default: the forward's query tile) sets how many (query, chunk) pairs share one
+    streaming of a key chunk: larger tiles load each chunk fewer times but waste up to a tile per
+    (kv head, chunk) group.
     """
+    if pair_tile is not None and (
+        isinstance(pair_tile, bool) or not isinstance(pair_tile, int) or pair_tile < 16 or pair_tile & (pair_tile - 1)
+    ):
+        raise ValueError(f"pair_tile must be a power of two >= 16 (or None), got {pair_tile!r}")
     if not is_available(q):
         raise RuntimeError(
             f"the triton sparse-attention backend needs CUDA tensors (or CPU tensors when "
@@ -220,7 +267,7 @@ def topk_chunk_attention_triton(
                 selected = torch.full((q.shape[0], q.shape[2], tq, top_k - 1), -1, dtype=torch.int32, device=q.device)
     else:
         _check_selected(selected, q, top_k, chunk_size, q_offset)
-    return _TritonTopkChunkAttention.apply(q, k, v, selected, chunk_size, float(scale), q_offset)
+    return _TritonTopkChunkAttention.apply(q, k, v, selected, chunk_size, float(scale), q_offset, pair_tile)
 
 
 register_backend("triton", topk_chunk_attention_triton, is_available)

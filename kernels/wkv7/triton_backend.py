@@ -21,12 +21,13 @@ factor below ``e^FACTOR_EXPONENT_LIMIT`` (``checks.py``), which RWKV-7's decay a
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 
+from ..triton_launch import INTERPRETED as _INTERPRET
+from ..triton_launch import autotuned, launch
 from . import triton_kernels as K
 from .checks import FACTOR_EXPONENT_LIMIT, factored_pairs_fit, log_decay_min
 from .dispatch import register_backend
@@ -35,8 +36,6 @@ DEFAULT_CHUNK_SIZE = 16
 SUPPORTED_CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_SIZE = 128
 PAIR_MODES = ("auto", "factored", "exact")
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Small autotune sets: the scans' value-row block trades parallelism (B*H*N/BV programs) against
 # reloading the shared per-chunk tiles, and their software pipelining (num_stages 3) against
@@ -58,28 +57,16 @@ def _prune_scan(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _tuned(kernel, configs, key, prune=None):
-    extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
-    return triton.autotune(configs=configs, key=key, **extra)(kernel)
+_prep_tuned = autotuned(K._wkv7_prep_kernel, _CHUNK_CONFIGS, ["BN", "L", "WITH_Y", "STORE_A", "FACTORED"])
+_fwd_scan_tuned = autotuned(K._wkv7_fwd_scan_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
+_bwd_scans_tuned = autotuned(K._wkv7_bwd_scans_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
+_bwd_chunk_tuned = autotuned(K._wkv7_bwd_chunk_kernel, _CHUNK_CONFIGS, ["BN", "L", "FACTORED"])
+# Without autotuning (interpreter, RWKVX_TRITON_AUTOTUNE=0): an unspilled middle of each set.
+_CHUNK_FIXED = _CHUNK_CONFIGS[0]
 
 
-_prep_tuned = _tuned(K._wkv7_prep_kernel, _CHUNK_CONFIGS, ["BN", "L", "WITH_Y", "STORE_A", "FACTORED"])
-_fwd_scan_tuned = _tuned(K._wkv7_fwd_scan_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
-_bwd_scans_tuned = _tuned(K._wkv7_bwd_scans_kernel, _SCAN_CONFIGS, ["BN", "L", "BH"], _prune_scan)
-_bwd_chunk_tuned = _tuned(K._wkv7_bwd_chunk_kernel, _CHUNK_CONFIGS, ["BN", "L", "FACTORED"])
-_SCAN_KERNELS = (K._wkv7_fwd_scan_kernel, K._wkv7_bwd_scans_kernel)
-
-
-def _launch(tuned, raw, grid, args, **meta):
-    """Autotuned launch on the GPU; a fixed configuration in the interpreter (tuning there would
-    only multiply the run time)."""
-    if _INTERPRET:
-        if raw in _SCAN_KERNELS:
-            meta["BV"] = min(32, meta["BN"])
-        g = grid(meta) if callable(grid) else grid
-        raw[g](*args, **meta)
-    else:
-        tuned[grid](*args, **meta)
+def _scan_fixed(block_n: int) -> triton.Config:
+    return triton.Config({"BV": min(32, block_n)}, num_warps=4, num_stages=1)
 
 
 def _device_ctx(t: torch.Tensor):
@@ -113,7 +100,7 @@ def _prep(r, w, k, v, a, b, L, NT, backward, factored):
     unwritten = bufs["q"]
     args = (r, w, k, v, a, b, bufs["q"], bufs["rp"], bufs["bhat"], bufs["dec"], bufs["p"],
             bufs["khat"], bufs.get("yloc", unwritten), bufs.get("amat", unwritten), T, H, N, NT)
-    _launch(_prep_tuned, K._wkv7_prep_kernel, (NT, BH), args, L=L, BN=_block_n(N),
+    launch(_prep_tuned, K._wkv7_prep_kernel, (NT, BH), args, _CHUNK_FIXED, L=L, BN=_block_n(N),
             WITH_Y=not backward, STORE_A=backward, PREC=_precision(r.dtype), FACTORED=factored)
     return bufs
 
@@ -127,7 +114,7 @@ def _forward(r, w, k, v, a, b, initial_state, L, factored):
     s0 = initial_state if initial_state is not None else final  # unread without HAS_INIT
     args = (v, y, bufs["q"], bufs["rp"], bufs["bhat"], bufs["khat"], bufs["p"], bufs["yloc"],
             bufs["dec"], s0, final, T, H, N, NT, BH)
-    _launch(_fwd_scan_tuned, K._wkv7_fwd_scan_kernel, _scan_grid(BH, N), args,
+    launch(_fwd_scan_tuned, K._wkv7_fwd_scan_kernel, _scan_grid(BH, N), args, _scan_fixed(_block_n(N)),
             L=L, BN=_block_n(N), HAS_INIT=initial_state is not None, PREC=_precision(r.dtype))
     return y, final
 
@@ -147,14 +134,14 @@ def _backward(r, w, k, v, a, b, initial_state, dy, dfinal, L, factored):
     dsT = dfinal if dfinal is not None else dinit  # unread without HAS_DFINAL
     args = (v, dy, bufs["q"], bufs["rp"], bufs["bhat"], bufs["khat"], bufs["p"], bufs["dec"],
             s0, states, final, dsT, dstates, dinit, T, H, N, NT, BH)
-    _launch(_bwd_scans_tuned, K._wkv7_bwd_scans_kernel, _scan_grid(BH, N, passes=2), args,
+    launch(_bwd_scans_tuned, K._wkv7_bwd_scans_kernel, _scan_grid(BH, N, passes=2), args, _scan_fixed(BN),
             L=L, BN=BN, HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal is not None,
             PREC=prec)
     amat = bufs.pop("amat")
     del bufs
     grads = [torch.empty_like(r) for _ in range(6)]
     args = (r, w, k, v, a, b, dy, amat, states, dstates, *grads, T, H, N, NT)
-    _launch(_bwd_chunk_tuned, K._wkv7_bwd_chunk_kernel, (NT, BH), args, L=L, BN=BN, PREC=prec,
+    launch(_bwd_chunk_tuned, K._wkv7_bwd_chunk_kernel, (NT, BH), args, _CHUNK_FIXED, L=L, BN=BN, PREC=prec,
             FACTORED=factored)
     return grads, dinit
 
