@@ -25,6 +25,8 @@ CASES = {
     "fp32_d64_chunk48": ("float32", 1, 110, 110, 2, 1, 64, 48, 2, 0),
     "fp32_d128": ("float32", 1, 40, 40, 1, 1, 128, 16, 3, 0),
     "fp32_d24_padded_head": ("float32", 1, 40, 40, 2, 2, 24, 16, 2, 0),
+    # 3 key blocks per chunk in the dk/dv program order, 8 blocks: a padded last group.
+    "fp32_chunk96_grouped_blocks": ("float32", 1, 250, 250, 2, 1, 16, 96, 3, 0),
     "fp16_gqa_offset": ("float16", 1, 75, 80, 4, 2, 32, 16, 3, 5),
     "fp16_d64": ("float16", 1, 100, 100, 2, 1, 64, 32, 3, 0),
 }

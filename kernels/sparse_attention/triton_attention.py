@@ -180,11 +180,18 @@ def _dkdv_kernel(
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    # One axis, heads fastest: the first key blocks, which every later query may select and so
-    # carry the most pairs, start first on every head instead of one head at a time.
+    # Program order: chunk by chunk; inside a chunk, head by head; inside a (chunk, head), its key
+    # blocks one after another. The key blocks of one (chunk, head) read the same gathered pair
+    # rows, so they run together and share them through L2; and the first chunks, which every
+    # later query may select and so carry the most pairs, start first on every head.
+    per_chunk = tl.maximum(chunk // BN, 1)
     pid = tl.program_id(0)
-    pid_n = pid // n_bh
-    bh = pid % n_bh
+    group_id = pid // (n_bh * per_chunk)
+    in_group = pid % (n_bh * per_chunk)
+    bh = in_group // per_chunk
+    pid_n = group_id * per_chunk + in_group % per_chunk
+    if pid_n * BN >= key_stop:  # padding of the last group
+        return
     b = (bh // Hkv).to(tl.int64)
     kvh = (bh % Hkv).to(tl.int64)
     first_key = pid_n * BN

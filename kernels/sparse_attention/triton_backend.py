@@ -97,6 +97,13 @@ def _strides(q: torch.Tensor, k: torch.Tensor):
     return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
 
 
+def _dkdv_programs(key_stop: int, chunk: int, block_n: int) -> int:
+    """dk/dv programs per (batch, kv head): the key blocks, padded to whole groups of the blocks
+    of one chunk (the kernel's program order; padding programs exit)."""
+    per_chunk = max(chunk // block_n, 1)
+    return triton.cdiv(triton.cdiv(key_stop, block_n), per_chunk) * per_chunk
+
+
 class _TritonTopkChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, selected, chunk_size, scale, q_offset, pair_tile):
@@ -169,7 +176,7 @@ class _TritonTopkChunkAttention(torch.autograd.Function):
         if key_stop < tk:
             dk[:, key_stop:].zero_()
             dv[:, key_stop:].zero_()
-        run("dkdv", lambda meta: (triton.cdiv(key_stop, meta["BN"]) * b * hkv,), (
+        run("dkdv", lambda meta: (_dkdv_programs(key_stop, chunk_size, meta["BN"]) * b * hkv,), (
             q, k, v, do, lse, delta, dk, dv, pairs, offsets, *_strides(q, k),
             tq, hq, hkv, q_offset, chunk_size, key_stop, max(n_past, 1), qk_scale, scale,
             b * hkv, run.t_bucket,
