@@ -101,46 +101,47 @@ class _StateScan(torch.autograd.Function):
     zero-filled gradients for every unbound slice) than on the products.
 
     Per chunk ``c`` (state ``S`` ``[G, N_v, N_k]``): ``U_c = P_c + Q_c S^T``,
-    ``S <- S * d_c + U_c^T B_c + KV_c``. Returns the states entering the chunks ``[G*C, N, N]``,
-    ``U`` ``[G*C, L, N]`` and the state after the last chunk."""
+    ``S <- S * d_c + U_c^T B_c + KV_c``. Inputs and outputs are chunk-major ``[C*G, ...]``, so each
+    step reads and writes whole contiguous blocks, in place. Returns the states entering the
+    chunks ``[C*G, N, N]``, ``U`` ``[C*G, L, N]`` and the state after the last chunk."""
 
     @staticmethod
     def forward(ctx, P, Q, b_end, S_kv, decay, state, G):
         D, L, N = P.shape
         C = D // G
-        Pc, Qc, Bc, KVc, Dc = (x.view(G, C, *x.shape[1:]) for x in (P, Q, b_end, S_kv, decay))
-        S_in = P.new_empty(G, C, N, N)
-        U = P.new_empty(G, C, L, N)
+        Pc, Qc, Bc, KVc, Dc = (x.view(C, G, *x.shape[1:]) for x in (P, Q, b_end, S_kv, decay))
+        S_all = P.new_empty(C + 1, G, N, N)  # S_all[c]: the state entering chunk c
+        S_all[0] = state
+        U = P.new_empty(C, G, L, N)
         for c in range(C):
-            S_in[:, c] = state
-            torch.baddbmm(Pc[:, c], Qc[:, c], state.transpose(-1, -2), out=U[:, c])
-            state = torch.baddbmm(torch.addcmul(KVc[:, c], state, Dc[:, c]), U[:, c].transpose(-1, -2), Bc[:, c])
-        ctx.save_for_backward(Q, b_end, decay, S_in, U)
+            torch.baddbmm(Pc[c], Qc[c], S_all[c].transpose(-1, -2), out=U[c])
+            torch.addcmul(KVc[c], S_all[c], Dc[c], out=S_all[c + 1]).baddbmm_(U[c].transpose(-1, -2), Bc[c])
+        ctx.save_for_backward(Q, b_end, decay, S_all, U)
         ctx.G = G
-        return S_in.view(D, N, N), U.view(D, L, N), state
+        return S_all[:C].view(D, N, N), U.view(D, L, N), S_all[C].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dS_in, dU, dS):
-        Q, b_end, decay, S_in, U = ctx.saved_tensors
-        G = ctx.G
-        D, L, N = Q.shape
-        C = D // G
-        Qc, Bc, Dc = (x.view(G, C, *x.shape[1:]) for x in (Q, b_end, decay))
-        dS_in, dU = dS_in.reshape(G, C, N, N), dU.reshape(G, C, L, N)
-        dP, dQ, dB = torch.empty_like(Q), torch.empty_like(Q), torch.empty_like(b_end)
-        dKV, dDecay = Q.new_empty(D, N, N), torch.empty_like(decay)
-        dPc, dQc, dBc, dKVc, dDc = (x.view(G, C, *x.shape[1:]) for x in (dP, dQ, dB, dKV, dDecay))
+        Q, b_end, decay, S_all, U = ctx.saved_tensors
+        C, G, L, N = U.shape
+        Qc, Bc, Dc = (x.view(C, G, *x.shape[1:]) for x in (Q, b_end, decay))
+        dS_in, dU = dS_in.reshape(C, G, N, N), dU.reshape(C, G, L, N)
+        dP, dQ, dB = torch.empty_like(U), torch.empty_like(U), torch.empty_like(U)
+        # dKV[c] is the gradient of the state leaving chunk c; the loop carries it in place.
+        dKV, dDecay = U.new_empty(C, G, N, N), torch.empty_like(Dc)
+        dKV[C - 1] = dS
+        first = U.new_empty(G, N, N)  # the gradient of the state entering chunk 0
         for c in reversed(range(C)):
-            S_c = S_in[:, c]
-            dKVc[:, c] = dS
-            dDc[:, c] = (dS * S_c).sum(dim=-2, keepdim=True)
-            dU_c = torch.baddbmm(dU[:, c], Bc[:, c], dS.transpose(-1, -2))  # [G, L, N_v]
-            torch.bmm(U[:, c], dS, out=dBc[:, c])
-            dPc[:, c] = dU_c
-            torch.bmm(dU_c, S_c, out=dQc[:, c])
-            dS = torch.baddbmm(torch.addcmul(dS_in[:, c], dS, Dc[:, c]), dU_c.transpose(-1, -2), Qc[:, c])
-        return dP, dQ, dB, dKV, dDecay, dS, None
+            dS, S_c = dKV[c], S_all[c]
+            torch.sum(dS * S_c, dim=-2, keepdim=True, out=dDecay[c])
+            dU_c = torch.baddbmm(dU[c], Bc[c], dS.transpose(-1, -2), out=dP[c])  # [G, L, N_v]
+            torch.bmm(U[c], dS, out=dB[c])
+            torch.bmm(dU_c, S_c, out=dQ[c])
+            prev = dKV[c - 1] if c > 0 else first
+            torch.addcmul(dS_in[c], dS, Dc[c], out=prev).baddbmm_(dU_c.transpose(-1, -2), Qc[c])
+        D = C * G
+        return dP.view(D, L, N), dQ.view(D, L, N), dB.view(D, L, N), dKV.view(D, N, N), dDecay.view(D, 1, N), first, None
 
 
 def _segment(
@@ -163,7 +164,8 @@ def _segment(
     G, T, N = r.shape
     C, L = T // chunk, chunk
     D = G * C
-    r, w, k, v, a, b = (t.reshape(D, L, N) for t in (r, w, k, v, a, b))
+    # Chunk-major [C*G, L, N]: the state scan then steps through contiguous blocks.
+    r, w, k, v, a, b = (t.reshape(G, C, L, N).transpose(0, 1).reshape(D, L, N) for t in (r, w, k, v, a, b))
 
     g = w.cumsum(dim=1)  # inclusive: log-decay from the chunk start through token t
     g_prev = F.pad(g[:, :-1], (0, 0, 1, 0))  # exclusive: through token t-1
@@ -189,7 +191,7 @@ def _segment(
         r * torch.exp(g),
         S_in.transpose(-1, -2),
     )
-    return y.view(G, T, N), state
+    return y.view(C, G, L, N).transpose(0, 1).reshape(G, T, N), state
 
 
 def _segment_bounds(T: int, G: int, N: int, chunk: int) -> List[Tuple[int, int]]:
