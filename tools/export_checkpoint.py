@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Export a megatron-rwkvx checkpoint directory (any tensor/pipeline layout it was saved with) to a
-single .pth in the official RWKV-7 layout (pure R models) or the RWKV-X reference layout.
+single .pth in the official RWKV-7 layout (pure R models) or the RWKV-X reference layout, plus
+``<output>.json`` with what the tensors cannot tell (layer pattern, grouped-query heads, sparse
+chunk size and top-k), which ``load_pretrained`` and the inference tools read back.
 
   python tools/export_checkpoint.py --load checkpoints/stage2 --output rwkvx.pth [--dtype bf16]
 """
@@ -28,7 +30,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint, read_model_config
+    from megatron_rwkvx.checkpointing.megatron_format import (
+        architecture_of,
+        load_model_checkpoint,
+        read_model_config,
+    )
     from megatron_rwkvx.checkpointing.official_format import (
         OFFICIAL_RWKV7,
         REFERENCE_RWKVX,
@@ -36,7 +42,7 @@ def main(argv=None) -> int:
     )
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-    from megatron_rwkvx.pretrained import _prepare_runtime
+    from megatron_rwkvx.pretrained import _prepare_runtime, write_file_config
 
     _prepare_runtime(torch.device("cpu"))
     arch = read_model_config(args.load)
@@ -56,8 +62,10 @@ def main(argv=None) -> int:
     tmp = args.output + ".partial"
     torch.save(sd, tmp)
     os.replace(tmp, args.output)
-    print(json.dumps({"output": args.output, "iteration": iteration, "format": fmt,
-                      "pattern": cfg.layer_pattern}))
+    # The .pth layout holds tensors only: the pattern, GQA heads, chunk size and top-k go beside it.
+    config_path = write_file_config(args.output, architecture_of(cfg))
+    print(json.dumps({"output": args.output, "config": config_path, "iteration": iteration,
+                      "format": fmt, "pattern": cfg.layer_pattern}))
     return 0
 
 
