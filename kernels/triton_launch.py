@@ -50,9 +50,10 @@ def autotuned(kernel, configs, key, prune=None):
 
 
 def launch(tuned, raw, grid, args, fixed: triton.Config, **meta):
-    """Launch ``tuned`` (autotuned) when autotuning is on, else ``raw`` with ``fixed``'s block
-    sizes, warps and stages. ``grid`` is a tuple or a function of the meta-parameters."""
-    if autotune_enabled():
+    """Launch ``tuned`` (autotuned) when autotuning is on, else (or when ``tuned`` is None) ``raw``
+    with ``fixed``'s block sizes, warps and stages. ``grid``: a tuple or a function of the
+    meta-parameters."""
+    if tuned is not None and autotune_enabled():
         tuned[grid](*args, **meta)
         return
     meta = {**meta, **fixed.kwargs}

@@ -70,14 +70,7 @@ class _Launcher:
         self.t_bucket = max(16, next_pow2(tq))
 
     def __call__(self, name: str, grid, args, **meta):
-        tuned = _tuned(name, self.bd) if self.tune else None
-        fixed = self.fixed[name]
-        if tuned is None:
-            meta = {**meta, **fixed.kwargs}
-            g = grid(meta) if callable(grid) else grid
-            _RAW[name][g](*args, **meta, num_warps=fixed.num_warps, num_stages=fixed.num_stages)
-        else:
-            launch(tuned, _RAW[name], grid, args, fixed, **meta)
+        launch(_tuned(name, self.bd) if self.tune else None, _RAW[name], grid, args, self.fixed[name], **meta)
 
 
 def is_available(q: torch.Tensor) -> bool:
