@@ -56,7 +56,6 @@ def _parse_arg_string(arg_string: str) -> dict:
 
 
 class RWKVXLM(_LMBase):
-    EOD = 0  # end-of-document: the prefix of an empty context, as lm-eval's prefix token
 
     def __init__(self, pretrained: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
                  tokenizer_type: str = "RWKVWorldTokenizer", tokenizer_model: Optional[str] = None,
@@ -82,6 +81,9 @@ class RWKVXLM(_LMBase):
 
             tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
         self.engine, self.tokenizer = engine, tokenizer
+        # End-of-document: the prefix of an empty context (lm-eval's prefix token) and the stop
+        # token; the tokenizer's own (0 for RWKV World, 2 for a typical SentencePiece model).
+        self.EOD = tokenizer.eod
         self.max_gen_toks = int(max_gen_toks)
         self.piece_size = int(piece_size)
 

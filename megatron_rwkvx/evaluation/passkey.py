@@ -40,9 +40,10 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
         for depth in depths:
             docs = [passkey_document(length, depth, seed, count) for seed in range(seeds)]
             prompts = [tokenizer.tokenize(d["prompt"]) for d in docs]
-            outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(0,), prefill_piece=piece_size)
+            eod = tokenizer.eod  # 0 for RWKV World, 2 for a typical SentencePiece model
+            outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(eod,), prefill_piece=piece_size)
             for doc, prompt, out in zip(docs, prompts, outputs):
-                text = tokenizer.detokenize([t for t in out if t != 0])
+                text = tokenizer.detokenize([t for t in out if t != eod])
                 rec = {
                     "length": length, "depth": depth, "seed": doc["seed"], "prompt_tokens": len(prompt),
                     "answer": doc["answer"], "generated": text,
