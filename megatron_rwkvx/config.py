@@ -11,6 +11,8 @@ from typing import Optional
 
 from megatron.core.transformer import TransformerConfig
 
+from megatron_rwkvx.errors import UsageError
+
 RWKV_SYMBOL = "R"
 ATTENTION_SYMBOL = "A"
 PATTERN_SYMBOLS = {
@@ -19,7 +21,7 @@ PATTERN_SYMBOLS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration that cannot describe a valid model or parallel layout."""
 
 

@@ -78,3 +78,11 @@ def test_a_config_file_of_another_export_is_refused(exported, tmp_path):
         json.dump({"layer_pattern": "RARR"}, f)  # not ours: refused rather than half-read
     with pytest.raises(CheckpointFormatError, match="not a megatron-rwkvx file config"):
         megatron_rwkvx.load_pretrained(str(other))
+
+
+def test_init_from_an_exported_pth_takes_its_pattern_and_heads(exported):
+    from megatron_rwkvx.training.model_builder import model_shape_from_init
+
+    shape = model_shape_from_init(str(exported))
+    assert shape["layer_pattern"] == "RARR" and shape["num_query_groups"] == 2
+    assert "sparse_chunk_size" not in shape and "sparse_top_k" not in shape  # chosen per stage

@@ -18,6 +18,10 @@ def _env():
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("MEGATRON_RWKVX_FAULT_BEFORE_LATEST", None)
+    if "MASTER_PORT" not in env:  # single-process runs would all rendezvous on 29500
+        from megatron_rwkvx.testing.distributed import free_port
+
+        env["MASTER_PORT"] = str(free_port())
     return env
 
 

@@ -40,33 +40,96 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _spread(num_rwkv: int, num_sparse: int) -> str:
+    """A pattern with ``num_sparse`` sparse blocks spread as evenly as the counts allow."""
+    after = {-(-(i + 1) * num_rwkv // num_sparse) for i in range(num_sparse)}
+    out = ""
+    for j in range(1, num_rwkv + 1):
+        out += "R" + "A" * (j in after)
+    return out
+
+
+def _check_input(args, base) -> None:
+    """Refuse inputs the expansion cannot take, naming the fix (raises CheckpointFormatError or
+    ConfigError)."""
+    from megatron_rwkvx.checkpointing.official_format import (
+        CheckpointFormatError,
+        config_kwargs_from_state_dict,
+    )
+    from megatron_rwkvx.config import ConfigError
+
+    if any(k.startswith(("rwkv.", "moba.")) for k in base):
+        raise CheckpointFormatError(
+            f"--input {args.input} is already an RWKV-X checkpoint (it has rwkv./moba. keys), so there "
+            "is nothing to expand: use it as it is (pretrain --init-from, tools/generate.py --model), "
+            "or convert the RWKV-7 file it was made from"
+        )
+    try:
+        num_rwkv = config_kwargs_from_state_dict(base)["_num_rwkv"]
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(
+            f"--input {args.input}: {err}. The converter expands an RWKV-7 (x070) checkpoint in the "
+            "official key layout (emb.weight, blocks.N.att.r_k, ..., head.weight)"
+        ) from err
+    n = args.num_sparse_blocks
+    if n is None:
+        return
+    divisors = ", ".join(str(d) for d in range(1, num_rwkv + 1) if num_rwkv % d == 0)
+    if n < 1:
+        raise ConfigError(f"--num-sparse-blocks must be at least 1, got {n}; the {num_rwkv} RWKV "
+                          f"blocks of {args.input} take one of {divisors}")
+    if num_rwkv % n:
+        example = f" (e.g. --pattern {_spread(num_rwkv, n)})" if n <= num_rwkv else ""
+        raise ConfigError(
+            f"--num-sparse-blocks {n} cannot be spread evenly over the {num_rwkv} RWKV blocks of "
+            f"{args.input}: use one of {divisors}, or place the sparse blocks yourself with "
+            f"--pattern, one R per RWKV block{example}"
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     from megatron_rwkvx.checkpointing.expansion import expand_rwkv7_state_dict
-    from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
+    from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError, load_state_dict_file
+    from megatron_rwkvx.config import ConfigError
+
+    def fail(message) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
     if os.path.exists(args.output) and not args.overwrite:
-        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    base = load_state_dict_file(args.input)
-    expanded, pattern = expand_rwkv7_state_dict(
-        base, args.pattern, args.num_sparse_blocks, args.init, args.seed
-    )
-    if args.output_format == "pth":
-        tmp = args.output + ".partial"
-        torch.save(expanded, tmp)
-        os.replace(tmp, args.output)  # never leave a half-written file under the final name
-    else:
-        from megatron_rwkvx.checkpointing.megatron_format import save_pretrained_as_megatron
-
-        save_pretrained_as_megatron(
-            expanded,
-            args.output,
-            sparse_chunk_size=args.sparse_chunk_size,
-            sparse_top_k=args.sparse_top_k,
+        return fail(f"{args.output} exists; pass --overwrite to replace it")
+    if os.path.isdir(args.input):
+        return fail(f"--input {args.input} is a directory; give the RWKV-7 .pth file to expand (a "
+                    "training checkpoint directory becomes a .pth with tools/export_checkpoint.py)")
+    if not os.path.isfile(args.input):
+        return fail(f"--input {args.input} does not exist; give the RWKV-7 .pth file to expand")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if args.output_format == "pth" and not os.path.isdir(parent):
+        return fail(f"the folder of --output {args.output} does not exist; create {parent} first")
+    try:
+        base = load_state_dict_file(args.input)
+        _check_input(args, base)
+        expanded, pattern = expand_rwkv7_state_dict(
+            base, args.pattern, args.num_sparse_blocks, args.init, args.seed
         )
+        if args.output_format == "pth":
+            tmp = args.output + ".partial"
+            torch.save(expanded, tmp)
+            os.replace(tmp, args.output)  # never leave a half-written file under the final name
+        else:
+            from megatron_rwkvx.checkpointing.megatron_format import save_pretrained_as_megatron
+
+            save_pretrained_as_megatron(
+                expanded,
+                args.output,
+                sparse_chunk_size=args.sparse_chunk_size,
+                sparse_top_k=args.sparse_top_k,
+            )
+    except (CheckpointFormatError, ConfigError) as err:
+        return fail(err)
     print(json.dumps({"output": args.output, "pattern": pattern, "init": args.init,
                       "format": args.output_format}))
     return 0

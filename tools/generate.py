@@ -14,24 +14,45 @@ import sys
 
 
 class TextStream:
-    """Prints the decoded text of a growing token list, holding back an incomplete UTF-8 tail."""
+    """Prints the text of generated tokens as they come, after a prompt already printed.
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens, self.printed = [], 0
+    Each step decodes the new tokens together with a few tokens before them (at first the prompt's
+    last ones) and prints what they add to the text. Decoding the new tokens alone loses text:
+    SentencePiece (and Hugging Face Metaspace tokenizers) drop the word-boundary space (U+2581) of
+    the first piece of a sequence, so "is" + " Paris" came out as "isParis". Text that ends in an
+    incomplete UTF-8 character (undecoded bytes: U+DC80..U+DCFF escapes, or U+FFFD) is held back
+    until the character is complete. The tokenizer's end-of-document id prints nothing.
+    """
+
+    CONTEXT = 8  # tokens of left context kept for decoding; enough for any word boundary
+
+    def __init__(self, tokenizer, prompt_ids=(), out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
+        self.eod = tokenizer.eod
+        self.tokens = [t for t in prompt_ids if t != self.eod][-self.CONTEXT:]
+        self.printed = len(self.tokenizer.detokenize(self.tokens)) if self.tokens else 0
+
+    def _complete_end(self, text: str) -> int:
+        end = len(text)
+        while end > self.printed and ("\udc80" <= text[end - 1] <= "\udcff" or text[end - 1] == "\ufffd"):
+            end -= 1
+        return end
 
     def push(self, token: int) -> None:
-        if token == 0:
+        if token == self.eod:
             return
         self.tokens.append(token)
         text = self.tokenizer.detokenize(self.tokens)
-        end = len(text)
-        while end > self.printed and "\udc80" <= text[end - 1] <= "\udcff":  # undecoded bytes so far
-            end -= 1
+        end = self._complete_end(text)
         if end > self.printed:
             self.out.write(text[self.printed : end])
             self.out.flush()
             self.printed = end
+        if end == len(text) and len(self.tokens) > 2 * self.CONTEXT:
+            # Everything is printed: restart from the last tokens, so a step costs the same at the
+            # ten-thousandth token as at the first.
+            self.tokens = self.tokens[-self.CONTEXT:]
+            self.printed = len(self.tokenizer.detokenize(self.tokens))
 
     def finish(self) -> None:
         text = self.tokenizer.detokenize(self.tokens)
@@ -64,16 +85,34 @@ def main(argv=None) -> int:
         p.error(str(e))
     prompt = args.prompt
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    tokenizer = tokenizer_from_args(args)
-    engine = engine_from_args(args)
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            p.error(f"--prompt-file {args.prompt_file}: {e.strerror or e}")
+    from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+    from megatron_rwkvx.config import ConfigError
+    from megatron_rwkvx.data.tokenizers import TokenizerError
+
+    try:
+        tokenizer = tokenizer_from_args(args)
+        engine = engine_from_args(args)
+    except (TokenizerError, CheckpointFormatError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if tokenizer.vocab_size > engine.vocab_size:
+        # The model would refuse the prompt's ids (or some of them) with a bare ValueError.
+        print(f"error: the tokenizer ({args.tokenizer_type}, {tokenizer.vocab_size} ids) does not match "
+              f"the model {args.model}, whose vocabulary has {engine.vocab_size} rows: the model was "
+              "trained with another tokenizer; pass that one with --tokenizer-type and "
+              "--tokenizer-model", file=sys.stderr)
+        return 2
     ids = tokenizer.tokenize(prompt)
     if not ids:
-        ids = [0]  # an empty prompt starts after an end-of-document token
-    stream = TextStream(tokenizer)
+        ids = [tokenizer.eod]  # an empty prompt starts after an end of document
+    stream = TextStream(tokenizer, ids)
     sys.stdout.write(prompt)
-    generate(engine, [ids], args.max_new_tokens, sampling, seed=args.seed,
+    generate(engine, [ids], args.max_new_tokens, sampling, stop_tokens=(tokenizer.eod,), seed=args.seed,
              on_token=lambda row, tok: stream.push(tok), prefill_piece=args.piece_size)
     stream.finish()
     return 0

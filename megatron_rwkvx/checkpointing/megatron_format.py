@@ -50,8 +50,11 @@ def read_model_config(directory: str) -> Dict:
         raise FileNotFoundError(
             f"{directory} is not a megatron-rwkvx checkpoint directory ({MODEL_CONFIG_FILE} missing)"
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({exc}); the checkpoint directory is damaged") from exc
 
 
 def read_latest_iteration(directory: str) -> Optional[int]:
@@ -61,7 +64,12 @@ def read_latest_iteration(directory: str) -> Optional[int]:
     with open(path) as f:
         text = f.read().strip()
     if not text.isdigit():
-        raise ValueError(f"{path} is corrupt (expected an iteration number, found {text[:40]!r})")
+        hint = (" ('release' marks a Megatron-LM release checkpoint, which this trainer cannot read: "
+                "give a directory written by --save or tools/convert_rwkv7_to_rwkvx.py "
+                "--output-format megatron)") if text == "release" else ""
+        raise CheckpointFormatError(
+            f"{path} is corrupt (expected an iteration number, found {text[:40]!r}){hint}"
+        )
     return int(text)
 
 

@@ -20,9 +20,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.errors import UsageError
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UsageError):
     """A checkpoint file that does not fit the model (missing, unexpected or misshapen keys)."""
 
 
@@ -162,19 +163,43 @@ def _ignorable(key: str, layout: KeyLayout) -> bool:
     return re.fullmatch(first + r"att\.v[012]", key) is not None
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6; older files are bare pickles
+_EXPECTED = ("expected a PyTorch state dict of tensors written by torch.save(model.state_dict(), path), "
+             "such as an official RWKV-7 .pth")
+
+
+def _unreadable_reason(exc: Exception, zipped: bool) -> str:
+    """One line on why torch.load gave up, instead of its advice to file an issue."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if m:
+        return (f"it holds Python objects ({m.group(1)}) besides tensors, and loading those could "
+                "run arbitrary code, so files like that are refused (weights-only loading)")
+    if zipped and isinstance(exc, RuntimeError):
+        return "it is a zip archive, but not a complete one written by torch.save (truncated or damaged?)"
+    if isinstance(exc, EOFError):
+        return "it ends in the middle of its data (truncated?)"
+    return "its contents are not a torch.save serialisation"
+
+
 def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     """Read a ``.pth`` safely (no code execution), memory-mapped where possible."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Older (non-zip) serialisations cannot be memory-mapped.
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle with code, truncated file, ...
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointFormatError(f"{path} is empty, not a PyTorch checkpoint; {_EXPECTED}")
+    zipped = head == _ZIP_MAGIC
+    try:
+        # Only the zip format can be memory-mapped.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways
         raise CheckpointFormatError(
-            f"cannot read {path} as a weights-only PyTorch state dict ({exc}); only plain tensor "
-            "dictionaries are accepted, files that need arbitrary code to load are refused"
+            f"{path} is not a PyTorch checkpoint that can be read weights-only: "
+            f"{_unreadable_reason(exc, zipped)}; {_EXPECTED}"
         ) from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointFormatError(

@@ -17,11 +17,18 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_rwkvx.data.indexed import DatasetFileError, check_token_ids, validate_indexed_dataset
+from megatron_rwkvx.errors import UsageError
+
+__all__ = [
+    "BATCH_KEYS", "SPLIT_NAMES", "DataConfigError", "DataParallelBatches", "DatasetFileError",
+    "build_gpt_datasets", "check_data_vocab", "parse_data_path", "parse_split",
+]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+SPLIT_NAMES = ("train", "valid", "test")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UsageError):
     """--data-path, --split or sample counts that cannot work."""
 
 
@@ -45,8 +52,11 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
     bad = [items[2 * i] for i, w in enumerate(weights) if w is None or w < 0]
     if bad:
         raise DataConfigError(f"--data-path: {bad} are not non-negative weights; write 'w1 prefix1 w2 prefix2 ...'")
-    if sum(weights) <= 0:
-        raise DataConfigError("--data-path: the weights sum to zero")
+    zero = [prefixes[i] for i, w in enumerate(weights) if w == 0]
+    if zero:
+        # megatron-core's BlendedDataset asserts that every weight is positive.
+        raise DataConfigError(f"--data-path gives {', '.join(zero)} weight 0, and megatron-core blends "
+                              "positive weights only: leave it out")
     return prefixes, weights
 
 
@@ -79,14 +89,20 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         raise DataConfigError(f"seq_length must be positive, got {seq_length}")
     if len(num_samples) != 3:
         raise DataConfigError("num_samples needs one entry per split: (train, valid, test)")
-    for prefix in prefixes:
-        info = validate_indexed_dataset(prefix)
+    infos = [validate_indexed_dataset(prefix) for prefix in prefixes]
+    for prefix, info in zip(prefixes, infos):
         if info.num_tokens <= seq_length:
             raise DataConfigError(
                 f"dataset {prefix!r} has {info.num_tokens} tokens, not enough for one sample of "
                 f"{seq_length} + 1; use more data or a shorter --seq-length"
             )
     sizes = [None if s is None else int(s) for s in num_samples]
+    for name, want, share in zip(SPLIT_NAMES, sizes, shares):
+        if want and share <= 0:
+            raise DataConfigError(
+                f"{want} {name} samples are asked for, but --split {split!r} gives the {name} split "
+                f"no share: give it one{_SPLIT_FIXES[name]}"
+            )
     # megatron-core wants a number, not None, for every split of a weighted blend, even unused ones.
     sizes = [s if share > 0 else 0 for s, share in zip(sizes, shares)]
     if weights is not None and any(s is None and share > 0 for s, share in zip(sizes, shares)):
@@ -105,12 +121,94 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
+    for i in _check_split_ranges(config, prefixes, infos, weights, sizes, seq_length, split):
+        # Nobody reads this split, but megatron-core would still build it and, with no documents
+        # and a sample count of 0, never finish; leaving it out changes no other split's documents.
+        config.split_matrix[i] = None
     with _rank_zero_without_distributed():
         datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    for name, ds, want in zip(("train", "valid", "test"), datasets, sizes):
+    for name, ds, want in zip(SPLIT_NAMES, datasets, sizes):
         if want and ds is not None and len(ds) < want:
             raise DataConfigError(f"the {name} split has {len(ds)} samples, {want} were asked for")
     return datasets
+
+
+_SPLIT_FIXES = {
+    "train": "",
+    "valid": ", or set --eval-iters 0 to train without validation",
+    "test": "",
+}
+
+
+def _check_split_ranges(config, prefixes: List[str], infos: list, weights: Optional[List[float]],
+                        sizes: List[Optional[int]], seq_length: int, split: str) -> List[int]:
+    """Refuse a split that samples are asked of but that some dataset of the blend cannot give
+    one sample for; return the splits nobody asks samples of that megatron-core could not build.
+
+    megatron-core 0.16.1 gives each dataset's split the sequences ``round(bookend * numel)`` of
+    ``config.split_matrix`` (``BlendedMegatronDatasetBuilder._build_megatron_dataset_splits``) and
+    asks it for ``_get_size_per_split_per_dataset`` samples in a weighted blend, the split's size
+    for a single dataset, and one epoch in an unweighted blend. A split without tokens asked for
+    any number of samples (0 included) never leaves ``GPTDataset._get_num_epochs``; one with fewer
+    tokens than a sample repeats one fragment over and over; a dataset without a sample in an
+    unweighted blend fails ``BlendedDataset``'s weight assertion.
+    """
+    import numpy as np
+    from megatron.core.datasets.blended_megatron_dataset_builder import _get_size_per_split_per_dataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.utils import normalize
+
+    unweighted_blend = weights is None and len(prefixes) > 1
+    if weights is not None:
+        asks = _get_size_per_split_per_dataset(normalize(weights), sizes, surplus=config.mid_level_dataset_surplus)
+    elif unweighted_blend:
+        asks = [[None] * len(SPLIT_NAMES) for _ in prefixes]
+    else:
+        asks = [list(sizes)]
+    need = seq_length + 1  # one sample's tokens and the label after them
+
+    datasets = []  # per dataset: (prefix, unit, numel, [(sequences, tokens) or None per split])
+    for prefix, info in zip(prefixes, infos):
+        low_level = GPTDataset.build_low_level_dataset(prefix, config)
+        numel = GPTDataset.numel_low_level_dataset(low_level)
+        lengths = np.asarray(low_level.sequence_lengths)
+        ranges = []
+        for bookends in config.split_matrix:
+            if bookends is None:
+                ranges.append(None)
+                continue
+            beg = int(round(bookends[0] * float(numel)))
+            end = int(round(bookends[1] * float(numel)))
+            ranges.append((end - beg, int(lengths[beg:end].sum(dtype=np.int64))))
+        # megatron-core splits by sequence; preprocess_data.py writes one per document.
+        unit = "documents" if info.num_sequences == info.num_documents else "sequences"
+        datasets.append((prefix, unit, numel, ranges))
+        del low_level, lengths
+
+    unbuildable = []
+    for i, name in enumerate(SPLIT_NAMES):
+        if config.split_matrix[i] is None:
+            continue
+        short = [(d, a[i]) for d, a in zip(datasets, asks) if d[3][i][1] < need]
+        if sizes[i] == 0:
+            # Drop it only where megatron-core would fail: it stays in every other case, so that
+            # the index caches (whose names hash the split matrix) of working setups stay valid.
+            if any(unweighted_blend or ranges[i][1] == 0 for (_, _, _, ranges), _ in short):
+                unbuildable.append(i)
+            continue
+        for (prefix, unit, numel, ranges), ask in short:
+            count, tokens = ranges[i]
+            if ask is None and not unweighted_blend:
+                continue  # one epoch of whatever there is, as asked
+            where = f"dataset {prefix!r}" if len(prefixes) > 1 else f"--data-path {prefix!r}"
+            asked = f"{ask} samples are asked of it" if ask else "the unweighted blend needs one from each dataset"
+            raise DataConfigError(
+                f"the {name} split of {where} gets {count} of its {numel} {unit} ({tokens} tokens), "
+                f"fewer than one sample of {seq_length} + 1 tokens, but {asked}; give the {name} "
+                f"split a larger share in --split (now {split!r}), use more data or a shorter "
+                f"--seq-length{_SPLIT_FIXES[name]}"
+            )
+    return unbuildable
 
 
 @contextlib.contextmanager

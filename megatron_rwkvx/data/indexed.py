@@ -16,12 +16,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from megatron_rwkvx.errors import UsageError
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 
 
-class DatasetFileError(ValueError):
+class DatasetFileError(UsageError):
     """An indexed dataset is missing, truncated, inconsistent or holds out-of-vocabulary ids."""
 
 

@@ -14,11 +14,12 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from megatron_rwkvx.data import rwkv_trie
+from megatron_rwkvx.errors import UsageError
 
 TOKENIZER_TYPES = ("RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError):
     """A tokenizer cannot be built as asked (unknown type, missing or unreadable model)."""
 
 

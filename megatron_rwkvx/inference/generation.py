@@ -23,7 +23,9 @@ def generate(
     """New tokens for each prompt (rows of different lengths decode together).
 
     A row stops at ``max_new_tokens`` or after emitting a token of ``stop_tokens`` (kept in its
-    output). ``on_token(row, token)`` is called as each token is chosen (streaming).
+    output). The default, id 0, is the end of document of the RWKV World tokenizer only; with
+    another tokenizer pass ``(tokenizer.eod,)`` (SentencePiece's id 0 is ``<unk>``, its end of
+    document usually 2). ``on_token(row, token)`` is called as each token is chosen (streaming).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -7,8 +7,10 @@ import math
 import os
 from typing import List, Optional
 
+from megatron_rwkvx.errors import UsageError
 
-class ArgumentError(ValueError):
+
+class ArgumentError(UsageError):
     """An impossible or inconsistent set of arguments."""
 
 
@@ -67,8 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=float, default=0.0)
     t.add_argument("--lr-decay-style", default="constant", choices=["constant", "linear", "cosine", "WSD"])
     t.add_argument("--lr-warmup-iters", type=int, default=0)
-    t.add_argument("--lr-decay-iters", type=int, default=None, help="default: all training iterations")
+    t.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="default: --train-iters, so on a resume a longer --train-iters also "
+                        "lengthens the decay (a change of schedule, see "
+                        "--override-opt-param-scheduler); give it explicitly to keep the decay "
+                        "fixed when extending a run")
     t.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="decay phase length for WSD")
+    t.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on a resume, use the learning-rate schedule of the command line (--lr, "
+                        "--min-lr, --lr-warmup-iters, --lr-decay-iters, --lr-decay-style, "
+                        "--lr-wsd-decay-iters, --weight-decay) instead of the checkpoint's; the "
+                        "step count continues from the checkpoint")
+    t.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on a resume, keep the checkpoint's learning-rate schedule and ignore the "
+                        "command line's. With neither flag a resume whose schedule differs from "
+                        "the checkpoint's is refused, naming the differences (values that do not "
+                        "affect the schedule, like --lr-decay-iters with a constant lr, are not "
+                        "compared: the command line's are kept)")
     t.add_argument("--weight-decay", type=float, default=0.001, help="applied to matrices only")
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="adam is AdamW")
     t.add_argument("--sgd-momentum", type=float, default=0.9)
@@ -164,6 +181,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail(f"--train-iters must be positive, got {args.train_iters}")
     if args.skip_train and args.eval_iters <= 0:
         fail("--skip-train evaluates only: give --eval-iters > 0")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        fail("--override-opt-param-scheduler (the command line's schedule) and "
+             "--use-checkpoint-opt-param-scheduler (the checkpoint's) exclude each other; give one")
+    # Remembered so that a schedule mismatch on resume can say where the decay length came from.
+    args.lr_decay_iters_from_train_iters = args.lr_decay_iters is None
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:

@@ -6,13 +6,20 @@ the iteration and data position (common state), and one small RNG file per rank.
 finished writing, so a run killed mid-save resumes from the previous checkpoint. Tensors carry
 global layer numbers and tensor-parallel axes, so a checkpoint loads into another tensor/pipeline
 layout (the RNG files are then skipped with a note: they are per rank).
+
+A run never destroys another run's checkpoints: before any training work it refuses a --save
+directory of another architecture, or one holding a checkpoint newer than where the run starts
+(unless it resumes that very directory), and --keep-last-checkpoints deletes only the saves of the
+run itself and of the run it continues.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Set
 
 import torch
 from megatron.core import dist_checkpointing
@@ -28,11 +35,16 @@ from megatron_rwkvx.checkpointing.megatron_format import (
     read_model_config,
 )
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.initialize import rng_state, set_rng_state
 
 
 def _model_keys(n: int) -> List[str]:
     return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+# The keys of ``_layout`` that place per-rank state (the RNG files are valid only when they match).
+_PARALLEL_LAYOUT_KEYS = ("world_size", "tp", "pp", "cp", "vpp", "distributed_optimizer")
 
 
 def _layout(args) -> dict:
@@ -43,7 +55,14 @@ def _layout(args) -> dict:
         "cp": args.context_parallel_size,
         "vpp": args.virtual_pipeline_model_parallel_size,
         "distributed_optimizer": bool(args.use_distributed_optimizer),
+        # Stage 1 has optimizer state for the sparse blocks only: a resume must train the same set.
+        "train_only": args.train_only,
     }
+
+
+def _same_parallel_layout(saved: Optional[dict], args) -> bool:
+    saved, ours = saved or {}, _layout(args)
+    return bool(saved) and all(saved.get(k) == ours[k] for k in _PARALLEL_LAYOUT_KEYS)
 
 
 def _optimizer_metadata(args, saved_type: Optional[str] = None) -> Optional[dict]:
@@ -110,19 +129,144 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool, me
     return state
 
 
+@dataclass
+class CheckpointPlan:
+    """What this run does with --load and --save, decided before any training work."""
+
+    resume_iteration: Optional[int] = None  # the --load iteration this run continues; None: scratch
+    # --save is the directory the run resumed from (or was to resume from): its saves up to
+    # ``inherited`` and its interrupted saves are this run's own history, not another run's.
+    continues_save_dir: bool = False
+    inherited: int = -1
+    written: Set[int] = field(default_factory=set)
+
+
+def _is_complete(path: str) -> bool:
+    """dist_checkpointing writes metadata.json last, once every rank's shards are on disk."""
+    from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
+
+    try:
+        return check_is_distributed_checkpoint(path)
+    except (OSError, ValueError, TypeError):  # a metadata.json cut short by the crash
+        return False
+
+
+def _iterations(directory: str) -> List[int]:
+    return sorted(
+        int(m.group(1)) for d in os.listdir(directory) if (m := re.fullmatch(r"iter_(\d{7})", d))
+    )
+
+
+def _newest_checkpoint(directory: str) -> Optional[int]:
+    newest = read_latest_iteration(directory)
+    for i in _iterations(directory):
+        if (newest is None or i > newest) and _is_complete(iteration_dir(directory, i)):
+            newest = i
+    return newest
+
+
+def _inspect_directories(args, cfg):
+    """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
+    plan, warnings = CheckpointPlan(), []
+    load = args.load
+    # A run that only evaluates never writes to --save.
+    save = None if args.skip_train else args.save
+    if load:
+        if os.path.exists(load) and not os.path.isdir(load):
+            return plan, (
+                f"--load {load} is a file; --load resumes a training checkpoint directory (one "
+                f"written by --save, holding {LATEST_FILE}). To start from the weights of a model "
+                f"file use --init-from {load}"), warnings
+        try:
+            latest = read_latest_iteration(load) if os.path.isdir(load) else None
+        except ValueError as err:
+            return plan, f"--load {load}: {err}", warnings
+        if latest is None:
+            warnings.append(f"warning: no checkpoint in {load}: starting from scratch")
+        else:
+            if not os.path.isdir(iteration_dir(load, latest)):
+                return plan, (f"--load {load}: {LATEST_FILE} names iteration {latest} but "
+                              f"{iteration_dir(load, latest)} is missing"), warnings
+            try:
+                check_architecture(read_model_config(load), cfg, load)
+            except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
+                return plan, f"--load {load}: {err}", warnings
+            plan.resume_iteration = latest
+    if save and os.path.exists(save) and not os.path.isdir(save):
+        return plan, f"--save {save} is a file; give a directory for the checkpoints", warnings
+    if save and os.path.isdir(save):
+        if os.path.isfile(os.path.join(save, MODEL_CONFIG_FILE)):
+            try:
+                check_architecture(read_model_config(save), cfg, save)
+            except CheckpointFormatError as err:
+                return plan, (f"--save {save}: {err}\nOr choose another --save directory: saving "
+                              "there would mix two models in one directory."), warnings
+            except ValueError as err:  # bad JSON: whose checkpoints these are cannot be told
+                return plan, (f"--save {save}: {MODEL_CONFIG_FILE} is unreadable ({err}); choose "
+                              "another --save directory"), warnings
+        if load and os.path.isdir(load) and os.path.samefile(load, save):
+            # Its pointer is where this run resumes (or there is none): directories above it are
+            # interrupted saves, or newer ones the user rolled back from on purpose.
+            plan.continues_save_dir = True
+            plan.inherited = -1 if plan.resume_iteration is None else plan.resume_iteration
+        else:
+            try:
+                newest = _newest_checkpoint(save)
+            except ValueError as err:
+                return plan, f"--save {save}: {err}", warnings
+            start = plan.resume_iteration or 0
+            if newest is not None and newest > start:
+                how = (f"resuming {load}" if plan.resume_iteration is not None
+                       else f"no checkpoint in --load {load}" if load else "no --load")
+                return plan, (
+                    f"--save {save} already holds a checkpoint at iteration {newest}, newer than "
+                    f"iteration {start} where this run starts ({how}); saving there would "
+                    f"overwrite that run's checkpoints and move its {LATEST_FILE} back. To continue "
+                    f"that run pass --load {save}; to start another, choose another --save "
+                    "directory."), warnings
+    return plan, None, warnings
+
+
+def plan_checkpoints(args, cfg) -> CheckpointPlan:
+    """Check --load and --save before any training work (raises ``ArgumentError``).
+
+    Rank 0 looks at the directories and every rank acts on its verdict, so that all resume, warn
+    or refuse alike even where they see the filesystem at different moments."""
+    rank = torch.distributed.get_rank()
+    verdict, failure = None, None
+    if rank == 0:
+        try:
+            verdict = _inspect_directories(args, cfg)
+        except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
+            failure = err
+            verdict = (None, f"rank 0 could not inspect --load/--save: {err!r}", [])
+    box = [verdict]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    plan, error, warnings = box[0]
+    if rank == 0:
+        for w in warnings:
+            print(w, flush=True)
+    if error:
+        raise ArgumentError(error)
+    return plan
+
+
 def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
-                    train_state: dict) -> str:
+                    train_state: dict, plan: CheckpointPlan) -> str:
     rank = torch.distributed.get_rank()
     target = iteration_dir(directory, iteration)
     if rank == 0:
         os.makedirs(directory, exist_ok=True)
         if os.path.isdir(target):
-            # A half-written save of the same iteration (a crash mid-save): never mix files.
+            # Not a checkpoint of another run (plan_checkpoints refused those): a save of this
+            # iteration that a crash cut short, or one rolled back from. Never mix files.
             shutil.rmtree(target)
         os.makedirs(target)
         _write_text_atomic(
             os.path.join(directory, MODEL_CONFIG_FILE),
-            __import__("json").dumps(architecture_of(cfg), indent=2, sort_keys=True),
+            json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
         )
     torch.distributed.barrier()
     state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
@@ -137,39 +281,57 @@ def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler
         # before the pointer moves, as a node lost mid-save would.
         os._exit(17)
     torch.distributed.barrier()
+    plan.written.add(iteration)
     if rank == 0:
         _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
-        _prune(directory, keep=args.keep_last_checkpoints, latest=iteration)
+        _prune(directory, args.keep_last_checkpoints, iteration, plan)
     torch.distributed.barrier()
     return target
 
 
-def _prune(directory: str, keep: int, latest: int) -> None:
+def _prune(directory: str, keep: Optional[int], latest: int, plan: CheckpointPlan) -> None:
+    """Apply --keep-last-checkpoints to this run's own saves (and those of the run it continues in
+    the same directory). Another run's checkpoints are never deleted, nor anything newer than
+    ``latest``: the pointer may have been rolled back on purpose."""
     if keep is None or keep <= 0:
         return
-    iters = sorted(
-        int(m.group(1)) for d in os.listdir(directory) if (m := re.fullmatch(r"iter_(\d{7})", d))
-    )
-    done = [i for i in iters if i <= latest]
-    for old in done[:-keep]:
+    iters = _iterations(directory)
+    ours = [i for i in iters if i <= latest and (i in plan.written or i <= plan.inherited)
+            and _is_complete(iteration_dir(directory, i))]
+    for old in ours[:-keep]:
         shutil.rmtree(iteration_dir(directory, old), ignore_errors=True)
-    # Directories newer than the pointer are leftovers of an interrupted save.
-    for stale in (i for i in iters if i > latest):
-        shutil.rmtree(iteration_dir(directory, stale), ignore_errors=True)
+    if plan.continues_save_dir:
+        # Saves of the continued run that a crash cut short (no dist_checkpointing metadata):
+        # nothing can load them.
+        for i in iters:
+            if i < latest and i not in plan.written and not _is_complete(iteration_dir(directory, i)):
+                shutil.rmtree(iteration_dir(directory, i), ignore_errors=True)
 
 
 def has_checkpoint(directory: Optional[str]) -> bool:
-    return bool(directory) and read_latest_iteration(directory) is not None
+    return bool(directory) and os.path.isdir(directory) and read_latest_iteration(directory) is not None
 
 
-def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log=print) -> dict:
-    """Restore a training run; returns the saved train state (iteration, consumed samples, ...)."""
+def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log=print,
+                    iteration: Optional[int] = None) -> dict:
+    """Restore a training run; returns the saved train state (iteration, consumed samples, ...).
+    ``iteration``: the one ``plan_checkpoints`` chose (default: the directory's latest)."""
     check_architecture(read_model_config(directory), cfg, directory)
-    iteration = read_latest_iteration(directory)
+    if iteration is None:
+        iteration = read_latest_iteration(directory)
     target = iteration_dir(directory, iteration)
     common = dist_checkpointing.load_common_state_dict(target)
     with_optim = not args.no_load_optim
     saved_layout = common.get("layout") or {}
+    saved_train_only = saved_layout.get("train_only")  # absent in checkpoints of older versions
+    if with_optim and saved_train_only is not None and saved_train_only != args.train_only:
+        raise CheckpointFormatError(
+            f"{target}: the optimizer state was saved with --train-only {saved_train_only} and this "
+            f"run has --train-only {args.train_only}, so their optimizers hold different parameters; "
+            f"pass --train-only {saved_train_only} to resume it, or --no-load-optim to load the "
+            f"weights only (with a fresh optimizer); to start a new stage from its weights use "
+            f"--init-from {directory} instead of --load"
+        )
     saved_dist_opt = saved_layout.get("distributed_optimizer")
     if with_optim and saved_dist_opt is not None and saved_dist_opt != bool(args.use_distributed_optimizer):
         raise CheckpointFormatError(
@@ -205,7 +367,7 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_step(optimizer)
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    same_layout = common.get("layout") == _layout(args)
+    same_layout = _same_parallel_layout(common.get("layout"), args)
     rng_file = os.path.join(target, f"rng_rank{torch.distributed.get_rank():05d}.pt")
     if not args.no_load_rng and same_layout and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -6,7 +6,7 @@ from typing import Dict, Iterator
 
 from megatron.core import parallel_state
 
-from megatron_rwkvx.data.datasets import DataParallelBatches, build_gpt_datasets
+from megatron_rwkvx.data.datasets import DataConfigError, DataParallelBatches, build_gpt_datasets
 from megatron_rwkvx.data.datasets import check_data_vocab as _check_vocab
 from megatron_rwkvx.data.tokenizers import build_tokenizer
 
@@ -43,7 +43,7 @@ def _get_datasets(args, tokenizer):
 def build_data_iterators(args, tokenizer, split: str, consumed_samples: int) -> Iterator[Dict]:
     dataset = _get_datasets(args, tokenizer)[_SPLITS[split]]
     if dataset is None:
-        raise ValueError(
+        raise DataConfigError(
             f"the {split} split is empty: give it a share in --split (now {args.split!r}) or set "
             "--eval-iters 0"
         )

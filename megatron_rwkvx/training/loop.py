@@ -28,6 +28,7 @@ from megatron_rwkvx.training.losses import (
     masked_token_loss,
 )
 from megatron_rwkvx.training.metrics import Logger, format_eta, memory_summary, model_flops_per_token
+from megatron_rwkvx.training.schedule import build_scheduler
 from megatron_rwkvx.training import model_builder
 
 
@@ -154,8 +155,9 @@ def pretrain(args) -> int:
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
     check_data_vocab(args, cfg.vocab_size)
     args.model_config = cfg
+    plan = ckpt.plan_checkpoints(args, cfg)
+    resuming = plan.resume_iteration is not None
     chunks = model_builder.build_model_chunks(cfg, args)
-    resuming = ckpt.has_checkpoint(args.load)
     if args.init_from and not resuming:
         _load_initial_weights(args, cfg, chunks)
     if args.train_only == "sparse":
@@ -163,7 +165,7 @@ def pretrain(args) -> int:
         logger.print(f"stage 1: training only the sparse-attention blocks ({trainable:,} parameters on this rank)")
     ddp_chunks = model_builder.wrap_ddp(chunks, cfg, args)
     optimizer = model_builder.build_optimizer(ddp_chunks, cfg, args)
-    scheduler = model_builder.build_scheduler(optimizer, args)
+    scheduler = build_scheduler(optimizer, args)
 
     cfg.grad_scale_func = optimizer.scale_loss
     cfg.finalize_model_grads_func = finalize_model_grads
@@ -179,7 +181,8 @@ def pretrain(args) -> int:
     state = {"iteration": 0, "consumed_train_samples": 0, "skipped_iters": 0}
     if resuming:
         try:
-            state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg, logger.print))
+            state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg,
+                                              logger.print, iteration=plan.resume_iteration))
         except CheckpointFormatError as err:  # a checkpoint that does not fit this run: no traceback
             raise ArgumentError(f"--load {args.load}: {err}") from err
         logger.print(f"resumed from {args.load} at iteration {state['iteration']}")
@@ -216,7 +219,8 @@ def pretrain(args) -> int:
 
     start_time = time.time()
     start_iteration = state["iteration"]  # after a resume the ETA counts this run's iterations
-    window_start, window_tokens = time.time(), 0
+    # Throughput covers the training steps only: evaluation and saves are timed out of it.
+    window_time, window_tokens = 0.0, 0
     window_loss = torch.zeros(2)
     exit_code = 0
     for m in ddp_chunks:
@@ -225,11 +229,12 @@ def pretrain(args) -> int:
     def save(reason: str):
         if args.save:
             target = ckpt.save_checkpoint(
-                args.save, state["iteration"], ddp_chunks, optimizer, scheduler, args, cfg, state
+                args.save, state["iteration"], ddp_chunks, optimizer, scheduler, args, cfg, state, plan
             )
             logger.print(f"saved checkpoint ({reason}) to {target}")
 
     while state["iteration"] < args.train_iters:
+        step_start = time.time()
         for m in ddp_chunks:
             m.zero_grad_buffer()
         optimizer.zero_grad()
@@ -259,13 +264,13 @@ def pretrain(args) -> int:
         state["consumed_train_samples"] += args.global_batch_size
         tokens_this_iter = args.global_batch_size * args.seq_length
         window_tokens += tokens_this_iter
+        window_time += time.time() - step_start
         if finite:
             window_loss += totals.cpu()
 
         it = state["iteration"]
         if it % args.log_interval == 0 or it == args.train_iters:
-            elapsed = time.time() - window_start
-            tok_s = window_tokens / max(elapsed, 1e-9)
+            tok_s = window_tokens / max(window_time, 1e-9)
             # Training = forward + backward (3x forward); LongCE adds forward-only short windows.
             flops = tok_s * 3 * flops_per_token + (
                 tok_s / args.seq_length * extra_forward_tokens * flops_per_token
@@ -284,7 +289,7 @@ def pretrain(args) -> int:
             logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
                             "train/skipped_iters": state["skipped_iters"]}, it)
-            window_start, window_tokens = time.time(), 0
+            window_time, window_tokens = 0.0, 0
             window_loss.zero_()
 
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
@@ -309,7 +314,10 @@ def pretrain(args) -> int:
         if args.save_interval and it % args.save_interval == 0:
             save("interval")
 
-    if exit_code == 0 and args.save and (not args.save_interval or state["iteration"] % args.save_interval):
+    # A resume at the last iteration trains nothing: saving again would only rewrite (delete,
+    # then write) the checkpoint it loaded.
+    if (exit_code == 0 and args.save and state["iteration"] > start_iteration
+            and (not args.save_interval or state["iteration"] % args.save_interval)):
         save("end of training")
     logger.print(f"done: {state['iteration']} iterations in {format_eta(time.time() - start_time)}")
     logger.close()

@@ -10,7 +10,6 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKVXConfig
 from megatron_rwkvx.training.arguments import ArgumentError
@@ -30,14 +29,16 @@ def model_shape_from_init(path: str) -> dict:
         from megatron_rwkvx.checkpointing.megatron_format import read_model_config
 
         shape = read_model_config(path)
-        shape.pop("sparse_chunk_size", None)
-        shape.pop("sparse_top_k", None)
-        return shape
-    from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
-    from megatron_rwkvx.pretrained import config_from_file_state_dict
+    else:
+        from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
+        from megatron_rwkvx.pretrained import config_from_file_state_dict, read_file_config
 
-    kwargs, _ = config_from_file_state_dict(load_state_dict_file(path))
-    return kwargs
+        # <file>.pth.json (written by export_checkpoint) keeps the pattern and GQA heads.
+        shape, _ = config_from_file_state_dict(load_state_dict_file(path), read_file_config(path))
+    # How the sparse blocks select is a training choice (stage 2 may change it), not a shape.
+    shape.pop("sparse_chunk_size", None)
+    shape.pop("sparse_top_k", None)
+    return shape
 
 
 def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
@@ -202,24 +203,3 @@ def build_optimizer(ddp_chunks, cfg, args):
         opt_config, ddp_chunks, config_overrides={no_decay: {"wd_mult": 0.0}}
     )
     return optimizer
-
-
-def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
-    wsd = args.lr_wsd_decay_iters if args.lr_decay_style == "WSD" else None
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
-        wsd_decay_steps=wsd,
-        lr_wsd_decay_style="cosine" if wsd else None,
-    )
