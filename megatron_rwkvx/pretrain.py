@@ -91,6 +91,10 @@ def main(argv=None) -> int:
     except ArgumentError as err:
         return _report(err)
     input_errors = _input_errors()
+    import torch
+
+    # Tear down only a process group this call set up: a caller's (a test, a notebook) stays.
+    ours = not torch.distributed.is_initialized()
     try:
         _check_before_launch(args)
         from megatron_rwkvx.training.loop import pretrain
@@ -100,8 +104,6 @@ def main(argv=None) -> int:
         # The loop's own checks (tokenizer, model shape, data files, checkpoints) end here on
         # every rank that made them; the module docstring says what happens to the other ranks.
         code = _report(err)
-        import torch
-
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # Leave now: interpreter shutdown takes seconds, and a peer that meanwhile fails in a
             # collective with this rank would be what the launcher reports as the root cause.
@@ -109,9 +111,7 @@ def main(argv=None) -> int:
             os._exit(code)
         return code
     finally:
-        import torch
-
-        if torch.distributed.is_initialized():
+        if ours and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -163,8 +163,12 @@ EARLY_CASES = {
 
 @pytest.mark.parametrize("case", list(EARLY_CASES))
 def test_pretrain_refuses_before_starting(files, capsys, case):
+    from megatron_rwkvx.parallel.state import ensure_single_process_parallel_state
+
+    ensure_single_process_parallel_state()  # a caller's group (other in-process tests use it)
     extra, phrases = EARLY_CASES[case]
     rc = _main_in_process(files, *[a.format(**files) for a in extra])
+    assert torch.distributed.is_initialized(), "main() destroyed the caller's process group"
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     for phrase in phrases:
