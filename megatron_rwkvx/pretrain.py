@@ -28,54 +28,28 @@ def _input_errors() -> tuple:
     return (UsageError, FileNotFoundError)
 
 
-def _latest_iteration(flag: str, path: str, fresh_start_allowed: bool):
-    """The iteration a checkpoint directory points at, read as the loaders will, with its
-    model_config.json. None: no pointer, allowed only for a fresh start (an empty --load)."""
-    from megatron_rwkvx.checkpointing.megatron_format import read_latest_iteration, read_model_config
+def _check_init_from(path) -> None:
+    """An --init-from that the loaders would only report after the model is built, or as plain
+    ValueErrors: checked before any process group exists, so every rank refuses alike. (--load
+    and --save are inspected by ``training.checkpointing.plan_checkpoints``.)"""
+    from megatron_rwkvx.checkpointing.megatron_format import LATEST_FILE, read_latest_iteration, read_model_config
     from megatron_rwkvx.training.arguments import ArgumentError
 
+    if not os.path.exists(path):
+        raise ArgumentError(f"--init-from {path} does not exist; give an RWKV-7/RWKV-X .pth or a "
+                            "checkpoint directory")
+    if not os.path.isdir(path):
+        return
     try:
         iteration = read_latest_iteration(path)
-        if iteration is not None or not fresh_start_allowed:
-            read_model_config(path)
+        read_model_config(path)
     except (FileNotFoundError, ValueError) as err:  # CheckpointFormatError is a ValueError
-        raise ArgumentError(f"{flag} {path}: {err}") from err
-    return iteration
-
-
-def _check_before_launch(args) -> None:
-    """Input problems that the loaders and the loop would report as plain ValueErrors (which
-    cannot be told apart from bugs) or only after minutes of work: checked before any process
-    group exists, so every rank refuses alike and none waits for another."""
-    from megatron_rwkvx.checkpointing.megatron_format import LATEST_FILE, iteration_dir
-    from megatron_rwkvx.data.datasets import parse_split
-    from megatron_rwkvx.training.arguments import ArgumentError
-
-    init = args.init_from
-    if init and not os.path.exists(init):
-        raise ArgumentError(f"--init-from {init} does not exist; give an RWKV-7/RWKV-X .pth or a "
-                            "checkpoint directory")
-    if init and os.path.isdir(init) and _latest_iteration("--init-from", init, False) is None:
+        raise ArgumentError(f"--init-from {path}: {err}") from err
+    if iteration is None:
         raise ArgumentError(
-            f"--init-from {init}: no completed save in it ({LATEST_FILE} is missing); give a "
+            f"--init-from {path}: no completed save in it ({LATEST_FILE} is missing); give a "
             "directory written by --save or by tools/convert_rwkv7_to_rwkvx.py --output-format megatron"
         )
-    if args.load and os.path.isdir(args.load):
-        iteration = _latest_iteration("--load", args.load, True)
-        if iteration is not None and not os.path.isdir(iteration_dir(args.load, iteration)):
-            raise ArgumentError(
-                f"--load {args.load}: {LATEST_FILE} names iteration {iteration}, but "
-                f"{iteration_dir(args.load, iteration)} is missing; point {LATEST_FILE} at a saved "
-                "iteration, or remove it to start from scratch"
-            )
-
-    train, valid, _ = parse_split(args.split)
-    for name, share, needed in (("train", train, True), ("valid", valid, args.eval_iters > 0)):
-        if needed and share <= 0:
-            raise ArgumentError(
-                f"--split {args.split!r} leaves the {name} split empty; give it a share"
-                + (", or set --eval-iters 0 to train without validation" if name == "valid" else "")
-            )
 
 
 def _report(err: BaseException) -> int:
@@ -96,7 +70,8 @@ def main(argv=None) -> int:
     # Tear down only a process group this call set up: a caller's (a test, a notebook) stays.
     ours = not torch.distributed.is_initialized()
     try:
-        _check_before_launch(args)
+        if args.init_from:
+            _check_init_from(args.init_from)
         from megatron_rwkvx.training.loop import pretrain
 
         return pretrain(args)

@@ -115,6 +115,8 @@ PRETRAIN_CASES = {
     "garbage init-from": (lambda f, sp: ["--init-from", f["garbage"]],
                           ["garbage.pth", "not a PyTorch checkpoint", "torch.save"]),
     "release pointer in --load": (lambda f, sp: ["--load", f["release"]], ["--load", "'release'", "Megatron-LM"]),
+    "load without model_config.json": (lambda f, sp: ["--load", f["no_config"]], ["--load", "model_config.json"]),
+    "load pointing at a missing save": (lambda f, sp: ["--load", f["lost_iteration"]], ["iter_0000007", "missing"]),
 }
 
 
@@ -149,15 +151,14 @@ def _main_in_process(files, *extra):
     return main([*MODEL, *RUN, "--data-path", files["data"], *map(str, extra)])
 
 
-# Refused before any process group exists, so main() can run in this process.
+# Refused before any process group exists (argument checks, --init-from), so main() can run in
+# this process.
 EARLY_CASES = {
     "empty valid split": (["--split", "100,0,0", "--eval-iters", "1"], ["valid split empty", "--eval-iters 0"]),
     "empty train split": (["--split", "0,50,50"], ["train split empty"]),
     "malformed split": (["--split", "a,b"], ["--split 'a,b'"]),
     "missing init-from": (["--init-from", "{missing}"], ["foo.pth", "does not exist"]),
     "release init-from": (["--init-from", "{release_with_config}"], ["--init-from", "'release'"]),
-    "load without model_config.json": (["--load", "{no_config}"], ["--load", "model_config.json"]),
-    "load pointing at a missing save": (["--load", "{lost_iteration}"], ["iter_0000007", "missing"]),
 }
 
 

@@ -181,6 +181,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail(f"--train-iters must be positive, got {args.train_iters}")
     if args.skip_train and args.eval_iters <= 0:
         fail("--skip-train evaluates only: give --eval-iters > 0")
+    from megatron_rwkvx.data.datasets import DataConfigError, parse_split
+
+    try:
+        train_share, valid_share, _ = parse_split(args.split)
+    except DataConfigError as err:
+        fail(str(err))
+    if train_share <= 0:
+        fail(f"--split {args.split!r} leaves the train split empty; give it a share")
+    if valid_share <= 0 and args.eval_iters > 0:
+        fail(f"--split {args.split!r} leaves the valid split empty; give it a share, or set "
+             "--eval-iters 0 to train without validation")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         fail("--override-opt-param-scheduler (the command line's schedule) and "
              "--use-checkpoint-opt-param-scheduler (the checkpoint's) exclude each other; give one")

@@ -186,7 +186,8 @@ def _inspect_directories(args, cfg):
         else:
             if not os.path.isdir(iteration_dir(load, latest)):
                 return plan, (f"--load {load}: {LATEST_FILE} names iteration {latest} but "
-                              f"{iteration_dir(load, latest)} is missing"), warnings
+                              f"{iteration_dir(load, latest)} is missing; point {LATEST_FILE} at a "
+                              "saved iteration, or remove it to start from scratch"), warnings
             try:
                 check_architecture(read_model_config(load), cfg, load)
             except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
