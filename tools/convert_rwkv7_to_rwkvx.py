@@ -40,23 +40,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _spread(num_rwkv: int, num_sparse: int) -> str:
-    """A pattern with ``num_sparse`` sparse blocks spread as evenly as the counts allow."""
-    after = {-(-(i + 1) * num_rwkv // num_sparse) for i in range(num_sparse)}
-    out = ""
-    for j in range(1, num_rwkv + 1):
-        out += "R" + "A" * (j in after)
-    return out
-
-
 def _check_input(args, base) -> None:
-    """Refuse inputs the expansion cannot take, naming the fix (raises CheckpointFormatError or
-    ConfigError)."""
+    """Refuse a file that is not an RWKV-7 checkpoint to expand (raises CheckpointFormatError);
+    the block counts are checked by the expansion itself."""
     from megatron_rwkvx.checkpointing.official_format import (
         CheckpointFormatError,
         config_kwargs_from_state_dict,
     )
-    from megatron_rwkvx.config import ConfigError
 
     if any(k.startswith(("rwkv.", "moba.")) for k in base):
         raise CheckpointFormatError(
@@ -65,26 +55,12 @@ def _check_input(args, base) -> None:
             "or convert the RWKV-7 file it was made from"
         )
     try:
-        num_rwkv = config_kwargs_from_state_dict(base)["_num_rwkv"]
+        config_kwargs_from_state_dict(base)
     except CheckpointFormatError as err:
         raise CheckpointFormatError(
             f"--input {args.input}: {err}. The converter expands an RWKV-7 (x070) checkpoint in the "
             "official key layout (emb.weight, blocks.N.att.r_k, ..., head.weight)"
         ) from err
-    n = args.num_sparse_blocks
-    if n is None:
-        return
-    divisors = ", ".join(str(d) for d in range(1, num_rwkv + 1) if num_rwkv % d == 0)
-    if n < 1:
-        raise ConfigError(f"--num-sparse-blocks must be at least 1, got {n}; the {num_rwkv} RWKV "
-                          f"blocks of {args.input} take one of {divisors}")
-    if num_rwkv % n:
-        example = f" (e.g. --pattern {_spread(num_rwkv, n)})" if n <= num_rwkv else ""
-        raise ConfigError(
-            f"--num-sparse-blocks {n} cannot be spread evenly over the {num_rwkv} RWKV blocks of "
-            f"{args.input}: use one of {divisors}, or place the sparse blocks yourself with "
-            f"--pattern, one R per RWKV block{example}"
-        )
 
 
 def main(argv=None) -> int:

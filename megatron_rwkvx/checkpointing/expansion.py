@@ -40,9 +40,27 @@ def resolve_pattern(num_rwkv: int, pattern: Optional[str], num_sparse_blocks: Op
                 f"has {num_rwkv} RWKV blocks: the pattern must keep every base block"
             )
         return pattern
-    if num_sparse_blocks is None or num_sparse_blocks < 1:
+    if num_sparse_blocks is None:
         raise ConfigError("give --pattern or a positive --num-sparse-blocks")
-    return default_pattern(num_rwkv, num_sparse_blocks)
+    n = num_sparse_blocks
+    divisors = ", ".join(str(d) for d in range(1, num_rwkv + 1) if num_rwkv % d == 0)
+    if n < 1:
+        raise ConfigError(f"--num-sparse-blocks must be at least 1, got {n}; the {num_rwkv} RWKV "
+                          f"blocks of the base model take one of {divisors}")
+    if num_rwkv % n:
+        example = f" (e.g. --pattern {_spread(num_rwkv, n)})" if n <= num_rwkv else ""
+        raise ConfigError(
+            f"--num-sparse-blocks {n} cannot be spread evenly over the {num_rwkv} RWKV blocks of "
+            f"the base model ({num_rwkv} is not a multiple of {n}): use one of {divisors}, or place the sparse blocks yourself with "
+            f"--pattern, one R per RWKV block{example}"
+        )
+    return default_pattern(num_rwkv, n)
+
+
+def _spread(num_rwkv: int, num_sparse: int) -> str:
+    """A pattern with ``num_sparse`` sparse blocks spread as evenly as the counts allow."""
+    after = {-(-(i + 1) * num_rwkv // num_sparse) for i in range(num_sparse)}
+    return "".join(RWKV_SYMBOL + ATTENTION_SYMBOL * (j in after) for j in range(1, num_rwkv + 1))
 
 
 def expand_rwkv7_state_dict(
