@@ -20,12 +20,10 @@ import sys
 
 
 def _input_errors() -> tuple:
-    """The exception types that mean "the run was asked for something impossible", not a bug:
-    the project's ``UsageError`` family, and FileNotFoundError, which the loaders raise naming a
-    path the user gave (a .pth, a checkpoint's model_config.json)."""
-    from megatron_rwkvx.errors import UsageError
+    """The exception types that mean "the run was asked for something impossible", not a bug."""
+    from megatron_rwkvx.errors import INPUT_ERRORS
 
-    return (UsageError, FileNotFoundError)
+    return INPUT_ERRORS
 
 
 def _check_init_from(path) -> None:

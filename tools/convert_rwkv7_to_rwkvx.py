@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_rwkvx.checkpointing.expansion import expand_rwkv7_state_dict
-    from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError, load_state_dict_file
-    from megatron_rwkvx.config import ConfigError
+    from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
+    from megatron_rwkvx.errors import INPUT_ERRORS
 
     def fail(message) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 sparse_chunk_size=args.sparse_chunk_size,
                 sparse_top_k=args.sparse_top_k,
             )
-    except (CheckpointFormatError, ConfigError) as err:
+    except INPUT_ERRORS as err:
         return fail(err)
     print(json.dumps({"output": args.output, "pattern": pattern, "init": args.init,
                       "format": args.output_format}))

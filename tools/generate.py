@@ -90,14 +90,12 @@ def main(argv=None) -> int:
                 prompt = f.read()
         except OSError as e:
             p.error(f"--prompt-file {args.prompt_file}: {e.strerror or e}")
-    from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
-    from megatron_rwkvx.config import ConfigError
-    from megatron_rwkvx.data.tokenizers import TokenizerError
+    from megatron_rwkvx.errors import INPUT_ERRORS
 
     try:
         tokenizer = tokenizer_from_args(args)
         engine = engine_from_args(args)
-    except (TokenizerError, CheckpointFormatError, ConfigError, FileNotFoundError) as err:
+    except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if tokenizer.vocab_size > engine.vocab_size:
