@@ -29,7 +29,7 @@ def _input_errors() -> tuple:
 def _check_init_from(path) -> None:
     """An --init-from that the loaders would only report after the model is built, or as plain
     ValueErrors: checked before any process group exists, so every rank refuses alike. (--load
-    and --save are inspected by ``training.checkpointing.plan_checkpoints``.)"""
+    and --save are inspected by ``training.resume.plan_checkpoints``.)"""
     from megatron_rwkvx.checkpointing.megatron_format import LATEST_FILE, read_latest_iteration, read_model_config
     from megatron_rwkvx.training.arguments import ArgumentError
 

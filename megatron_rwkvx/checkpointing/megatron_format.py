@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+import re
+from typing import Dict, List, Optional
 
 import torch
+from megatron.core import dist_checkpointing
 
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 
@@ -38,6 +40,21 @@ ARCH_FIELDS = (
 
 def iteration_dir(directory: str, iteration: int) -> str:
     return os.path.join(directory, f"iter_{iteration:07d}")
+
+
+def saved_iterations(directory: str) -> List[int]:
+    """The iterations with an ``iter_{N:07d}`` directory in ``directory``, complete or not."""
+    return sorted(
+        int(m.group(1)) for d in os.listdir(directory) if (m := re.fullmatch(r"iter_(\d{7})", d))
+    )
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """dist_checkpointing writes metadata.json last, once every rank's shards are on disk."""
+    try:
+        return dist_checkpointing.check_is_distributed_checkpoint(path)
+    except (OSError, ValueError, TypeError):  # a metadata.json cut short by the crash
+        return False
 
 
 def architecture_of(cfg) -> Dict:
@@ -89,7 +106,7 @@ def check_architecture(saved: Dict, cfg, directory: str) -> None:
         )
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -101,13 +118,11 @@ def _write_text_atomic(path: str, text: str) -> None:
 def save_model_checkpoint(model, cfg, directory: str, iteration: int = 0, extra_common: Optional[Dict] = None) -> str:
     """Save the model's sharded state (collective). The ``latest`` pointer moves only after the
     save completed, so a crash mid-save leaves the previous checkpoint loadable."""
-    from megatron.core import dist_checkpointing
-
     target = iteration_dir(directory, iteration)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank == 0:
         os.makedirs(target, exist_ok=True)
-        _write_text_atomic(
+        write_text_atomic(
             os.path.join(directory, MODEL_CONFIG_FILE),
             json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
         )
@@ -120,14 +135,12 @@ def save_model_checkpoint(model, cfg, directory: str, iteration: int = 0, extra_
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
+        write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
     return target
 
 
 def load_model_checkpoint(model, cfg, directory: str, iteration: Optional[int] = None) -> int:
     """Load model weights saved with any tensor/pipeline layout; returns the iteration loaded."""
-    from megatron.core import dist_checkpointing
-
     check_architecture(read_model_config(directory), cfg, directory)
     if iteration is None:
         iteration = read_latest_iteration(directory)

@@ -45,7 +45,7 @@ def one_training_step(
     from megatron_rwkvx.models.rwkvx_model import pipeline_seq_length
     from megatron_rwkvx.testing.distributed import initialize_parallel
     from megatron_rwkvx.training import model_builder
-    from megatron_rwkvx.training.loop import _forward_step, _reduce_reports
+    from megatron_rwkvx.training.loop import forward_step, reduce_reports
 
     tp = layout.get("tp", 1)
     pp = layout.get("pp", 1)
@@ -100,7 +100,7 @@ def one_training_step(
     for m in ddp:
         m.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=lambda it, model: _forward_step(args, torch.device("cpu"), it, model),
+        forward_step_func=lambda it, model: forward_step(args, torch.device("cpu"), it, model),
         data_iterator=iters if len(iters) > 1 else iters[0],
         model=ddp,
         num_microbatches=get_num_microbatches(),
@@ -108,7 +108,7 @@ def one_training_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    totals = _reduce_reports(reports)
+    totals = reduce_reports(reports)
     optimizer.step()
     destroy_num_microbatches_calculator()
 

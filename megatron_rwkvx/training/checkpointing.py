@@ -7,19 +7,17 @@ finished writing, so a run killed mid-save resumes from the previous checkpoint.
 global layer numbers and tensor-parallel axes, so a checkpoint loads into another tensor/pipeline
 layout (the RNG files are then skipped with a note: they are per rank).
 
-A run never destroys another run's checkpoints: before any training work it refuses a --save
-directory of another architecture, or one holding a checkpoint newer than where the run starts
-(unless it resumes that very directory), and --keep-last-checkpoints deletes only the saves of the
-run itself and of the run it continues.
+A run never destroys another run's checkpoints: before any training work ``training.resume``
+refuses a --save directory of another architecture, or one holding a checkpoint newer than where
+the run starts (unless it resumes that very directory), and --keep-last-checkpoints deletes only
+the saves of the run itself and of the run it continues.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from typing import List, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -27,16 +25,18 @@ from megatron.core import dist_checkpointing
 from megatron_rwkvx.checkpointing.megatron_format import (
     LATEST_FILE,
     MODEL_CONFIG_FILE,
-    _write_text_atomic,
     architecture_of,
     check_architecture,
+    is_complete_checkpoint,
     iteration_dir,
     read_latest_iteration,
     read_model_config,
+    saved_iterations,
+    write_text_atomic,
 )
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
-from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.initialize import rng_state, set_rng_state
+from megatron_rwkvx.training.resume import CheckpointPlan
 
 
 def _model_keys(n: int) -> List[str]:
@@ -129,131 +129,6 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool, me
     return state
 
 
-@dataclass
-class CheckpointPlan:
-    """What this run does with --load and --save, decided before any training work."""
-
-    resume_iteration: Optional[int] = None  # the --load iteration this run continues; None: scratch
-    # --save is the directory the run resumed from (or was to resume from): its saves up to
-    # ``inherited`` and its interrupted saves are this run's own history, not another run's.
-    continues_save_dir: bool = False
-    inherited: int = -1
-    written: Set[int] = field(default_factory=set)
-
-
-def _is_complete(path: str) -> bool:
-    """dist_checkpointing writes metadata.json last, once every rank's shards are on disk."""
-    from megatron.core.dist_checkpointing import check_is_distributed_checkpoint
-
-    try:
-        return check_is_distributed_checkpoint(path)
-    except (OSError, ValueError, TypeError):  # a metadata.json cut short by the crash
-        return False
-
-
-def _iterations(directory: str) -> List[int]:
-    return sorted(
-        int(m.group(1)) for d in os.listdir(directory) if (m := re.fullmatch(r"iter_(\d{7})", d))
-    )
-
-
-def _newest_checkpoint(directory: str) -> Optional[int]:
-    newest = read_latest_iteration(directory)
-    for i in _iterations(directory):
-        if (newest is None or i > newest) and _is_complete(iteration_dir(directory, i)):
-            newest = i
-    return newest
-
-
-def _inspect_directories(args, cfg):
-    """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
-    plan, warnings = CheckpointPlan(), []
-    load = args.load
-    # A run that only evaluates never writes to --save.
-    save = None if args.skip_train else args.save
-    if load:
-        if os.path.exists(load) and not os.path.isdir(load):
-            return plan, (
-                f"--load {load} is a file; --load resumes a training checkpoint directory (one "
-                f"written by --save, holding {LATEST_FILE}). To start from the weights of a model "
-                f"file use --init-from {load}"), warnings
-        try:
-            latest = read_latest_iteration(load) if os.path.isdir(load) else None
-        except ValueError as err:
-            return plan, f"--load {load}: {err}", warnings
-        if latest is None:
-            warnings.append(f"warning: no checkpoint in {load}: starting from scratch")
-        else:
-            if not os.path.isdir(iteration_dir(load, latest)):
-                return plan, (f"--load {load}: {LATEST_FILE} names iteration {latest} but "
-                              f"{iteration_dir(load, latest)} is missing; point {LATEST_FILE} at a "
-                              "saved iteration, or remove it to start from scratch"), warnings
-            try:
-                check_architecture(read_model_config(load), cfg, load)
-            except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
-                return plan, f"--load {load}: {err}", warnings
-            plan.resume_iteration = latest
-    if save and os.path.exists(save) and not os.path.isdir(save):
-        return plan, f"--save {save} is a file; give a directory for the checkpoints", warnings
-    if save and os.path.isdir(save):
-        if os.path.isfile(os.path.join(save, MODEL_CONFIG_FILE)):
-            try:
-                check_architecture(read_model_config(save), cfg, save)
-            except CheckpointFormatError as err:
-                return plan, (f"--save {save}: {err}\nOr choose another --save directory: saving "
-                              "there would mix two models in one directory."), warnings
-            except ValueError as err:  # bad JSON: whose checkpoints these are cannot be told
-                return plan, (f"--save {save}: {MODEL_CONFIG_FILE} is unreadable ({err}); choose "
-                              "another --save directory"), warnings
-        if load and os.path.isdir(load) and os.path.samefile(load, save):
-            # Its pointer is where this run resumes (or there is none): directories above it are
-            # interrupted saves, or newer ones the user rolled back from on purpose.
-            plan.continues_save_dir = True
-            plan.inherited = -1 if plan.resume_iteration is None else plan.resume_iteration
-        else:
-            try:
-                newest = _newest_checkpoint(save)
-            except ValueError as err:
-                return plan, f"--save {save}: {err}", warnings
-            start = plan.resume_iteration or 0
-            if newest is not None and newest > start:
-                how = (f"resuming {load}" if plan.resume_iteration is not None
-                       else f"no checkpoint in --load {load}" if load else "no --load")
-                return plan, (
-                    f"--save {save} already holds a checkpoint at iteration {newest}, newer than "
-                    f"iteration {start} where this run starts ({how}); saving there would "
-                    f"overwrite that run's checkpoints and move its {LATEST_FILE} back. To continue "
-                    f"that run pass --load {save}; to start another, choose another --save "
-                    "directory."), warnings
-    return plan, None, warnings
-
-
-def plan_checkpoints(args, cfg) -> CheckpointPlan:
-    """Check --load and --save before any training work (raises ``ArgumentError``).
-
-    Rank 0 looks at the directories and every rank acts on its verdict, so that all resume, warn
-    or refuse alike even where they see the filesystem at different moments."""
-    rank = torch.distributed.get_rank()
-    verdict, failure = None, None
-    if rank == 0:
-        try:
-            verdict = _inspect_directories(args, cfg)
-        except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
-            failure = err
-            verdict = (None, f"rank 0 could not inspect --load/--save: {err!r}", [])
-    box = [verdict]
-    torch.distributed.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    plan, error, warnings = box[0]
-    if rank == 0:
-        for w in warnings:
-            print(w, flush=True)
-    if error:
-        raise ArgumentError(error)
-    return plan
-
-
 def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
                     train_state: dict, plan: CheckpointPlan) -> str:
     rank = torch.distributed.get_rank()
@@ -265,7 +140,7 @@ def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler
             # iteration that a crash cut short, or one rolled back from. Never mix files.
             shutil.rmtree(target)
         os.makedirs(target)
-        _write_text_atomic(
+        write_text_atomic(
             os.path.join(directory, MODEL_CONFIG_FILE),
             json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
         )
@@ -284,7 +159,7 @@ def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler
     torch.distributed.barrier()
     plan.written.add(iteration)
     if rank == 0:
-        _write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
+        write_text_atomic(os.path.join(directory, LATEST_FILE), str(iteration))
         _prune(directory, args.keep_last_checkpoints, iteration, plan)
     torch.distributed.barrier()
     return target
@@ -296,16 +171,16 @@ def _prune(directory: str, keep: Optional[int], latest: int, plan: CheckpointPla
     ``latest``: the pointer may have been rolled back on purpose."""
     if keep is None or keep <= 0:
         return
-    iters = _iterations(directory)
+    iters = saved_iterations(directory)
     ours = [i for i in iters if i <= latest and (i in plan.written or i <= plan.inherited)
-            and _is_complete(iteration_dir(directory, i))]
+            and is_complete_checkpoint(iteration_dir(directory, i))]
     for old in ours[:-keep]:
         shutil.rmtree(iteration_dir(directory, old), ignore_errors=True)
     if plan.continues_save_dir:
         # Saves of the continued run that a crash cut short (no dist_checkpointing metadata):
         # nothing can load them.
         for i in iters:
-            if i < latest and i not in plan.written and not _is_complete(iteration_dir(directory, i)):
+            if i < latest and i not in plan.written and not is_complete_checkpoint(iteration_dir(directory, i)):
                 shutil.rmtree(iteration_dir(directory, i), ignore_errors=True)
 
 

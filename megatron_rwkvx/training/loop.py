@@ -1,10 +1,19 @@
-"""The pretraining loop on megatron-core's schedules (``get_forward_backward_func``)."""
+"""The pretraining loop on megatron-core's schedules (``get_forward_backward_func``).
+
+``pretrain`` reads as the loop itself; its parts, in the order a run meets them:
+``set_up`` (distributed init, model, optimizer, scheduler, resume; returns a ``Run``),
+``train_step`` (one forward/backward over the micro-batches and the skip rule for non-finite
+loss or gradients), ``evaluate``, ``SaveExitPolicy`` (exit signals, --exit-interval,
+--exit-duration-in-mins, --save-interval and the final save) and ``Throughput`` (tokens/s, MFU).
+Which checkpoint a run resumes, and what it refuses, is ``training.resume``.
+"""
 from __future__ import annotations
 
 import math
 import os
 import signal
 import time
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -17,9 +26,18 @@ from megatron.core.num_microbatches_calculator import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint
+from megatron_rwkvx.checkpointing.official_format import (
+    CheckpointFormatError,
+    import_state_dict,
+    load_state_dict_file,
+)
+from megatron_rwkvx.models.rwkvx_model import pipeline_seq_length
+from megatron_rwkvx.pretrained import config_from_file_state_dict
 from megatron_rwkvx.training import checkpointing as ckpt
+from megatron_rwkvx.training import model_builder
 from megatron_rwkvx.training.arguments import ArgumentError
+from megatron_rwkvx.training.data import build_data_iterators, build_run_tokenizer, check_data_vocab
 from megatron_rwkvx.training.initialize import initialize_distributed, set_random_seed
 from megatron_rwkvx.training.losses import (
     longce_short_context_losses,
@@ -28,26 +46,123 @@ from megatron_rwkvx.training.losses import (
     masked_token_loss,
 )
 from megatron_rwkvx.training.metrics import Logger, format_eta, memory_summary, model_flops_per_token
+from megatron_rwkvx.training.resume import CheckpointPlan, plan_checkpoints
 from megatron_rwkvx.training.schedule import build_scheduler
-from megatron_rwkvx.training import model_builder
 
 
-class _ExitSignal:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a save and a clean exit."""
+@dataclass
+class TrainState:
+    """The position of a run: saved in every checkpoint, restored on resume."""
 
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iters: int = 0
 
-    def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+    @classmethod
+    def from_checkpoint(cls, saved: Dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+@dataclass
+class Run:
+    """What ``set_up`` built; the loop's pieces read it and change only ``state``."""
+
+    args: object
+    cfg: object
+    device: torch.device
+    logger: Logger
+    tokenizer: object
+    chunks: List[torch.nn.Module]  # this rank's model chunks (one per virtual pipeline stage)
+    ddp_chunks: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    plan: CheckpointPlan
+    state: TrainState
+    schedule_seq_length: int  # what megatron's schedule sizes its p2p tensors by
+    forward_backward: object
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+def set_up(args) -> Run:
+    """Distributed init, model, optimizer and scheduler; the resume (or --init-from) load."""
+    initialize_distributed(args)
+    set_random_seed(args.seed)
+    rank = torch.distributed.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir)
+
+    tokenizer = build_run_tokenizer(args)
+    cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
+    check_data_vocab(args, cfg.vocab_size)
+    plan = plan_checkpoints(args, cfg)
+    resuming = plan.resume_iteration is not None
+    chunks = model_builder.build_model_chunks(cfg, args)
+    if args.init_from and not resuming:
+        load_initial_weights(args.init_from, cfg, chunks)
+    if args.train_only == "sparse":
+        trainable = model_builder.freeze_for_stage1(chunks)
+        logger.print(f"stage 1: training only the sparse-attention blocks ({trainable:,} parameters on this rank)")
+    ddp_chunks = model_builder.wrap_ddp(chunks, cfg, args)
+    optimizer = model_builder.build_optimizer(ddp_chunks, cfg, args)
+    scheduler = build_scheduler(optimizer, args)
+    _connect_schedule_hooks(cfg, ddp_chunks, optimizer, args.overlap_grad_reduce)
+    init_num_microbatches_calculator(
+        rank, None, args.global_batch_size, args.micro_batch_size, args.data_parallel_size
+    )
+    run = Run(args, cfg, device, logger, tokenizer, chunks, ddp_chunks, optimizer, scheduler, plan,
+              TrainState(), pipeline_seq_length(cfg, args.seq_length), get_forward_backward_func())
+    if resuming:
+        _resume(run)
+    return run
+
+
+def _connect_schedule_hooks(cfg, ddp_chunks, optimizer, overlap_grad_reduce: bool) -> None:
+    """megatron-core's schedule finds loss scaling and gradient sync through the model config."""
+    cfg.grad_scale_func = optimizer.scale_loss
+    cfg.finalize_model_grads_func = finalize_model_grads
+    no_sync = [m.no_sync for m in ddp_chunks]
+    cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if overlap_grad_reduce:
+        syncs = [m.start_grad_sync for m in ddp_chunks]
+        cfg.grad_sync_func = syncs[0] if len(syncs) == 1 else syncs
+
+
+def _resume(run: Run) -> None:
+    args = run.args
+    try:
+        saved = ckpt.load_checkpoint(args.load, run.ddp_chunks, run.optimizer, run.scheduler, args,
+                                     run.cfg, run.logger.print, iteration=run.plan.resume_iteration)
+    except CheckpointFormatError as err:  # a checkpoint that does not fit this run: no traceback
+        raise ArgumentError(f"--load {args.load}: {err}") from err
+    run.state = TrainState.from_checkpoint(saved)
+    run.logger.print(f"resumed from {args.load} at iteration {run.state.iteration}")
+
+
+def load_initial_weights(path: str, cfg, chunks) -> None:
+    """--init-from: the weights of a checkpoint directory or an official-layout .pth."""
+    if os.path.isdir(path):
+        # All chunks of a rank read their own shards from the same directory.
+        for chunk in chunks:
+            load_model_checkpoint(chunk, cfg, path)
+        return
+    sd = load_state_dict_file(path)
+    _, layout = config_from_file_state_dict(sd)
+    for chunk in chunks:
+        import_state_dict(chunk, sd, cfg, layout, path=path)
+
+
+def data_iterators(run: Run, split: str):
+    """One iterator per model chunk (megatron's interleaved schedule takes a list)."""
+    consumed = run.state.consumed_train_samples if split == "train" else 0
+    iters = [build_data_iterators(run.args, run.tokenizer, split, consumed) for _ in run.ddp_chunks]
+    return iters if len(iters) > 1 else iters[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
 
 
 def _cp_slice(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +175,8 @@ def _cp_slice(t: torch.Tensor) -> torch.Tensor:
     return t[:, rank * s : (rank + 1) * s]
 
 
-def _forward_step(args, device, data_iterator, model):
+def forward_step(args, device, data_iterator, model):
+    """megatron-core's ``forward_step_func``: one micro-batch's output and its loss function."""
     batch = next(data_iterator)
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
@@ -83,13 +199,7 @@ def _forward_step(args, device, data_iterator, model):
     return output, loss_func
 
 
-def _schedule_seq_length(args) -> int:
-    from megatron_rwkvx.models.rwkvx_model import pipeline_seq_length
-
-    return pipeline_seq_length(args.model_config, args.seq_length)
-
-
-def _reduce_reports(reports: List[Dict]) -> Optional[torch.Tensor]:
+def reduce_reports(reports: List[Dict]) -> Optional[torch.Tensor]:
     """[loss sum, tokens] over micro-batches and data/context-parallel ranks (last stage only)."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reports:
         return None
@@ -108,6 +218,12 @@ def _broadcast_from_last_stage(value: Optional[torch.Tensor], device) -> torch.T
     return out
 
 
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _grads_finite(ddp_chunks) -> bool:
     ok = True
     for chunk in ddp_chunks:
@@ -117,228 +233,252 @@ def _grads_finite(ddp_chunks) -> bool:
     return ok
 
 
-def evaluate(args, device, ddp_chunks, valid_iters, forward_backward) -> Optional[float]:
-    for m in ddp_chunks:
+def _run_schedule(run: Run, iterators, forward_only: bool) -> Optional[torch.Tensor]:
+    """All micro-batches of one global batch through megatron-core's schedule; the last stage's
+    [loss sum, tokens] on every rank."""
+    reports = run.forward_backward(
+        forward_step_func=partial(forward_step, run.args, run.device),
+        data_iterator=iterators,
+        model=run.ddp_chunks,
+        num_microbatches=get_num_microbatches(),
+        seq_length=run.schedule_seq_length,
+        micro_batch_size=run.args.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_reports(reports)
+
+
+@dataclass
+class StepResult:
+    totals: torch.Tensor  # [loss sum, tokens] of the global batch
+    applied: bool  # False: non-finite loss or gradients, the optimizer step was skipped
+    grad_norm: Optional[float]
+    seconds: float
+
+
+def train_step(run: Run, iterators) -> StepResult:
+    """One optimizer step; a step with non-finite loss or gradients is skipped (and counted)."""
+    start = time.time()
+    for m in run.ddp_chunks:
+        m.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    totals = _broadcast_from_last_stage(_run_schedule(run, iterators, forward_only=False), run.device)
+    loss = (totals[0] / totals[1].clamp_min(1)).item()
+    applied = math.isfinite(loss) and not _any_rank(not _grads_finite(run.ddp_chunks), run.device)
+    grad_norm = None
+    if applied:
+        ok, grad_norm, _ = run.optimizer.step()
+        applied = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
+    state, args = run.state, run.args
+    if applied:
+        run.scheduler.step(increment=1)
+    else:
+        state.skipped_iters += 1
+        run.logger.print(f"iteration {state.iteration + 1}: non-finite loss or gradients, step skipped "
+                         f"({state.skipped_iters} of at most {args.max_skipped_iters})")
+    state.iteration += 1
+    state.consumed_train_samples += args.global_batch_size
+    return StepResult(totals, applied, grad_norm, time.time() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(run: Run, iterators) -> float:
+    """The mean validation loss over --eval-iters global batches."""
+    for m in run.ddp_chunks:
         m.eval()
-    total = torch.zeros(2, device=device)
+    total = torch.zeros(2, device=run.device)
     with torch.no_grad():
-        for _ in range(args.eval_iters):
-            reports = forward_backward(
-                forward_step_func=partial(_forward_step, args, device),
-                data_iterator=valid_iters if len(valid_iters) > 1 else valid_iters[0],
-                model=ddp_chunks,
-                num_microbatches=get_num_microbatches(),
-                seq_length=_schedule_seq_length(args),
-                micro_batch_size=args.micro_batch_size,
-                forward_only=True,
-            )
-            r = _reduce_reports(reports)
+        for _ in range(run.args.eval_iters):
+            r = _run_schedule(run, iterators, forward_only=True)
             if r is not None:
-                total += r.to(device)
-    for m in ddp_chunks:
+                total += r.to(run.device)
+    for m in run.ddp_chunks:
         m.train()
-    total = _broadcast_from_last_stage(total, device)
+    total = _broadcast_from_last_stage(total, run.device)
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def pretrain(args) -> int:
-    """Run training as described by ``args``; returns the process exit code."""
-    initialize_distributed(args)
-    set_random_seed(args.seed)
-    rank = torch.distributed.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir)
+def _log_validation(run: Run, loss: float, iteration: int) -> None:
+    run.logger.print(f"validation at iteration {iteration} | loss {loss:.6f} | "
+                     f"ppl {math.exp(min(loss, 50)):.3f}")
 
-    from megatron_rwkvx.training.data import build_data_iterators, build_run_tokenizer, check_data_vocab
 
-    tokenizer = build_run_tokenizer(args)
-    cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
-    check_data_vocab(args, cfg.vocab_size)
-    args.model_config = cfg
-    plan = ckpt.plan_checkpoints(args, cfg)
-    resuming = plan.resume_iteration is not None
-    chunks = model_builder.build_model_chunks(cfg, args)
-    if args.init_from and not resuming:
-        _load_initial_weights(args, cfg, chunks)
-    if args.train_only == "sparse":
-        trainable = model_builder.freeze_for_stage1(chunks)
-        logger.print(f"stage 1: training only the sparse-attention blocks ({trainable:,} parameters on this rank)")
-    ddp_chunks = model_builder.wrap_ddp(chunks, cfg, args)
-    optimizer = model_builder.build_optimizer(ddp_chunks, cfg, args)
-    scheduler = build_scheduler(optimizer, args)
+# ---------------------------------------------------------------------------------------------
+# Throughput
 
-    cfg.grad_scale_func = optimizer.scale_loss
-    cfg.finalize_model_grads_func = finalize_model_grads
-    no_sync = [m.no_sync for m in ddp_chunks]
-    cfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    if args.overlap_grad_reduce:
-        syncs = [m.start_grad_sync for m in ddp_chunks]
-        cfg.grad_sync_func = syncs[0] if len(syncs) == 1 else syncs
 
-    init_num_microbatches_calculator(
-        rank, None, args.global_batch_size, args.micro_batch_size, args.data_parallel_size
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU over the steps since the last log line. Only the
+    training steps are timed: evaluation and saves fall outside the window."""
+
+    def __init__(self, cfg, args):
+        self.args = args
+        self.flops_per_token = model_flops_per_token(cfg, args.seq_length)
+        self.extra_forward_tokens = 0  # LongCE's forward-only short windows, per sequence
+        if args.loss == "longce":
+            self.extra_forward_tokens = (
+                len(longce_windows(args.seq_length, args.longce_window, args.longce_stride)) * args.longce_window
+            )
+        self.peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if args.device == "cuda" else None)
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.tokens = 0.0, 0
+        self.loss = torch.zeros(2)
+
+    def add(self, step: StepResult) -> None:
+        self.tokens += self.args.global_batch_size * self.args.seq_length
+        self.seconds += step.seconds
+        if step.applied:
+            self.loss += step.totals.cpu()
+
+    def mean_loss(self) -> float:
+        return (self.loss[0] / self.loss[1].clamp_min(1)).item() if self.loss[1] > 0 else float("nan")
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def flops_per_device(self) -> float:
+        tok_s = self.tokens_per_second()
+        # Training = forward + backward (3x forward); LongCE adds forward-only short windows.
+        flops = tok_s * 3 * self.flops_per_token + (
+            tok_s / self.args.seq_length * self.extra_forward_tokens * self.flops_per_token
+        )
+        return flops / self.args.world_size
+
+    def mfu(self) -> str:
+        return f"{100 * self.flops_per_device() / self.peak:.1f}%" if self.peak else "-"
+
+
+def _log_progress(run: Run, window: Throughput, grad_norm: Optional[float], eta_seconds: float) -> None:
+    args, it, skipped = run.args, run.state.iteration, run.state.skipped_iters
+    avg, tok_s, per_device = window.mean_loss(), window.tokens_per_second(), window.flops_per_device()
+    lr = run.scheduler.get_lr(run.optimizer.param_groups[0]) if run.optimizer.param_groups else args.lr
+    run.logger.print(
+        f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
+        f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
+        f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {window.mfu()} | "
+        f"{memory_summary(args.device)} | skipped {skipped} | ETA {format_eta(eta_seconds)}"
     )
-    state = {"iteration": 0, "consumed_train_samples": 0, "skipped_iters": 0}
-    if resuming:
-        try:
-            state.update(ckpt.load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, args, cfg,
-                                              logger.print, iteration=plan.resume_iteration))
-        except CheckpointFormatError as err:  # a checkpoint that does not fit this run: no traceback
-            raise ArgumentError(f"--load {args.load}: {err}") from err
-        logger.print(f"resumed from {args.load} at iteration {state['iteration']}")
+    run.logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
+                        "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
+                        "train/skipped_iters": skipped}, it)
 
-    n_chunks = len(ddp_chunks)
-    train_iters = [
-        build_data_iterators(args, tokenizer, "train", state["consumed_train_samples"]) for _ in range(n_chunks)
-    ]
-    def valid_iters():
-        return [build_data_iterators(args, tokenizer, "valid", 0) for _ in range(n_chunks)]
 
-    if args.eval_iters > 0:
-        valid_iters()  # fail now, not at the first evaluation, if the split is unusable
+# ---------------------------------------------------------------------------------------------
+# Save and exit policy
 
-    forward_backward = get_forward_backward_func()
-    if args.skip_train:
-        val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
-        logger.print(f"validation at iteration {state['iteration']} | loss {val:.6f} | "
-                     f"ppl {math.exp(min(val, 50)):.3f}")
-        logger.close()
-        return 0
-    exit_signal = _ExitSignal()
-    params = sum(p.numel() for m in chunks for p in m.parameters())
-    logger.print(
+
+class ExitSignal:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a save and a clean exit."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+class SaveExitPolicy:
+    """When the loop saves and when it stops early, decided alike on every rank."""
+
+    def __init__(self, args, device, start_time: float, start_iteration: int):
+        self.args, self.device = args, device
+        self.start_time, self.start_iteration = start_time, start_iteration
+        self.signal = ExitSignal()
+
+    def exit_reason(self, iteration: int) -> Optional[str]:
+        """Why the run saves and exits after ``iteration`` (collective: every rank calls it)."""
+        args = self.args
+        if _any_rank(self.signal.received is not None, self.device):
+            return "signal"
+        if args.exit_duration_in_mins is not None and _any_rank(
+                (time.time() - self.start_time) / 60 > args.exit_duration_in_mins, self.device):
+            return "time limit"
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            return "exit interval"
+        return None
+
+    def interval_save_due(self, iteration: int) -> bool:
+        return bool(self.args.save_interval) and iteration % self.args.save_interval == 0
+
+    def final_save_due(self, iteration: int) -> bool:
+        # A resume at the last iteration trains nothing: saving again would only rewrite (delete,
+        # then write) the checkpoint it loaded. An interval save of the last iteration suffices.
+        return iteration > self.start_iteration and not self.interval_save_due(iteration)
+
+
+def save(run: Run, reason: str) -> None:
+    if run.args.save:
+        target = ckpt.save_checkpoint(run.args.save, run.state.iteration, run.ddp_chunks, run.optimizer,
+                                      run.scheduler, run.args, run.cfg, asdict(run.state), run.plan)
+        run.logger.print(f"saved checkpoint ({reason}) to {target}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _log_model(run: Run) -> None:
+    args, cfg = run.args, run.cfg
+    params = sum(p.numel() for m in run.chunks for p in m.parameters())
+    run.logger.print(
         f"model: pattern {cfg.layer_pattern}, width {cfg.hidden_size}, {params:,} parameters on "
         f"this rank; layout tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
         f"cp={args.context_parallel_size} dp={args.data_parallel_size}; device {args.device}"
     )
-    flops_per_token = model_flops_per_token(cfg, args.seq_length)
-    extra_forward_tokens = 0
-    if args.loss == "longce":
-        extra_forward_tokens = len(longce_windows(args.seq_length, args.longce_window, args.longce_stride)) * args.longce_window
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if args.device == "cuda" else None)
 
-    start_time = time.time()
-    start_iteration = state["iteration"]  # after a resume the ETA counts this run's iterations
-    # Throughput covers the training steps only: evaluation and saves are timed out of it.
-    window_time, window_tokens = 0.0, 0
-    window_loss = torch.zeros(2)
-    exit_code = 0
-    for m in ddp_chunks:
+
+def pretrain(args) -> int:
+    """Run training as described by ``args``; returns the process exit code."""
+    run = set_up(args)
+    train_data = data_iterators(run, "train")
+    if args.eval_iters > 0:
+        data_iterators(run, "valid")  # fail now, not at the first evaluation, if the split is unusable
+    if args.skip_train:
+        _log_validation(run, evaluate(run, data_iterators(run, "valid")), run.state.iteration)
+        run.logger.close()
+        return 0
+    start_time, start_iteration = time.time(), run.state.iteration
+    policy = SaveExitPolicy(args, run.device, start_time, start_iteration)
+    _log_model(run)
+    window = Throughput(run.cfg, args)
+    for m in run.ddp_chunks:
         m.train()
-
-    def save(reason: str):
-        if args.save:
-            target = ckpt.save_checkpoint(
-                args.save, state["iteration"], ddp_chunks, optimizer, scheduler, args, cfg, state, plan
-            )
-            logger.print(f"saved checkpoint ({reason}) to {target}")
-
-    while state["iteration"] < args.train_iters:
-        step_start = time.time()
-        for m in ddp_chunks:
-            m.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = forward_backward(
-            forward_step_func=partial(_forward_step, args, device),
-            data_iterator=train_iters if n_chunks > 1 else train_iters[0],
-            model=ddp_chunks,
-            num_microbatches=get_num_microbatches(),
-            seq_length=_schedule_seq_length(args),
-            micro_batch_size=args.micro_batch_size,
-            forward_only=False,
-        )
-        totals = _broadcast_from_last_stage(_reduce_reports(reports), device)
-        loss = (totals[0] / totals[1].clamp_min(1)).item()
-        finite = math.isfinite(loss) and not _any_rank(not _grads_finite(ddp_chunks), device)
-        grad_norm = None
-        if finite:
-            ok, grad_norm, _ = optimizer.step()
-            finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
-        if finite:
-            scheduler.step(increment=1)
-        else:
-            state["skipped_iters"] += 1
-            logger.print(f"iteration {state['iteration'] + 1}: non-finite loss or gradients, step skipped "
-                         f"({state['skipped_iters']} of at most {args.max_skipped_iters})")
-        state["iteration"] += 1
-        state["consumed_train_samples"] += args.global_batch_size
-        tokens_this_iter = args.global_batch_size * args.seq_length
-        window_tokens += tokens_this_iter
-        window_time += time.time() - step_start
-        if finite:
-            window_loss += totals.cpu()
-
-        it = state["iteration"]
+    exit_code = 0
+    while run.state.iteration < args.train_iters:
+        step = train_step(run, train_data)
+        window.add(step)
+        it = run.state.iteration
         if it % args.log_interval == 0 or it == args.train_iters:
-            tok_s = window_tokens / max(window_time, 1e-9)
-            # Training = forward + backward (3x forward); LongCE adds forward-only short windows.
-            flops = tok_s * 3 * flops_per_token + (
-                tok_s / args.seq_length * extra_forward_tokens * flops_per_token
-            )
-            per_device = flops / args.world_size
-            mfu = f"{100 * per_device / peak:.1f}%" if peak else "-"
-            avg = (window_loss[0] / window_loss[1].clamp_min(1)).item() if window_loss[1] > 0 else float("nan")
-            lr = scheduler.get_lr(optimizer.param_groups[0]) if optimizer.param_groups else args.lr
+            # After a resume the ETA counts this run's iterations.
             eta = (time.time() - start_time) / max(it - start_iteration, 1) * (args.train_iters - it)
-            logger.print(
-                f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
-                f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
-                f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {mfu} | "
-                f"{memory_summary(args.device)} | skipped {state['skipped_iters']} | ETA {format_eta(eta)}"
-            )
-            logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
-                            "train/skipped_iters": state["skipped_iters"]}, it)
-            window_time, window_tokens = 0.0, 0
-            window_loss.zero_()
-
+            _log_progress(run, window, step.grad_norm, eta)
+            window.reset()
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
-            val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
-            logger.print(f"validation at iteration {it} | loss {val:.6f} | ppl {math.exp(min(val, 50)):.3f}")
-            logger.scalars({"valid/loss": val}, it)
-
-        if state["skipped_iters"] >= args.max_skipped_iters:
-            logger.print(f"error: {state['skipped_iters']} steps had non-finite loss or gradients; "
-                         "stopping (lower --lr, check the data, or raise --max-skipped-iters)")
+            val = evaluate(run, data_iterators(run, "valid"))
+            _log_validation(run, val, it)
+            run.logger.scalars({"valid/loss": val}, it)
+        if run.state.skipped_iters >= args.max_skipped_iters:
+            run.logger.print(f"error: {run.state.skipped_iters} steps had non-finite loss or gradients; "
+                             "stopping (lower --lr, check the data, or raise --max-skipped-iters)")
             exit_code = 3
             break
-        signalled = _any_rank(exit_signal.received is not None, device)
-        timed_out = args.exit_duration_in_mins is not None and _any_rank(
-            (time.time() - start_time) / 60 > args.exit_duration_in_mins, device)
-        if signalled or timed_out or (args.exit_interval and it % args.exit_interval == 0):
-            why = "signal" if signalled else ("time limit" if timed_out else "exit interval")
-            save(why)
-            logger.print(f"exiting at iteration {it} ({why})")
-            logger.close()
+        why = policy.exit_reason(it)
+        if why:
+            save(run, why)
+            run.logger.print(f"exiting at iteration {it} ({why})")
+            run.logger.close()
             return 0
-        if args.save_interval and it % args.save_interval == 0:
-            save("interval")
-
-    # A resume at the last iteration trains nothing: saving again would only rewrite (delete,
-    # then write) the checkpoint it loaded.
-    if (exit_code == 0 and args.save and state["iteration"] > start_iteration
-            and (not args.save_interval or state["iteration"] % args.save_interval)):
-        save("end of training")
-    logger.print(f"done: {state['iteration']} iterations in {format_eta(time.time() - start_time)}")
-    logger.close()
+        if policy.interval_save_due(it):
+            save(run, "interval")
+    if exit_code == 0 and policy.final_save_due(run.state.iteration):
+        save(run, "end of training")
+    run.logger.print(f"done: {run.state.iteration} iterations in {format_eta(time.time() - start_time)}")
+    run.logger.close()
     return exit_code
-
-
-def _load_initial_weights(args, cfg, chunks) -> None:
-    if os.path.isdir(args.init_from):
-        from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint
-
-        # All chunks of a rank read their own shards from the same directory.
-        if len(chunks) == 1:
-            load_model_checkpoint(chunks[0], cfg, args.init_from)
-        else:
-            for chunk in chunks:
-                load_model_checkpoint(chunk, cfg, args.init_from)
-        return
-    from megatron_rwkvx.checkpointing.official_format import import_state_dict, load_state_dict_file
-    from megatron_rwkvx.pretrained import config_from_file_state_dict
-
-    sd = load_state_dict_file(args.init_from)
-    _, layout = config_from_file_state_dict(sd)
-    for chunk in chunks:
-        import_state_dict(chunk, sd, cfg, layout, path=args.init_from)

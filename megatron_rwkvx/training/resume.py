@@ -1,0 +1,137 @@
+"""Resume policy: what a run does with --load and --save, decided before any training work.
+
+Which checkpoint a run continues, and what it refuses so that it never destroys another run's
+checkpoints: a --load that is a file or names a missing iteration, a --load or --save of another
+architecture, a --save holding a checkpoint newer than where the run starts (unless the run resumes
+that very directory). The mechanism that writes and reads the sharded state is
+``training.checkpointing``; the on-disk names are ``checkpointing.megatron_format``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Set
+
+import torch
+
+from megatron_rwkvx.checkpointing.megatron_format import (
+    LATEST_FILE,
+    MODEL_CONFIG_FILE,
+    check_architecture,
+    is_complete_checkpoint,
+    iteration_dir,
+    read_latest_iteration,
+    read_model_config,
+    saved_iterations,
+)
+from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.training.arguments import ArgumentError
+
+
+@dataclass
+class CheckpointPlan:
+    """What this run does with --load and --save, decided before any training work."""
+
+    resume_iteration: Optional[int] = None  # the --load iteration this run continues; None: scratch
+    # --save is the directory the run resumed from (or was to resume from): its saves up to
+    # ``inherited`` and its interrupted saves are this run's own history, not another run's.
+    continues_save_dir: bool = False
+    inherited: int = -1
+    written: Set[int] = field(default_factory=set)
+
+
+def _newest_checkpoint(directory: str) -> Optional[int]:
+    newest = read_latest_iteration(directory)
+    for i in saved_iterations(directory):
+        if (newest is None or i > newest) and is_complete_checkpoint(iteration_dir(directory, i)):
+            newest = i
+    return newest
+
+
+def _inspect_directories(args, cfg):
+    """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
+    plan, warnings = CheckpointPlan(), []
+    load = args.load
+    # A run that only evaluates never writes to --save.
+    save = None if args.skip_train else args.save
+    if load:
+        if os.path.exists(load) and not os.path.isdir(load):
+            return plan, (
+                f"--load {load} is a file; --load resumes a training checkpoint directory (one "
+                f"written by --save, holding {LATEST_FILE}). To start from the weights of a model "
+                f"file use --init-from {load}"), warnings
+        try:
+            latest = read_latest_iteration(load) if os.path.isdir(load) else None
+        except ValueError as err:
+            return plan, f"--load {load}: {err}", warnings
+        if latest is None:
+            warnings.append(f"warning: no checkpoint in {load}: starting from scratch")
+        else:
+            if not os.path.isdir(iteration_dir(load, latest)):
+                return plan, (f"--load {load}: {LATEST_FILE} names iteration {latest} but "
+                              f"{iteration_dir(load, latest)} is missing; point {LATEST_FILE} at a "
+                              "saved iteration, or remove it to start from scratch"), warnings
+            try:
+                check_architecture(read_model_config(load), cfg, load)
+            except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
+                return plan, f"--load {load}: {err}", warnings
+            plan.resume_iteration = latest
+    if save and os.path.exists(save) and not os.path.isdir(save):
+        return plan, f"--save {save} is a file; give a directory for the checkpoints", warnings
+    if save and os.path.isdir(save):
+        if os.path.isfile(os.path.join(save, MODEL_CONFIG_FILE)):
+            try:
+                check_architecture(read_model_config(save), cfg, save)
+            except CheckpointFormatError as err:
+                return plan, (f"--save {save}: {err}\nOr choose another --save directory: saving "
+                              "there would mix two models in one directory."), warnings
+            except ValueError as err:  # bad JSON: whose checkpoints these are cannot be told
+                return plan, (f"--save {save}: {MODEL_CONFIG_FILE} is unreadable ({err}); choose "
+                              "another --save directory"), warnings
+        if load and os.path.isdir(load) and os.path.samefile(load, save):
+            # Its pointer is where this run resumes (or there is none): directories above it are
+            # interrupted saves, or newer ones the user rolled back from on purpose.
+            plan.continues_save_dir = True
+            plan.inherited = -1 if plan.resume_iteration is None else plan.resume_iteration
+        else:
+            try:
+                newest = _newest_checkpoint(save)
+            except ValueError as err:
+                return plan, f"--save {save}: {err}", warnings
+            start = plan.resume_iteration or 0
+            if newest is not None and newest > start:
+                how = (f"resuming {load}" if plan.resume_iteration is not None
+                       else f"no checkpoint in --load {load}" if load else "no --load")
+                return plan, (
+                    f"--save {save} already holds a checkpoint at iteration {newest}, newer than "
+                    f"iteration {start} where this run starts ({how}); saving there would "
+                    f"overwrite that run's checkpoints and move its {LATEST_FILE} back. To continue "
+                    f"that run pass --load {save}; to start another, choose another --save "
+                    "directory."), warnings
+    return plan, None, warnings
+
+
+def plan_checkpoints(args, cfg) -> CheckpointPlan:
+    """Check --load and --save before any training work (raises ``ArgumentError``).
+
+    Rank 0 looks at the directories and every rank acts on its verdict, so that all resume, warn
+    or refuse alike even where they see the filesystem at different moments."""
+    rank = torch.distributed.get_rank()
+    verdict, failure = None, None
+    if rank == 0:
+        try:
+            verdict = _inspect_directories(args, cfg)
+        except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
+            failure = err
+            verdict = (None, f"rank 0 could not inspect --load/--save: {err!r}", [])
+    box = [verdict]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    plan, error, warnings = box[0]
+    if rank == 0:
+        for w in warnings:
+            print(w, flush=True)
+    if error:
+        raise ArgumentError(error)
+    return plan
