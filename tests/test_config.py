@@ -4,7 +4,7 @@ from megatron_rwkvx.config import ConfigError, RWKVXConfig, default_pattern, off
 
 
 def test_official_lora_widths():
-    # DESIGN.md: 0.1B (C=768): 64/64/32/128; 2.9B (C=2560): 96/96/64/320.
+    # docs/design.md: 0.1B (C=768): 64/64/32/128; 2.9B (C=2560): 96/96/64/320.
     assert [official_lora_dim(k, 768) for k in ("decay", "a", "v", "gate")] == [64, 64, 32, 128]
     assert [official_lora_dim(k, 2560) for k in ("decay", "a", "v", "gate")] == [96, 96, 64, 320]
     cfg = RWKVXConfig(hidden_size=768, num_layers=12)

@@ -4,7 +4,7 @@
   python tools/eval_passkey.py --model rwkvx.pth --lengths 1024,4096,16384 --depths 10 --seeds 5 \
       --output-dir results/passkey
 
-Prompts are the reference protocol (DESIGN.md section 6); each (length, depth, seed) is decoded
+Prompts are the reference protocol (docs/design.md section 6); each (length, depth, seed) is decoded
 greedily with exact incremental inference and scored by exact match of the first number. Writes
 ``passkey.json`` (every record), ``passkey.md`` (the table) and ``passkey.png`` (context length x
 depth, red 0% to green 100%).

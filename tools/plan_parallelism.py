@@ -14,7 +14,7 @@ import argparse
 import sys
 
 PRESETS = {
-    # The RWKV-X reference models (DESIGN.md): 12 RWKV (C=768) + 4 sparse; 32 RWKV (C=2560) + 8 sparse.
+    # The RWKV-X reference models (docs/design.md): 12 RWKV (C=768) + 4 sparse; 32 RWKV (C=2560) + 8 sparse.
     "0.22B": dict(hidden_size=768, layer_pattern="RRRA" * 4),
     "3.6B": dict(hidden_size=2560, layer_pattern="RRRRA" * 8),
 }

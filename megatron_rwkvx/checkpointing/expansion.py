@@ -1,6 +1,6 @@
 """Block expansion: insert sparse-attention blocks into a pretrained RWKV-7 (RWKV-X stage 0).
 
-Two initialisations of the new blocks (DESIGN.md section 2):
+Two initialisations of the new blocks (docs/design.md section 2):
 * ``zero`` (default, the paper's): the attention output projection and the ChannelMix value
   projection are zero, so each new block is the identity and the expanded model reproduces the
   base model's outputs exactly;

@@ -1,7 +1,7 @@
 """Import and export of single-file checkpoints in the official RWKV-7 (x070) key layout.
 
 The official file is a flat state dict (``emb.weight``, ``blocks.{i}.att.*``, ``blocks.{i}.ffn.*``,
-``ln_out.*``, ``head.weight``; DESIGN.md section 1). The RWKV-X reference layout (``rwkv.`` +
+``ln_out.*``, ``head.weight``; docs/design.md section 1). The RWKV-X reference layout (``rwkv.`` +
 those keys, ``moba.{i}.*`` for the sparse blocks) plugs into the same machinery through
 ``KeyLayout``. Files are read with ``torch.load(weights_only=True)``: a downloaded checkpoint must
 not be able to run code.

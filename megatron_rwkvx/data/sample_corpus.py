@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the text is the documentation strings of standard-library modules
 (English prose with code fragments), one document per documented module, class or function.
-Passkey documents follow the reference evaluation (DESIGN.md section 6): a filler paragraph
+Passkey documents follow the reference evaluation (docs/design.md section 6): a filler paragraph
 repeated to a target length with "The pass key is N. Remember it. N is the pass key." inserted
 at a given depth, then the question.
 """

@@ -1,4 +1,4 @@
-"""Passkey retrieval (DESIGN.md section 6): filler text with a 5-digit key hidden at a depth, greedy
+"""Passkey retrieval (docs/design.md section 6): filler text with a 5-digit key hidden at a depth, greedy
 decoding, exact match of the first number generated. Prompts come from
 ``megatron_rwkvx.data.sample_corpus.passkey_document`` (the same text the sample corpus uses)."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RWKV-7 TimeMix as a megatron-core module (the mixer of an ``R`` block).
 
-Math exactly as the official x070 code (DESIGN.md section 1). Heads are split over tensor-parallel
+Math exactly as the official x070 code (docs/design.md section 1). Heads are split over tensor-parallel
 ranks: receptance/key/value and every LoRA up-projection are column-parallel, the output is
 row-parallel, per-channel parameters of the head dims are split with them, and parameters that act
 on the full input (token-shift mixes, LoRA down-projections) are replicated.
