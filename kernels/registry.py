@@ -282,10 +282,10 @@ class Operator:
         key = (str(x.device), x.dtype)
         if key in self._auto:
             return self._auto[key]
-        if x.is_cuda:
-            self.load()
         notes, loud = [], []
-        for name in sorted(self.plugins):
+        if x.is_cuda:  # where the plug-ins matter: their import errors go into the reason
+            self.load()
+        for name in sorted(self.plugins) if x.is_cuda else ():
             err = self._load_errors.get(name)
             if err is None:
                 continue
@@ -303,7 +303,7 @@ class Operator:
             chosen, reason, timings = self._race(candidates, x, call)
         if notes:
             reason += "; " + ", ".join(notes)
-        if loud and x.is_cuda:
+        if loud:
             message = (f"{self.name}: on {x.device} {'; '.join(loud)}; running {chosen!r} instead, "
                        f"which may be much slower. Fix the install, or name a backend to silence this")
             warnings.warn(message, RuntimeWarning, stacklevel=3)

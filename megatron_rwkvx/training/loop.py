@@ -21,6 +21,7 @@ from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 from megatron_rwkvx.training import checkpointing as ckpt
 from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.initialize import initialize_distributed, set_random_seed
+from megatron_rwkvx.training.kernel_backends import log_kernel_backends
 from megatron_rwkvx.training.losses import (
     longce_short_context_losses,
     longce_weights,
@@ -155,6 +156,7 @@ def pretrain(args) -> int:
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
     check_data_vocab(args, cfg.vocab_size)
     args.model_config = cfg
+    log_kernel_backends(cfg, args.seq_length, device, logger.print)
     plan = ckpt.plan_checkpoints(args, cfg)
     resuming = plan.resume_iteration is not None
     chunks = model_builder.build_model_chunks(cfg, args)
