@@ -317,9 +317,10 @@ class Operator:
         """(fastest exact candidate, reason, {name: ms}) from one probe per candidate."""
         if self.probe is None or TORCH not in self._backends:
             raise RuntimeError(f"{self.name}: auto needs a probe and a {TORCH!r} backend to compare")
-        case = self.probe(x, call)
         tol = tolerance(x.dtype)
-        with torch.enable_grad():
+        # The first call may come from a no-grad or inference-mode forward (generation).
+        with torch.inference_mode(False), torch.enable_grad():
+            case = self.probe(x, call)
             want = case.run(self._backends[TORCH].fn, [t.float() for t in case.inputs])
             timings, refused = {}, []
             for backend in candidates:
