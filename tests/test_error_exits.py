@@ -117,6 +117,10 @@ PRETRAIN_CASES = {
     "release pointer in --load": (lambda f, sp: ["--load", f["release"]], ["--load", "'release'", "Megatron-LM"]),
     "load without model_config.json": (lambda f, sp: ["--load", f["no_config"]], ["--load", "model_config.json"]),
     "load pointing at a missing save": (lambda f, sp: ["--load", f["lost_iteration"]], ["iter_0000007", "missing"]),
+    "a forced backend that cannot run here": (lambda f, sp: ["--wkv-backend", "triton"],
+                                              ["--wkv-backend triton", "'triton'", "'auto'"]),
+    "unknown backend name": (lambda f, sp: ["--sparse-attention-backend", "flash"],
+                             ["--sparse-attention-backend flash", "unknown backend 'flash'", "'torch'"]),
 }
 
 

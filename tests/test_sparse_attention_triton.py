@@ -314,8 +314,8 @@ def test_every_autotune_configuration_compiles_for_hopper_without_spills(head_di
 
 def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     """tools/gpu_check.py --cpu-smoke: every section runs (interpreter, tiny sizes: checks, timing,
-    kernel breakdown, WKV-7 and sparse variant sweeps), the JSON is written, the summary table is printed
-    last, and megatron is never imported (the GPU box lacks it)."""
+    kernel breakdown, WKV-7 and sparse variant sweeps, auto's choice per length), the JSON is written,
+    the summary table is printed last, and the layers timed are the project's own blocks."""
     pytest.importorskip("triton")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "smoke.json"
@@ -327,8 +327,17 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert not res["meta"]["megatron_imported"]
-    assert not res["meta"]["package_init_ran"], "the shim must not run megatron_rwkvx/__init__.py"
+    layers = res["config"]["layers"]
+    assert layers["rwkv7"] == ("megatron_rwkvx.layers.rwkvx_layer.RWKVXLayer"
+                               "(megatron_rwkvx.layers.rwkv7_time_mix.RWKV7TimeMix)")
+    assert layers["sparse"] == layers["dense"] == ("megatron_rwkvx.layers.rwkvx_layer.RWKVXLayer"
+                                                   "(megatron_rwkvx.layers.sparse_attention_block.SparseAttentionMixer)")
+    notes = {r["case"]: r.get("note", "") for r in res["timing"]}
+    assert notes["block_sparse"].endswith("(backend=triton)") and notes["block_dense"].endswith("(backend=sdpa_dense)")
+    # auto on the CPU: one candidate per operator, no probe.
+    assert [(a["T"], a["operator"], a["backend"]) for a in res["auto"]] == [
+        (32, "wkv7", "torch"), (32, "sparse-attention", "torch")]
+    assert all(a["reason"].startswith("the only candidate on cpu") for a in res["auto"])
     assert {c["check"] for c in res["checks"]} == {"sparse_fp32_gqa", "wkv7_fp32"}
     assert all(c["passed"] for c in res["checks"]), res["checks"]
     status = {r["case"]: r["status"] for r in res["timing"]}
@@ -377,11 +386,12 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
         assert r["status"] == "ok" and r["ms"] > 0 and r["vs_default"] > 0, r
         assert r["variant"] == "default" or (r["correct"] and r["out_rms_vs_default"] < svar["tolerance"]), r
     assert isinstance(res["autotune_choices"], dict)  # empty in the interpreter: nothing tunes there
-    assert {"breakdown", "variants", "sparse_variants"} <= set(res["sections_s"])
+    assert {"breakdown", "variants", "sparse_variants", "auto"} <= set(res["sections_s"])
     # Their tables come before the final summary table.
     text = proc.stdout
     assert (text.index("kernel breakdown at T=64") < text.index("WKV-7 variants")
-            < text.index("Sparse-attention variants") < text.index("| comparison"))
+            < text.index("Sparse-attention variants") < text.index("auto backend per length")
+            < text.index("| comparison"))
     last = proc.stdout.strip().splitlines()
     assert last[-1].strip().startswith("32 | layer pair vs dense layer")
 

@@ -86,6 +86,9 @@ def test_loss_falls_and_logs(data, tmp_path):
     for field in ("lr", "grad norm", "tokens/s", "TFLOP/s", "MFU", "rss", "ETA"):
         assert field in line
     assert "validation at iteration 6" in out.stdout
+    # Once at start-up, which backend each operator of the model runs and why.
+    assert out.stdout.count("wkv7: backend torch on cpu float32 (auto: the only candidate on cpu)") == 1
+    assert "sparse-attention: backend" not in out.stdout  # the pattern has no sparse block
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 

@@ -2,12 +2,13 @@
 
 ``topk_chunk_attention`` is the operator; ``chunk_mean_keys``, ``select_chunks`` and
 ``topk_chunk_selection`` expose the chunk selection that every backend shares, for inference and
-context parallelism; ``register_backend`` lets a kernel module (``triton_*.py``) plug in.
+context parallelism; ``register_backend`` adds a backend to the registry (``kernels/registry.py``).
 """
-from .dispatch import available_backends, register_backend, topk_chunk_attention
+from .dispatch import SPARSE_ATTENTION, available_backends, register_backend, topk_chunk_attention
 from .selection import chunk_mean_keys, select_chunks, topk_chunk_selection
 
 __all__ = [
+    "SPARSE_ATTENTION",
     "available_backends",
     "chunk_mean_keys",
     "register_backend",

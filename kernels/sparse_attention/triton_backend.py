@@ -270,4 +270,5 @@ def topk_chunk_attention_triton(
     return _TritonTopkChunkAttention.apply(q, k, v, selected, chunk_size, float(scale), q_offset, pair_tile)
 
 
-register_backend("triton", topk_chunk_attention_triton, is_available)
+# ``auto`` takes it on CUDA only: under the interpreter it is a test path, far slower than torch.
+register_backend("triton", topk_chunk_attention_triton, is_available, auto=lambda q: q.is_cuda)

@@ -1,118 +1,45 @@
-"""Backend registry and the public entry point ``wkv7``.
+"""The WKV-7 operator's backends (``kernels/registry.py``) and its entry point ``wkv7``.
 
-Built in: ``naive`` (token loop, the reference), ``chunked`` (pure PyTorch, any device) and
-``fla`` (when flash-linear-attention imports). The Triton kernel plugs in without edits here:
-the first request for ``triton`` (or ``auto`` on CUDA) imports
-``megatron_rwkvx.kernels.wkv7.triton_backend``, which must call
-``register_backend("triton", fn, is_available)``. ``fn`` is called as
-``fn(r, w, k, v, a, b, initial_state, chunk_size)`` with validated inputs (``[B, T, H, N]``, one
-dtype, ``initial_state`` fp32 ``[B, H, N, N]`` or None, ``T >= 1``) and returns ``(y, final_state)``:
-y ``[B, T, H, N]`` in any float dtype (cast to the input dtype here), final_state fp32.
+Roles: ``reference`` (token loop, the numerical definition; old name ``naive``), ``torch``
+(chunked PyTorch, any device; old name ``chunked``), ``triton`` (``triton_backend.py``) and
+``fla`` (flash-linear-attention, ``fla_backend.py``); the last two are plug-ins that register
+themselves when imported. A backend is called as ``fn(r, w, k, v, a, b, initial_state,
+chunk_size)`` with validated inputs (``[B, T, H, N]``, one dtype, ``initial_state`` fp32
+``[B, H, N, N]`` or None, ``T >= 1``) and returns ``(y, final_state)``: y ``[B, T, H, N]`` in
+any float dtype (cast to the input dtype here), final_state fp32.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..registry import REFERENCE, TORCH, TRITON, Operator, Plugin
 from .checks import check_inputs
 from .chunked import wkv7_chunked
-from .fla_backend import fla_import_error, wkv7_fla
 from .naive import wkv7_naive
+from .probe import probe_case
 
-Backend = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
-Availability = Callable[[torch.Tensor], bool]
-
-TRITON_MODULE = f"{__package__}.triton_backend"
-
-_REGISTRY: Dict[str, Tuple[Backend, Availability]] = {}
-_triton_import_error: Optional[str] = None
-_triton_tried = False
-_fla_tried = False
-
-
-def register_backend(name: str, fn: Backend, is_available: Optional[Availability] = None) -> None:
-    """Register ``fn`` as backend ``name``; ``is_available(r)`` says whether it can run on r's device."""
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"wkv7: invalid backend name {name!r}")
-    _REGISTRY[name] = (fn, is_available or (lambda r: True))
+WKV7 = Operator(
+    "wkv7",
+    plugins=[
+        Plugin(TRITON, f"{__package__}.triton_backend"),
+        Plugin("fla", f"{__package__}.fla_backend", library="fla",
+               hint="pip install flash-linear-attention"),
+    ],
+    aliases={"naive": REFERENCE, "chunked": TORCH},
+    probe=probe_case,
+)
 
 
-def _load_triton() -> None:
-    global _triton_tried, _triton_import_error
-    if _triton_tried:
-        return
-    _triton_tried = True
-    try:
-        importlib.import_module(TRITON_MODULE)
-    except ModuleNotFoundError as exc:
-        _triton_import_error = (
-            "not written yet" if exc.name == TRITON_MODULE else f"ModuleNotFoundError: {exc}"
-        )
-        return
-    except Exception as exc:  # a broken optional kernel must not break the PyTorch paths
-        _triton_import_error = f"{type(exc).__name__}: {exc}"
-        return
-    if "triton" not in _REGISTRY:
-        _triton_import_error = f"{TRITON_MODULE} imported but did not call register_backend('triton', ...)"
+# The operator's public registry functions (the plug-in modules and tests use these).
+register_backend = WKV7.register
+available_backends = WKV7.available
 
 
-def _load_fla() -> None:
-    # Lazy: importing fla pulls in its Triton kernels, which a CPU run never needs.
-    global _fla_tried
-    if not _fla_tried:
-        _fla_tried = True
-        if fla_import_error() is None:
-            register_backend("fla", wkv7_fla, lambda r: r.is_cuda)
-
-
-def available_backends(r: Optional[torch.Tensor] = None) -> list:
-    """Registered backend names (those that can run on r's device when r is given)."""
-    _load_triton()
-    _load_fla()
-    return sorted(n for n, (_, ok) in _REGISTRY.items() if r is None or ok(r))
-
-
-def _unknown(backend: str) -> ValueError:
-    known = sorted(set(_REGISTRY) | {"auto"})
-    return ValueError(f"wkv7: unknown backend {backend!r}; choose one of {known}")
-
-
-def resolve_backend(backend: str, r: torch.Tensor) -> Backend:
+def resolve_backend(backend: str, r: torch.Tensor) -> Callable:
     """The function that ``wkv7(..., backend=backend)`` would run for inputs like ``r``."""
-    if not isinstance(backend, str):
-        raise TypeError(f"wkv7: backend must be a string, got {type(backend).__name__}")
-    if backend == "auto":
-        if r.is_cuda:
-            _load_triton()
-            if "triton" in _REGISTRY and _REGISTRY["triton"][1](r):
-                return _REGISTRY["triton"][0]
-        return _REGISTRY["chunked"][0]
-    if backend == "triton":
-        _load_triton()
-        if "triton" not in _REGISTRY:
-            raise RuntimeError(
-                f"wkv7: backend 'triton' is unavailable ({_triton_import_error}); available: "
-                f"{available_backends(r)} (or 'auto', which falls back to 'chunked')"
-            )
-    if backend == "fla":
-        _load_fla()
-    if backend == "fla" and "fla" not in _REGISTRY:
-        raise RuntimeError(
-            f"wkv7: backend 'fla' is not installed ({fla_import_error()}); "
-            "pip install flash-linear-attention, or use one of "
-            f"{available_backends(r)}"
-        )
-    if backend not in _REGISTRY:
-        raise _unknown(backend)
-    fn, ok = _REGISTRY[backend]
-    if not ok(r):
-        raise RuntimeError(
-            f"wkv7: backend {backend!r} cannot run on device {r.device}; backends that can: "
-            f"{available_backends(r)} (or 'auto')"
-        )
-    return fn
+    return WKV7.resolve(backend, r)
 
 
 def wkv7(
@@ -136,12 +63,13 @@ def wkv7(
     ``[B, H, N, N]`` or None (zeros). Returns ``y`` ``[B, T, H, N]`` in the input dtype and the
     final state ``[B, H, N, N]`` fp32; differentiable in every input and through the final state.
 
-    ``backend``: ``auto`` (``triton`` on CUDA when registered and importable, else ``chunked``),
-    ``chunked``, ``naive``, ``triton`` or ``fla``. ``chunk_size``: chunk length of the chunked
-    backends (None: the backend's default; ignored by ``naive``).
+    ``backend``: ``auto`` (the fastest exact backend for the device and dtype; ``torch`` on the
+    CPU), ``torch`` (alias ``chunked``), ``reference`` (alias ``naive``), ``triton`` or ``fla``.
+    ``chunk_size``: chunk length of the chunked backends (None: the backend's default; ignored
+    by ``reference``).
     """
     check_inputs((r, w, k, v, a, b), initial_state)
-    fn = resolve_backend(backend, r)
+    fn = WKV7.resolve(backend, r)
     B, T, H, N = r.shape
     if T == 0:
         state = r.new_zeros(B, H, N, N, dtype=torch.float32) if initial_state is None else initial_state.clone()
@@ -150,5 +78,5 @@ def wkv7(
     return y.to(r.dtype), state
 
 
-register_backend("naive", wkv7_naive)
-register_backend("chunked", wkv7_chunked)
+WKV7.register(REFERENCE, wkv7_naive, auto=lambda r: False)
+WKV7.register(TORCH, wkv7_chunked)

@@ -1,25 +1,24 @@
-"""Adapter to flash-linear-attention's chunked DPLR kernel (``pip install flash-linear-attention``).
+"""The ``fla`` backend of ``wkv7``: flash-linear-attention's chunked DPLR kernel
+(``pip install flash-linear-attention``). Importing this module registers it; the import fails
+when fla is not installed, and the registry reports that.
 
 fla keeps the state transposed (``[K, V]``) and writes the same recurrence as
-``S_t = diag(exp w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``; its ``chunk_rwkv7`` wrapper has
-changed argument order between releases, so the stable keyword API of ``chunk_dplr_delta_rule`` is
-called instead. Not exercised in this repository's tests (fla is not installed in CI).
+``S_t = diag(exp w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T`` (so our ``a = -kk``,
+``b = kk * rate`` pass unchanged), with queries scaled by ``scale`` (1 for RWKV-7). Its
+``chunk_rwkv7`` wrapper has changed between releases (the decay as ``w`` with ``log_w =
+-exp(w)``, or as ``log_w``; one release forwards ``w`` even when only ``log_w`` is given), so the
+keyword API it wraps, ``chunk_dplr_delta_rule(q, k, v, a, b, gk=log decay, scale,
+initial_state, output_final_state)``, stable across releases, is called instead. ``auto``
+checks the result against the torch path before it may use it.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
+from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
 
-
-def fla_import_error() -> Optional[str]:
-    """None when fla's DPLR kernel imports, else the reason it does not."""
-    try:
-        importlib.import_module("fla.ops.generalized_delta_rule")
-    except Exception as exc:  # ImportError, or a broken install that fails while importing
-        return f"{type(exc).__name__}: {exc}"
-    return None
+from .dispatch import register_backend
 
 
 def wkv7_fla(
@@ -34,11 +33,12 @@ def wkv7_fla(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if chunk_size is not None:
         raise ValueError("wkv7 (fla): fla picks its own chunk size; leave chunk_size=None")
-    from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
-
     state_kv = None if initial_state is None else initial_state.transpose(-1, -2).contiguous()
     y, final_kv = chunk_dplr_delta_rule(
         q=r, k=k, v=v, a=a, b=b, gk=w, scale=1.0,
         initial_state=state_kv, output_final_state=True,
     )
     return y, final_kv.float().transpose(-1, -2)
+
+
+register_backend("fla", wkv7_fla, lambda r: r.is_cuda)

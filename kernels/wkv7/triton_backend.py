@@ -1,6 +1,6 @@
 """The ``triton`` backend of ``wkv7``: chunked RWKV-7 recurrence in Triton, forward and backward.
 
-Importing this module registers the backend (``dispatch.resolve_backend`` imports it lazily).
+Importing this module registers the backend (the registry imports it on first need).
 It runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the tests).
 
 Launches: forward = ``prep`` + ``fwd_scan``; backward = ``prep`` (recomputed, now also keeping
@@ -238,4 +238,5 @@ def _available(r: torch.Tensor) -> bool:
     return r.is_cuda or (_INTERPRET and r.device.type == "cpu")
 
 
-register_backend("triton", wkv7_triton, _available)
+# ``auto`` takes it on CUDA only: under the interpreter it is a test path, far slower than torch.
+register_backend("triton", wkv7_triton, _available, auto=lambda r: r.is_cuda)

@@ -35,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key/value heads of the sparse attention (grouped-query attention)")
     m.add_argument("--sparse-chunk-size", type=int, default=2048)
     m.add_argument("--sparse-top-k", type=int, default=3)
-    m.add_argument("--wkv-backend", default="auto", help="auto | triton | chunked | naive | fla")
-    m.add_argument("--sparse-attention-backend", default="auto", help="auto | triton | torch | reference")
+    m.add_argument("--wkv-backend", default="auto",
+                   help="auto (the fastest exact one on a GPU, torch on the CPU) | torch | triton | fla "
+                        "| reference; old names: chunked = torch, naive = reference")
+    m.add_argument("--sparse-attention-backend", default="auto",
+                   help="auto (the fastest exact one on a GPU, torch on the CPU) | torch | triton | reference")
     m.add_argument("--init-from", default=None,
                    help="start weights: an official RWKV-7/RWKV-X .pth or a megatron checkpoint "
                         "directory (model shape is read from it); ignored when --load resumes")

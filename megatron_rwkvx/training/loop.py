@@ -39,6 +39,7 @@ from megatron_rwkvx.training import model_builder
 from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.data import build_data_iterators, build_run_tokenizer, check_data_vocab
 from megatron_rwkvx.training.initialize import initialize_distributed, set_random_seed
+from megatron_rwkvx.training.kernel_backends import log_kernel_backends
 from megatron_rwkvx.training.losses import (
     longce_short_context_losses,
     longce_weights,
@@ -97,6 +98,7 @@ def set_up(args) -> Run:
     tokenizer = build_run_tokenizer(args)
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
     check_data_vocab(args, cfg.vocab_size)
+    log_kernel_backends(cfg, args.seq_length, device, logger.print)
     plan = plan_checkpoints(args, cfg)
     resuming = plan.resume_iteration is not None
     chunks = model_builder.build_model_chunks(cfg, args)
