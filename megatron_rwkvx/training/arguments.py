@@ -243,9 +243,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.loss == "longce":
         if args.longce_stride <= 0 or args.longce_window <= args.longce_stride:
             fail("LongCE needs 0 < --longce-stride < --longce-window")
-        if cp > 1 or pp > 1:
-            fail("--loss longce runs its short-context forwards on whole sequences; it supports "
-                 "tensor and data parallelism only (use --context-parallel-size 1 and "
-                 "--pipeline-model-parallel-size 1)")
+        if pp > 1:
+            fail("--loss longce runs its short-context forwards through one model chunk; it "
+                 "supports tensor, context and data parallelism (use --pipeline-model-parallel-size 1)")
     if args.device == "cpu" and args.bf16:
         pass  # allowed (slow); the CPU demo uses fp32
