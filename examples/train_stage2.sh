@@ -52,11 +52,9 @@ TRAIN_ARGS=(
 )
 PHASE=${PHASE:-main}
 if [[ "$PHASE" == longce ]]; then
-  # LongCE runs its short-context forwards on whole sequences: no context parallelism; TP x DP only.
-  CP=1
+  # LongCE keeps the layout: its short-context windows are spread over the CP ranks.
   LONGCE_TOKENS=${LONGCE_TOKENS:-1000000000}
   for i in "${!TRAIN_ARGS[@]}"; do
-    [[ "${TRAIN_ARGS[$i]}" == --context-parallel-size ]] && TRAIN_ARGS[$((i+1))]=1
     [[ "${TRAIN_ARGS[$i]}" == --train-tokens ]] && TRAIN_ARGS[$((i+1))]="$LONGCE_TOKENS"
     [[ "${TRAIN_ARGS[$i]}" == --save ]] && TRAIN_ARGS[$((i+1))]="$SAVE-longce"
     [[ "${TRAIN_ARGS[$i]}" == --load ]] && TRAIN_ARGS[$((i+1))]="$SAVE-longce"

@@ -262,6 +262,7 @@ def test_launchers_parse_and_dry_run():
     env["PHASE"], env["LAUNCHER"] = "longce", "torchrun"
     lce = _run(["bash", "examples/train_stage2.sh"], env=env).stdout
     assert "--loss longce" in lce and "torch.distributed.run" in lce and "--rdzv-endpoint" in lce
+    assert "--context-parallel-size 4" in lce  # LongCE keeps context parallelism
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ follow, and both are handled here so the mixers stay readable:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Union
@@ -65,11 +66,25 @@ def shard_dim0(full: torch.Tensor) -> torch.Tensor:
     return full[rank * size : (rank + 1) * size]
 
 
+_WHOLE_SEQUENCES = [False]
+
+
 def context_parallel_group():
     """The context-parallel group, or None when the sequence is not split."""
-    if parallel_state.get_context_parallel_world_size() == 1:
+    if parallel_state.get_context_parallel_world_size() == 1 or _WHOLE_SEQUENCES[0]:
         return None
     return parallel_state.get_context_parallel_group()
+
+
+@contextlib.contextmanager
+def whole_sequences_per_rank():
+    """The mixers see whole sequences on every rank (LongCE's short windows, spread over the CP
+    ranks as independent sequences): no context-parallel exchange while this is active."""
+    before, _WHOLE_SEQUENCES[0] = _WHOLE_SEQUENCES[0], True
+    try:
+        yield
+    finally:
+        _WHOLE_SEQUENCES[0] = before
 
 
 def previous_token_across_ranks(x: torch.Tensor, previous: "torch.Tensor | None"):

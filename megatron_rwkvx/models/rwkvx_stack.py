@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers.norms import build_layer_norm
+from megatron_rwkvx.models.recompute import run_layers
 
 
 class RWKVXStack(MegatronModule):
@@ -46,8 +47,7 @@ class RWKVXStack(MegatronModule):
         )
 
     def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor] = None):
-        for layer in self.layers:
-            hidden_states, v_first = layer(hidden_states, v_first)
+        hidden_states, v_first = run_layers(self.layers, hidden_states, v_first, self.config)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         return hidden_states, v_first

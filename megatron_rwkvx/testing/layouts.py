@@ -6,7 +6,7 @@ the body runs in spawned gloo processes (see ``megatron_rwkvx.testing.distribute
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -21,11 +21,13 @@ def one_training_step(
     labels: torch.Tensor,
     micro_batch_size: int,
     lr: float = 1e-2,
+    train_args: Optional[Dict] = None,
 ):
     """Returns (loss, full parameters after one step) on rank 0, None elsewhere.
 
     ``tokens``/``labels`` hold the whole global batch [G, S]; each data-parallel rank takes its
-    contiguous share, split into micro-batches of ``micro_batch_size``.
+    contiguous share, split into micro-batches of ``micro_batch_size``. ``train_args`` overrides
+    the training arguments the forward step reads (e.g. ``loss="longce"`` and its window).
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -64,6 +66,7 @@ def one_training_step(
         lr=lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1.0,
         clip_grad=0.0, bf16=False,
     )
+    vars(args).update(train_args or {})
     cfg = RWKVXConfig(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         virtual_pipeline_model_parallel_size=vpp, sequence_parallel=layout.get("sp", False),

@@ -8,6 +8,7 @@ import os
 from typing import List, Optional
 
 from megatron_rwkvx.errors import UsageError
+from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, check_recompute
 
 
 class ArgumentError(UsageError):
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--sequence-parallel", action="store_true")
     par.add_argument("--use-distributed-optimizer", action="store_true")
     par.add_argument("--overlap-grad-reduce", action="store_true")
+
+    # Activation recomputation: Megatron-LM's flags and meanings (megatron_rwkvx/models/recompute.py).
+    rc = p.add_argument_group("activation recomputation")
+    rc.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None,
+                    help="full: recompute whole layers (groups); selective: keep the projections, "
+                         "recompute the rest of every layer (operators, LoRAs, ChannelMix hidden)")
+    rc.add_argument("--recompute-method", choices=METHODS, default=None,
+                    help="with full: uniform = groups of --recompute-num-layers layers; block = "
+                         "the first --recompute-num-layers layers of each pipeline stage")
+    rc.add_argument("--recompute-num-layers", type=int, default=None)
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="+", default=None,
@@ -231,12 +242,12 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                  "torch's Adam (their fallback) megatron-core 0.16.1 saves that format but fails "
                  "to load it ('step' missing); install one of them, or drop the flag (the default "
                  "format resumes at any data-parallel size with the same TP/PP)")
+    check_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
     if args.loss == "longce":
         if args.longce_stride <= 0 or args.longce_window <= args.longce_stride:
             fail("LongCE needs 0 < --longce-stride < --longce-window")
-        if cp > 1 or pp > 1:
-            fail("--loss longce runs its short-context forwards on whole sequences; it supports "
-                 "tensor and data parallelism only (use --context-parallel-size 1 and "
-                 "--pipeline-model-parallel-size 1)")
+        if pp > 1:
+            fail("--loss longce runs its short-context forwards through one model chunk; it "
+                 "supports tensor, context and data parallelism (use --pipeline-model-parallel-size 1)")
     if args.device == "cpu" and args.bf16:
         pass  # allowed (slow); the CPU demo uses fp32

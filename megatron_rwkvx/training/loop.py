@@ -190,7 +190,8 @@ def forward_step(args, device, data_iterator, model):
             model, tokens, labels, args.longce_window, args.longce_stride
         )
         output = model(_cp_slice(tokens), labels=_cp_slice(labels))
-        weights = longce_weights(output, short, scored, args.longce_tau)
+        # mem branch (issue 14): short losses cover the whole sequence; weight this CP shard's part.
+        weights = longce_weights(output, _cp_slice(short), _cp_slice(scored), args.longce_tau)
     else:
         output = model(_cp_slice(tokens), labels=_cp_slice(labels))
     mask = _cp_slice(loss_mask)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+from megatron.core import parallel_state
 from torch import Tensor
+
+from megatron_rwkvx.layers.tensor_parallel_utils import whole_sequences_per_rank
 
 
 def masked_token_loss(per_token_loss: Tensor, loss_mask: Tensor, weights: Tensor = None):
@@ -46,21 +49,34 @@ def longce_windows(seq_length: int, window: int, stride: int) -> List[Tuple[int,
 def longce_short_context_losses(
     model, tokens: Tensor, labels: Tensor, window: int, stride: int
 ) -> Tuple[Tensor, Tensor]:
-    """Per-token CE of each token predicted from a short context, computed for all windows in
-    one batched forward without gradient. Returns (short losses [B, S], scored mask [B, S])."""
+    """Per-token CE of each token predicted from a short context, for all windows in batched
+    forwards without gradient. Returns (short losses [B, S], scored mask [B, S]) of the whole
+    sequence ``tokens`` [B, S].
+
+    The windows are independent sequences: under context parallelism each CP rank (all of which
+    hold the whole sequence) runs every cp-th window as a whole sequence, without the CP exchange,
+    and one all-reduce over the CP group assembles the result (scored ranges are disjoint). Each
+    data-parallel rank already has its own sequences and windows, so the work is even over DP x CP.
+    """
     b, s = tokens.shape
     windows = longce_windows(s, window, stride)
     short = torch.zeros(b, s, dtype=torch.float32, device=tokens.device)
-    scored = torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
-    if not windows:
-        return short, scored
-    toks = torch.stack([tokens[:, st:en] for st, _, en in windows], dim=1).reshape(-1, window)
-    labs = torch.stack([labels[:, st:en] for st, _, en in windows], dim=1).reshape(-1, window)
-    losses = model(toks, labels=labs).float().reshape(b, len(windows), window)
-    for i, (st, sc, en) in enumerate(windows):
-        short[:, sc:en] = losses[:, i, sc - st :]
-        scored[:, sc:en] = True
-    return short, scored
+    scored = torch.zeros(b, s, dtype=torch.float32, device=tokens.device)
+    cp = parallel_state.get_context_parallel_world_size()
+    mine = windows[parallel_state.get_context_parallel_rank()::cp] if cp > 1 else windows
+    if mine:
+        toks = torch.stack([tokens[:, st:en] for st, _, en in mine], dim=1).reshape(-1, window)
+        labs = torch.stack([labels[:, st:en] for st, _, en in mine], dim=1).reshape(-1, window)
+        with whole_sequences_per_rank():
+            losses = model(toks, labels=labs).float().reshape(b, len(mine), window)
+        for i, (st, sc, en) in enumerate(mine):
+            short[:, sc:en] = losses[:, i, sc - st :]
+            scored[:, sc:en] = 1.0
+    if cp > 1:
+        both = torch.stack([short, scored])
+        torch.distributed.all_reduce(both, group=parallel_state.get_context_parallel_group())
+        short, scored = both[0], both[1]
+    return short, scored.bool()
 
 
 def longce_weights(long_losses: Tensor, short_losses: Tensor, scored: Tensor, tau: float) -> Tensor:

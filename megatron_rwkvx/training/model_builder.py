@@ -12,6 +12,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKVXConfig
+from megatron_rwkvx.models.recompute import check_recompute
 from megatron_rwkvx.training.arguments import ArgumentError
 
 _SHAPE_ARGS = {
@@ -92,6 +93,9 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         wkv_backend=args.wkv_backend,
         sparse_attention_backend=args.sparse_attention_backend,
         l2wrap_factor=1e-4 if args.l2wrap else 0.0,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         **({"num_query_groups": args.num_query_groups} if args.num_query_groups else {}),
         **{k: v for k, v in shape.items() if not k.startswith("_")},
     )
@@ -115,6 +119,8 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
             f"{cfg.num_layers} layers cannot be split evenly over {pp} pipeline stages x {vpp} "
             "virtual stages; change the layout"
         )
+    check_recompute(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
+                    cfg.num_layers // (pp * vpp))
     return cfg
 
 
