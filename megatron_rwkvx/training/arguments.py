@@ -204,6 +204,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= args.lr_decay_iters:
         fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
              f"{args.lr_decay_iters} (default: the training iterations)")
+    if not args.lr > 0:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr < 0:
+        fail(f"--min-lr must be >= 0, got {args.min_lr}")
     if args.min_lr > args.lr:
         fail(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     if args.save_interval is not None and args.save_interval <= 0:

@@ -43,8 +43,11 @@ def initialize_distributed(args) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
     if not torch.distributed.is_initialized():
+        # One process has nobody to meet: an in-process store needs no port, so two single-process
+        # runs on one machine cannot collide on MASTER_PORT (29500 by default).
+        store = torch.distributed.HashStore() if world == 1 else None
         torch.distributed.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30)
+            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30), store=store
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
