@@ -3,7 +3,12 @@
 Each save is a directory ``iter_{N:07d}`` holding the sharded model and optimizer, the scheduler,
 the iteration and data position (common state), and one small RNG file per rank. The
 ``latest_checkpointed_iteration.txt`` pointer is rewritten (atomically) only after every rank
-finished writing, so a run killed mid-save resumes from the previous checkpoint. Tensors carry
+finished writing and the iteration's manifest (every file's size and CRC-32, see
+``checkpointing.manifest``) is on disk, so a run killed mid-save resumes from the previous
+checkpoint. A resume verifies the manifest: a damaged or incomplete iteration is named with the
+newest intact earlier one (``--ckpt-step N`` loads it, ``--auto-fallback`` does so unattended);
+iterations saved before manifests existed load unverified, with a note. A save that fails (disk
+full) removes its partial directory and stops with an ``error:`` line. Tensors carry
 global layer numbers and tensor-parallel axes, so a checkpoint loads into another tensor/pipeline
 layout (the RNG files are then skipped with a note: they are per rank).
 
@@ -14,15 +19,21 @@ run itself and of the run it continues.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
-from typing import List, Optional, Set
+from contextlib import contextmanager
+from typing import List, Optional, Set, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_rwkvx.checkpointing.megatron_format import (
     LATEST_FILE,
@@ -34,7 +45,9 @@ from megatron_rwkvx.checkpointing.megatron_format import (
     read_latest_iteration,
     read_model_config,
 )
+from megatron_rwkvx.checkpointing import manifest
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.training.arguments import ArgumentError
 from megatron_rwkvx.training.initialize import rng_state, set_rng_state
 
@@ -165,6 +178,61 @@ def _newest_checkpoint(directory: str) -> Optional[int]:
     return newest
 
 
+def iteration_damage(directory: str, iteration: int) -> Tuple[Optional[str], Optional[str]]:
+    """(what is wrong with saved ``iteration`` of ``directory``, naming the file, or None; a note
+    or None). Without a manifest an iteration was saved by an earlier version (which wrote none:
+    loaded unverified) unless an older iteration of the directory has one (then its save was cut
+    short)."""
+    path = iteration_dir(directory, iteration)
+    if not os.path.isdir(path):
+        return f"{path} is missing", None
+    if manifest.has_manifest(path):
+        return manifest.damage(path), None
+    if not _is_complete(path):
+        return (f"{path} is an incomplete save (no {manifest.MANIFEST_FILE}, and dist_checkpointing's "
+                "metadata.json is missing or unreadable)"), None
+    if any(manifest.has_manifest(iteration_dir(directory, i)) for i in _iterations(directory) if i < iteration):
+        return f"{path} has no {manifest.MANIFEST_FILE}: its save was cut short", None
+    return None, (f"note: {path} has no {manifest.MANIFEST_FILE} (saved by an earlier version): its "
+                  "files are not verified")
+
+
+def newest_intact_iteration(directory: str, below: int) -> Optional[int]:
+    """The newest saved iteration of ``directory`` older than ``below`` whose files are intact."""
+    for i in reversed(_iterations(directory)):
+        if i < below and iteration_damage(directory, i)[0] is None:
+            return i
+    return None
+
+
+def damaged_checkpoint_advice(directory: str, iteration: int) -> str:
+    """The way back from a damaged ``iteration``: the newest intact earlier one, and how to load it."""
+    fallback = newest_intact_iteration(directory, below=iteration)
+    if fallback is None:
+        return (f"no earlier iteration in {directory} is intact: restore the files from a backup, "
+                "or start from scratch with another --save directory")
+    return (f"the newest intact earlier iteration is {fallback}: pass --ckpt-step {fallback} to "
+            "resume from it (--auto-fallback does so unattended)")
+
+
+def _resume_intact(args, load: str, latest: int, warnings: List[str]) -> Tuple[int, Optional[str]]:
+    """Verify the iteration a resume would load: (iteration to load, error message or None)."""
+    problem, note = iteration_damage(load, latest)
+    if note:
+        warnings.append(note)
+    if problem is None:
+        return latest, None
+    fallback = newest_intact_iteration(load, below=latest)
+    if args.auto_fallback and fallback is not None:
+        warnings.append(
+            f"WARNING: --auto-fallback: iteration {latest} of {load} is damaged ({problem}); "
+            f"resuming from iteration {fallback}, the newest intact one: iterations {fallback + 1}"
+            f"-{latest} are trained again")
+        return fallback, None
+    return latest, (f"--load {load}: iteration {latest} is damaged or incomplete: {problem}; "
+                    + damaged_checkpoint_advice(load, latest))
+
+
 def _inspect_directories(args, cfg):
     """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
     plan, warnings = CheckpointPlan(), []
@@ -181,6 +249,12 @@ def _inspect_directories(args, cfg):
             latest = read_latest_iteration(load) if os.path.isdir(load) else None
         except ValueError as err:
             return plan, f"--load {load}: {err}", warnings
+        if args.ckpt_step is not None:  # Megatron-LM's override of the pointer
+            if not os.path.isdir(iteration_dir(load, args.ckpt_step)):
+                saved = _iterations(load) if os.path.isdir(load) else []
+                return plan, (f"--ckpt-step {args.ckpt_step}: {iteration_dir(load, args.ckpt_step)} "
+                              f"does not exist; saved iterations in {load}: {saved or 'none'}"), warnings
+            latest = args.ckpt_step
         if latest is None:
             warnings.append(f"warning: no checkpoint in {load}: starting from scratch")
         else:
@@ -192,6 +266,9 @@ def _inspect_directories(args, cfg):
                 check_architecture(read_model_config(load), cfg, load)
             except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
                 return plan, f"--load {load}: {err}", warnings
+            latest, error = _resume_intact(args, load, latest, warnings)
+            if error:
+                return plan, error, warnings
             plan.resume_iteration = latest
     if save and os.path.exists(save) and not os.path.isdir(save):
         return plan, f"--save {save} is a file; give a directory for the checkpoints", warnings
@@ -254,32 +331,113 @@ def plan_checkpoints(args, cfg) -> CheckpointPlan:
     return plan
 
 
+class CheckpointSaveError(UsageError):
+    """A save the filesystem refused (disk full, quota, permissions): not a bug of the run."""
+
+
+def _fault(name: str, iteration: int) -> bool:
+    """Fault injection for the fault-tolerance tests (tests/test_fault_injection.py):
+    MEGATRON_RWKVX_FAULT_<name>=<iteration>."""
+    return os.environ.get(f"MEGATRON_RWKVX_FAULT_{name}") == str(iteration)
+
+
+def _wrapped(err: BaseException) -> List[BaseException]:
+    """The exceptions ``err`` wraps: its cause or context, and the per-rank failures a
+    torch.distributed.checkpoint CheckpointException carries as (exception, traceback) pairs."""
+    inner = [f[0] if isinstance(f, tuple) else f for f in (getattr(err, "failures", None) or {}).values()]
+    return [e for e in (*inner, err.__cause__, err.__context__) if isinstance(e, BaseException)]
+
+
+def _find_error(err: BaseException, kind) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``err`` or what it wraps: dist_checkpointing
+    reports a failed writer process as a RuntimeError or CheckpointException around it."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo.extend(_wrapped(e))
+    return None
+
+
+def _filesystem_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed save. A writer process's error reaches this process gathered
+    (pickled) across ranks, which drops its cause: then only its message still tells."""
+    found = _find_error(err, OSError)
+    if found is None:
+        todo = [err] + _wrapped(err)
+        for e in todo:
+            if m := re.search(r"\[Errno (\d+)\] ([^\n'\"]+)", str(e)):
+                return OSError(int(m.group(1)), m.group(2).strip())
+    return found
+
+
+def _write_manifest(target: str, rank: int) -> None:
+    """Collective: every rank checksums (and syncs) a share of the iteration's files; rank 0 writes
+    the manifest. The files are on a filesystem every rank sees (as dist_checkpointing needs)."""
+    world = torch.distributed.get_world_size()
+    names = manifest.manifest_candidates(target)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, manifest.describe_files(target, names[rank::world]))
+    if rank == 0:
+        manifest.write_manifest(target, {n: e for part in parts for n, e in part.items()})
+
+
 def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
                     train_state: dict, plan: CheckpointPlan) -> str:
     rank = torch.distributed.get_rank()
     target = iteration_dir(directory, iteration)
-    if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        if os.path.isdir(target):
-            # Not a checkpoint of another run (plan_checkpoints refused those): a save of this
-            # iteration that a crash cut short, or one rolled back from. Never mix files.
-            shutil.rmtree(target)
-        os.makedirs(target)
-        _write_text_atomic(
-            os.path.join(directory, MODEL_CONFIG_FILE),
-            json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
-        )
-    torch.distributed.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
-                           metadata=_optimizer_metadata(args))
-    state["opt_param_scheduler"] = scheduler.state_dict()
-    state["train_state"] = dict(train_state, iteration=iteration)
-    state["layout"] = _layout(args)
-    dist_checkpointing.save(state, target)
-    torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
-    if os.environ.get("MEGATRON_RWKVX_FAULT_BEFORE_LATEST") == str(iteration):
-        # Fault injection for the crash-consistency test: die after the shards are written but
-        # before the pointer moves, as a node lost mid-save would.
+    try:
+        if rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            if os.path.isdir(target):
+                # Not a checkpoint of another run (plan_checkpoints refused those): a save of this
+                # iteration that a crash cut short, or one rolled back from. Never mix files.
+                shutil.rmtree(target)
+            os.makedirs(target)
+            _write_text_atomic(
+                os.path.join(directory, MODEL_CONFIG_FILE),
+                json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
+            )
+            if _fault("ENOSPC", iteration):
+                # A full disk, from the kernel: the first shard file is /dev/full.
+                os.symlink("/dev/full", os.path.join(target, "__0_0.distcp"))
+        torch.distributed.barrier()
+        if _fault("KILL_IN_WRITE", iteration):
+            # kill -9 of the run while its checkpoint writer processes run: the first one forked
+            # does it.
+            os.register_at_fork(after_in_child=lambda: os.kill(os.getppid(), signal.SIGKILL))
+        state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
+                               metadata=_optimizer_metadata(args))
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        state["train_state"] = dict(train_state, iteration=iteration)
+        state["layout"] = _layout(args)
+        dist_checkpointing.save(state, target)
+        if _fault("SIGTERM_IN_SAVE", iteration):  # a scheduler's stop request, between shards and pointer
+            os.kill(os.getpid(), signal.SIGTERM)
+        torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
+        torch.distributed.barrier()
+        _write_manifest(target, rank)
+    except (Exception, CheckpointException) as err:  # re-raised unless the filesystem refused the save
+        cause = _filesystem_error(err)
+        if cause is None:
+            raise
+        shutil.rmtree(target, ignore_errors=True)  # never leave a partial save (it holds the space)
+        previous = read_latest_iteration(directory) if os.path.isdir(directory) else None
+        kept = (f"the previous checkpoint (iteration {previous}) is intact" if previous is not None
+                else "there is no earlier checkpoint")
+        fix = ("free space or raise the quota" if cause.errno in (errno.ENOSPC, errno.EDQUOT)
+               else f"make {directory} writable")
+        raise CheckpointSaveError(
+            f"saving iteration {iteration} to {target} failed: {cause.strerror or cause} "
+            f"({errno.errorcode.get(cause.errno, cause.errno)}). The partial save was removed; "
+            f"{kept}. {fix.capitalize()}, then run again with --load {directory}") from err
+    if _fault("BEFORE_LATEST", iteration):
+        # Die after the shards and the manifest are written but before the pointer moves, as a
+        # node lost mid-save would.
         os._exit(17)
     torch.distributed.barrier()
     plan.written.add(iteration)
@@ -313,6 +471,38 @@ def has_checkpoint(directory: Optional[str]) -> bool:
     return bool(directory) and os.path.isdir(directory) and read_latest_iteration(directory) is not None
 
 
+# What reading a damaged checkpoint raises: torch.load (truncation, pickles refused by
+# weights-only loading), dist_checkpointing and torch.distributed.checkpoint (missing or cut
+# shards, broken metadata).
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, CheckpointingException,
+                CheckpointException)
+
+
+@contextmanager
+def _reading(what: str, directory: str, iteration: int):
+    """Report a checkpoint file that cannot be read as a CheckpointFormatError naming ``what``
+    (a file or the iteration's shards) and the way back to an intact iteration."""
+    try:
+        yield
+    except _READ_ERRORS as caught:
+        err = _find_error(caught, pickle.UnpicklingError) or next(
+            (e for e in _wrapped(caught) if isinstance(caught, CheckpointException)), caught)
+        if isinstance(err, pickle.UnpicklingError):
+            # torch's message advises weights_only=False, which would run the pickled code: never
+            # repeat it. Name the global it refused instead.
+            refused = re.search(r"GLOBAL (\S+)", str(err))
+            problem = (f"{what} holds pickled Python objects{f' ({refused.group(1)})' if refused else ''}"
+                       ", which the weights-only loader refused (nothing in it ran): the file was "
+                       "not written by this trainer; it was tampered with or replaced")
+        else:
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            if not first and isinstance(err, EOFError):
+                first = "a file ends early"
+            problem = f"{what} cannot be read ({type(err).__name__}{f': {first}' if first else ''})"
+        raise CheckpointFormatError(f"iteration {iteration} is damaged: {problem}; "
+                                    + damaged_checkpoint_advice(directory, iteration)) from None
+
+
 def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log=print,
                     iteration: Optional[int] = None) -> dict:
     """Restore a training run; returns the saved train state (iteration, consumed samples, ...).
@@ -321,7 +511,8 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
     if iteration is None:
         iteration = read_latest_iteration(directory)
     target = iteration_dir(directory, iteration)
-    common = dist_checkpointing.load_common_state_dict(target)
+    with _reading(os.path.join(target, "common.pt"), directory, iteration):
+        common = dist_checkpointing.load_common_state_dict(target)
     with_optim = not args.no_load_optim
     saved_layout = common.get("layout") or {}
     saved_train_only = saved_layout.get("train_only")  # absent in checkpoints of older versions
@@ -360,7 +551,8 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
         )
     sharded = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optim,
                              metadata=_optimizer_metadata(args, saved_type))
-    loaded = dist_checkpointing.load(sharded, target)
+    with _reading(target, directory, iteration):
+        loaded = dist_checkpointing.load(sharded, target)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         chunk.module.load_state_dict(loaded[key], strict=True)
     if with_optim:
@@ -371,7 +563,9 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
     same_layout = _same_parallel_layout(common.get("layout"), args)
     rng_file = os.path.join(target, f"rng_rank{torch.distributed.get_rank():05d}.pt")
     if not args.no_load_rng and same_layout and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        with _reading(rng_file, directory, iteration):
+            saved_rng = torch.load(rng_file, weights_only=True)
+        set_rng_state(saved_rng)
     elif not same_layout:
         log(f"note: checkpoint layout {common.get('layout')} differs from this run's "
             f"{_layout(args)}; per-rank RNG states are not restored")
