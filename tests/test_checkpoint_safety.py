@@ -89,6 +89,8 @@ def runs(data, stage1, tmp_path_factory):
     state = torch.load(common, weights_only=False)
     state["layout"].pop("train_only", None)  # as saved by earlier versions
     torch.save(state, common)
+    for manifest in paths["old format"].glob("iter_*/manifest.json"):  # which wrote none
+        manifest.unlink()
     before = {name: _snapshot(paths[name]) for name in ("newer", "other run", "other architecture")}
     before["rolled back iter 4"] = _snapshot(paths["rolled back"] / "iter_0000004")
 
@@ -193,6 +195,7 @@ def test_checkpoint_without_train_only_field_still_resumes(runs):
     out = _ok(runs.out["old format"])
     assert "resumed from" in out.stdout and "at iteration 4" in out.stdout
     assert "checkpoint layout" not in out.stdout  # same parallel layout: RNG states restored
+    assert "iter_0000004 has no manifest.json (saved by an earlier version)" in out.stdout
 
 
 _SLOW_EVAL_AND_SAVE = textwrap.dedent("""

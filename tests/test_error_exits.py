@@ -6,7 +6,9 @@ import importlib.util
 import io
 import random
 import re
+import shutil
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,6 +74,16 @@ def _garbage(path) -> str:
     return str(path)
 
 
+def _flip_index_bytes(prefix: str, out: str) -> str:
+    """A copy of ``prefix`` with four bytes of its .idx changed: a length of 65535 tokens that the
+    .bin does not hold at that place (before validation, training ran to the end on it, exit 0)."""
+    shutil.copy(prefix + ".bin", out + ".bin")
+    raw = bytearray(Path(prefix + ".idx").read_bytes())
+    raw[34 + 4:34 + 8] = struct.pack("<i", 65535)  # sequence 1's length (after the 34-byte header)
+    Path(out + ".idx").write_bytes(bytes(raw))
+    return out
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_inputs")
@@ -89,8 +101,10 @@ def files(tmp_path_factory):
     lost_iteration.mkdir()
     (lost_iteration / "latest_checkpointed_iteration.txt").write_text("7\n")
     (lost_iteration / "model_config.json").write_text('{"hidden_size": 64}')
+    data = make_dataset(str(d / "docs"), 200, seed=0)  # ids < 500, World-sized model
     return {
-        "data": make_dataset(str(d / "docs"), 200, seed=0),  # ids < 500, World-sized model
+        "data": data,
+        "flipped_idx": _flip_index_bytes(data, str(d / "flipped")),
         "garbage": _garbage(d / "garbage.pth"),
         "missing": str(d / "foo.pth"),
         "release": str(release),
@@ -110,6 +124,8 @@ PRETRAIN_CASES = {
     "token ids beyond the vocabulary": (
         lambda f, sp: ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp],
         ["40 rows", "tokenizer"]),
+    "flipped bytes in the .idx": (lambda f, sp: ["--data-path", f["flipped_idx"]],
+                                  ["flipped.idx", "sequence 2 starts at byte", "remake it"]),
     "unpaired blend weights": (lambda f, sp: ["--data-path", "0.5", f["data"], "0.5"], ["alternate"]),
     "unknown layer symbol": (lambda f, sp: ["--layer-pattern", "RRXR"], ["'X'"]),
     "garbage init-from": (lambda f, sp: ["--init-from", f["garbage"]],

@@ -29,6 +29,9 @@ def test_train_tokens_become_iterations():
         (["--train-tokens", "10"], 1, ["exactly one of --train-iters and --train-tokens"]),
         (["--lr-decay-style", "WSD"], 1, ["--lr-wsd-decay-iters"]),
         (["--min-lr", "1", "--lr", "0.1"], 1, ["--min-lr"]),
+        (["--lr", "-1"], 1, ["--lr must be > 0, got -1.0"]),  # was "--min-lr 0.0 exceeds --lr -1.0"
+        (["--lr", "0"], 1, ["--lr must be > 0"]),
+        (["--min-lr=-1e-5"], 1, ["--min-lr must be >= 0"]),
         (["--save-interval", "5"], 1, ["--save"]),
         (["--loss", "longce", "--longce-stride", "10", "--longce-window", "5"], 1, ["--longce-stride"]),
         (["--loss", "longce", "--pipeline-model-parallel-size", "2"], 2,

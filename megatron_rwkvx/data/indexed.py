@@ -2,7 +2,8 @@
 
 megatron-core's ``IndexedDataset`` memory-maps a ``.bin`` without comparing its size to the
 index, so a truncated file fails (or returns garbage) only when a sample reaches the missing
-part, possibly hours into training. ``validate_indexed_dataset`` checks sizes up front;
+part, possibly hours into training, and trusts the index's arrays as they are.
+``validate_indexed_dataset`` checks sizes and the index's own consistency up front;
 ``check_token_ids`` checks every id against the model's vocabulary.
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ def validate_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     pointers = np.frombuffer(mm, np.int64, n_seq, _HEADER_BYTES + 4 * n_seq)
     docs = np.frombuffer(mm, np.int64, n_doc, _HEADER_BYTES + 12 * n_seq)
     itemsize = np.dtype(dtype).itemsize
+    _check_index_arrays(ipath, lengths, pointers, docs, itemsize)
     expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if n_seq else 0
     actual = os.path.getsize(bpath)
     if actual != expected:
@@ -80,11 +82,42 @@ def validate_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
             f"{bpath} is {what}: {actual} bytes, {ipath} describes {expected}; the files do not belong "
             "together or a copy/preprocessing run was interrupted: remake or re-copy both"
         )
-    if n_doc == 0 or docs[-1] != n_seq:
-        raise DatasetFileError(f"{ipath}: document index does not end at the sequence count; remake the dataset")
     num_tokens = int(lengths.sum(dtype=np.int64))
     del lengths, pointers, docs, mm
     return IndexedDatasetInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens)
+
+
+def _check_index_arrays(ipath: str, lengths, pointers, docs, itemsize: int) -> None:
+    """The index's three arrays describe one contiguous ``.bin`` and nest documents over sequences.
+
+    megatron-core trusts these arrays as they are: a flipped byte in a length becomes a negative
+    or huge sample silently cut from the wrong place, so they are checked whole (vectorised, a
+    few ms per million sequences) before anything is read through them.
+    """
+    fix = "the file is damaged (bit flip, partial copy, or written by another tool): remake it with tools/preprocess_data.py"
+    if len(lengths):
+        bad = np.flatnonzero(lengths <= 0)
+        if len(bad):
+            i = int(bad[0])
+            raise DatasetFileError(f"{ipath}: sequence {i} has length {int(lengths[i])} "
+                                   f"({len(bad)} sequences are not positive); {fix}")
+        if pointers[0] != 0:
+            raise DatasetFileError(f"{ipath}: the first sequence starts at byte {int(pointers[0])}, not 0; {fix}")
+        step = np.diff(pointers) != lengths[:-1].astype(np.int64) * itemsize
+        if step.any():
+            i = int(np.flatnonzero(step)[0])
+            raise DatasetFileError(
+                f"{ipath}: sequence {i + 1} starts at byte {int(pointers[i + 1])}, but sequence {i} "
+                f"({int(lengths[i])} tokens from byte {int(pointers[i])}) ends at "
+                f"{int(pointers[i]) + int(lengths[i]) * itemsize}; {fix}")
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != len(lengths):
+        raise DatasetFileError(f"{ipath}: the document index must run from sequence 0 to the sequence "
+                               f"count {len(lengths)}; {fix}")
+    back = np.flatnonzero(np.diff(docs) < 0)
+    if len(back):
+        i = int(back[0])
+        raise DatasetFileError(f"{ipath}: document {i + 1} starts at sequence {int(docs[i + 1])}, before "
+                               f"document {i} (sequence {int(docs[i])}); {fix}")
 
 
 def _max_token_id(prefix: str, info: IndexedDatasetInfo, chunk: int = 1 << 24) -> tuple:

@@ -142,7 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda when available, else cpu (gloo + the CPU runtime shim)")
     e.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for the MFU estimate (default: 989 on H100/H200 bf16)")
+    _add_checkpoint_integrity_args(e)
     return p
+
+
+def _add_checkpoint_integrity_args(group) -> None:
+    """Which saved iteration a resume loads, and what it does with a damaged one."""
+    group.add_argument("--ckpt-step", type=int, default=None,
+                       help="resume this saved iteration of --load instead of the one "
+                            "latest_checkpointed_iteration.txt names (e.g. the intact iteration "
+                            "before a damaged one)")
+    group.add_argument("--auto-fallback", action="store_true",
+                       help="when the iteration to resume is damaged or incomplete, resume the "
+                            "newest intact earlier one with a warning instead of stopping "
+                            "(unattended requeues)")
+
+
+def _check_checkpoint_integrity_args(args, fail) -> None:
+    if args.ckpt_step is not None:
+        if not args.load:
+            fail("--ckpt-step selects an iteration of --load DIR: give --load")
+        if args.ckpt_step < 0:
+            fail(f"--ckpt-step must be >= 0, got {args.ckpt_step}")
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -218,8 +239,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.lr_warmup_iters >= args.lr_decay_iters:
         fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
              f"{args.lr_decay_iters} (default: the training iterations)")
+    if not args.lr > 0:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if args.min_lr < 0:
+        fail(f"--min-lr must be >= 0, got {args.min_lr}")
     if args.min_lr > args.lr:
         fail(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    _check_checkpoint_integrity_args(args, fail)
     if args.save_interval is not None and args.save_interval <= 0:
         fail("--save-interval must be positive")
     if args.save_interval and not args.save:

@@ -3,7 +3,12 @@
 Each save is a directory ``iter_{N:07d}`` holding the sharded model and optimizer, the scheduler,
 the iteration and data position (common state), and one small RNG file per rank. The
 ``latest_checkpointed_iteration.txt`` pointer is rewritten (atomically) only after every rank
-finished writing, so a run killed mid-save resumes from the previous checkpoint. Tensors carry
+finished writing and the iteration's manifest (every file's size and CRC-32, see
+``checkpointing.manifest``) is on disk, so a run killed mid-save resumes from the previous
+checkpoint. A resume verifies the manifest: a damaged or incomplete iteration is named with the
+newest intact earlier one (``--ckpt-step N`` loads it, ``--auto-fallback`` does so unattended);
+iterations saved before manifests existed load unverified, with a note. A save that fails (disk
+full) removes its partial directory and stops with an ``error:`` line. Tensors carry
 global layer numbers and tensor-parallel axes, so a checkpoint loads into another tensor/pipeline
 layout (the RNG files are then skipped with a note: they are per rank).
 
@@ -14,13 +19,20 @@ the saves of the run itself and of the run it continues.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
+import signal
+from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_rwkvx.checkpointing.megatron_format import (
     LATEST_FILE,
@@ -34,7 +46,10 @@ from megatron_rwkvx.checkpointing.megatron_format import (
     saved_iterations,
     write_text_atomic,
 )
+from megatron_rwkvx.checkpointing import manifest
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.errors import UsageError
+from megatron_rwkvx.training.checkpoint_integrity import damaged_checkpoint_advice
 from megatron_rwkvx.training.initialize import rng_state, set_rng_state
 from megatron_rwkvx.training.resume import CheckpointPlan
 
@@ -129,32 +144,113 @@ def _sharded_state(chunks, optimizer, is_loading: bool, with_optimizer: bool, me
     return state
 
 
+class CheckpointSaveError(UsageError):
+    """A save the filesystem refused (disk full, quota, permissions): not a bug of the run."""
+
+
+def _fault(name: str, iteration: int) -> bool:
+    """Fault injection for the fault-tolerance tests (tests/test_fault_injection.py):
+    MEGATRON_RWKVX_FAULT_<name>=<iteration>."""
+    return os.environ.get(f"MEGATRON_RWKVX_FAULT_{name}") == str(iteration)
+
+
+def _wrapped(err: BaseException) -> List[BaseException]:
+    """The exceptions ``err`` wraps: its cause or context, and the per-rank failures a
+    torch.distributed.checkpoint CheckpointException carries as (exception, traceback) pairs."""
+    inner = [f[0] if isinstance(f, tuple) else f for f in (getattr(err, "failures", None) or {}).values()]
+    return [e for e in (*inner, err.__cause__, err.__context__) if isinstance(e, BaseException)]
+
+
+def _find_error(err: BaseException, kind) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``err`` or what it wraps: dist_checkpointing
+    reports a failed writer process as a RuntimeError or CheckpointException around it."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        todo.extend(_wrapped(e))
+    return None
+
+
+def _filesystem_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed save. A writer process's error reaches this process gathered
+    (pickled) across ranks, which drops its cause: then only its message still tells."""
+    found = _find_error(err, OSError)
+    if found is None:
+        todo = [err] + _wrapped(err)
+        for e in todo:
+            if m := re.search(r"\[Errno (\d+)\] ([^\n'\"]+)", str(e)):
+                return OSError(int(m.group(1)), m.group(2).strip())
+    return found
+
+
+def _write_manifest(target: str, rank: int) -> None:
+    """Collective: every rank checksums (and syncs) a share of the iteration's files; rank 0 writes
+    the manifest. The files are on a filesystem every rank sees (as dist_checkpointing needs)."""
+    world = torch.distributed.get_world_size()
+    names = manifest.manifest_candidates(target)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, manifest.describe_files(target, names[rank::world]))
+    if rank == 0:
+        manifest.write_manifest(target, {n: e for part in parts for n, e in part.items()})
+
+
 def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
                     train_state: dict, plan: CheckpointPlan) -> str:
     rank = torch.distributed.get_rank()
     target = iteration_dir(directory, iteration)
-    if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        if os.path.isdir(target):
-            # Not a checkpoint of another run (plan_checkpoints refused those): a save of this
-            # iteration that a crash cut short, or one rolled back from. Never mix files.
-            shutil.rmtree(target)
-        os.makedirs(target)
-        write_text_atomic(
-            os.path.join(directory, MODEL_CONFIG_FILE),
-            json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
-        )
-    torch.distributed.barrier()
-    state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
-                           metadata=_optimizer_metadata(args))
-    state["opt_param_scheduler"] = scheduler.state_dict()
-    state["train_state"] = dict(train_state, iteration=iteration)
-    state["layout"] = _layout(args)
-    dist_checkpointing.save(state, target)
-    torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
-    if os.environ.get("MEGATRON_RWKVX_FAULT_BEFORE_LATEST") == str(iteration):
-        # Fault injection for the crash-consistency test: die after the shards are written but
-        # before the pointer moves, as a node lost mid-save would.
+    try:
+        if rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            if os.path.isdir(target):
+                # Not a checkpoint of another run (plan_checkpoints refused those): a save of this
+                # iteration that a crash cut short, or one rolled back from. Never mix files.
+                shutil.rmtree(target)
+            os.makedirs(target)
+            write_text_atomic(
+                os.path.join(directory, MODEL_CONFIG_FILE),
+                json.dumps(architecture_of(cfg), indent=2, sort_keys=True),
+            )
+            if _fault("ENOSPC", iteration):
+                # A full disk, from the kernel: the first shard file is /dev/full.
+                os.symlink("/dev/full", os.path.join(target, "__0_0.distcp"))
+        torch.distributed.barrier()
+        if _fault("KILL_IN_WRITE", iteration):
+            # kill -9 of the run while its checkpoint writer processes run: the first one forked
+            # does it.
+            os.register_at_fork(after_in_child=lambda: os.kill(os.getppid(), signal.SIGKILL))
+        state = _sharded_state(chunks, optimizer, is_loading=False, with_optimizer=True,
+                               metadata=_optimizer_metadata(args))
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        state["train_state"] = dict(train_state, iteration=iteration)
+        state["layout"] = _layout(args)
+        dist_checkpointing.save(state, target)
+        if _fault("SIGTERM_IN_SAVE", iteration):  # a scheduler's stop request, between shards and pointer
+            os.kill(os.getpid(), signal.SIGTERM)
+        torch.save(rng_state(), os.path.join(target, f"rng_rank{rank:05d}.pt"))
+        torch.distributed.barrier()
+        _write_manifest(target, rank)
+    except (Exception, CheckpointException) as err:  # re-raised unless the filesystem refused the save
+        cause = _filesystem_error(err)
+        if cause is None:
+            raise
+        shutil.rmtree(target, ignore_errors=True)  # never leave a partial save (it holds the space)
+        previous = read_latest_iteration(directory) if os.path.isdir(directory) else None
+        kept = (f"the previous checkpoint (iteration {previous}) is intact" if previous is not None
+                else "there is no earlier checkpoint")
+        fix = ("free space or raise the quota" if cause.errno in (errno.ENOSPC, errno.EDQUOT)
+               else f"make {directory} writable")
+        raise CheckpointSaveError(
+            f"saving iteration {iteration} to {target} failed: {cause.strerror or cause} "
+            f"({errno.errorcode.get(cause.errno, cause.errno)}). The partial save was removed; "
+            f"{kept}. {fix.capitalize()}, then run again with --load {directory}") from err
+    if _fault("BEFORE_LATEST", iteration):
+        # Die after the shards and the manifest are written but before the pointer moves, as a
+        # node lost mid-save would.
         os._exit(17)
     torch.distributed.barrier()
     plan.written.add(iteration)
@@ -188,6 +284,38 @@ def has_checkpoint(directory: Optional[str]) -> bool:
     return bool(directory) and os.path.isdir(directory) and read_latest_iteration(directory) is not None
 
 
+# What reading a damaged checkpoint raises: torch.load (truncation, pickles refused by
+# weights-only loading), dist_checkpointing and torch.distributed.checkpoint (missing or cut
+# shards, broken metadata).
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, CheckpointingException,
+                CheckpointException)
+
+
+@contextmanager
+def _reading(what: str, directory: str, iteration: int):
+    """Report a checkpoint file that cannot be read as a CheckpointFormatError naming ``what``
+    (a file or the iteration's shards) and the way back to an intact iteration."""
+    try:
+        yield
+    except _READ_ERRORS as caught:
+        err = _find_error(caught, pickle.UnpicklingError) or next(
+            (e for e in _wrapped(caught) if isinstance(caught, CheckpointException)), caught)
+        if isinstance(err, pickle.UnpicklingError):
+            # torch's message advises weights_only=False, which would run the pickled code: never
+            # repeat it. Name the global it refused instead.
+            refused = re.search(r"GLOBAL (\S+)", str(err))
+            problem = (f"{what} holds pickled Python objects{f' ({refused.group(1)})' if refused else ''}"
+                       ", which the weights-only loader refused (nothing in it ran): the file was "
+                       "not written by this trainer; it was tampered with or replaced")
+        else:
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            if not first and isinstance(err, EOFError):
+                first = "a file ends early"
+            problem = f"{what} cannot be read ({type(err).__name__}{f': {first}' if first else ''})"
+        raise CheckpointFormatError(f"iteration {iteration} is damaged: {problem}; "
+                                    + damaged_checkpoint_advice(directory, iteration)) from None
+
+
 def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log=print,
                     iteration: Optional[int] = None) -> dict:
     """Restore a training run; returns the saved train state (iteration, consumed samples, ...).
@@ -196,7 +324,8 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
     if iteration is None:
         iteration = read_latest_iteration(directory)
     target = iteration_dir(directory, iteration)
-    common = dist_checkpointing.load_common_state_dict(target)
+    with _reading(os.path.join(target, "common.pt"), directory, iteration):
+        common = dist_checkpointing.load_common_state_dict(target)
     with_optim = not args.no_load_optim
     saved_layout = common.get("layout") or {}
     saved_train_only = saved_layout.get("train_only")  # absent in checkpoints of older versions
@@ -235,7 +364,8 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
         )
     sharded = _sharded_state(chunks, optimizer, is_loading=True, with_optimizer=with_optim,
                              metadata=_optimizer_metadata(args, saved_type))
-    loaded = dist_checkpointing.load(sharded, target)
+    with _reading(target, directory, iteration):
+        loaded = dist_checkpointing.load(sharded, target)
     for key, chunk in zip(_model_keys(len(chunks)), chunks):
         chunk.module.load_state_dict(loaded[key], strict=True)
     if with_optim:
@@ -246,7 +376,9 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
     same_layout = _same_parallel_layout(common.get("layout"), args)
     rng_file = os.path.join(target, f"rng_rank{torch.distributed.get_rank():05d}.pt")
     if not args.no_load_rng and same_layout and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        with _reading(rng_file, directory, iteration):
+            saved_rng = torch.load(rng_file, weights_only=True)
+        set_rng_state(saved_rng)
     elif not same_layout:
         log(f"note: checkpoint layout {common.get('layout')} differs from this run's "
             f"{_layout(args)}; per-rank RNG states are not restored")

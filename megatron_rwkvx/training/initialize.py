@@ -1,9 +1,13 @@
 """Process groups, devices and seeds for a training run (torchrun / srun environments)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import sys
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,12 +22,43 @@ def _env_int(*names, default=None):
     return default
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_forks_end_with_parent = False
+
+
+def end_with_parent(parent: Optional[int] = None) -> None:
+    """Have the kernel SIGKILL this process when the process (strictly: the thread) that started it
+    dies, kill -9 included: a helper of a run must not outlive it. ``parent``: its pid, to catch a
+    parent that died before the signal was armed. Linux only (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def forks_end_with_parent() -> None:
+    """Every process this one forks from now on (dist_checkpointing's writer processes fork at each
+    save) ends with it. Spawned children run ``megatron_rwkvx.pretrain`` as their main module,
+    which arms the same signal (see there)."""
+    global _forks_end_with_parent
+    if _forks_end_with_parent:
+        return
+    _forks_end_with_parent = True
+    forking = {}
+    os.register_at_fork(before=lambda: forking.__setitem__("pid", os.getpid()),
+                        after_in_child=lambda: end_with_parent(forking.get("pid")))
+
+
 def initialize_distributed(args) -> None:
     """Start torch.distributed (nccl on GPUs, gloo on the CPU) and megatron's parallel groups.
 
     Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` with one task per GPU
     (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID plus MASTER_ADDR/MASTER_PORT from the launcher).
     """
+    forks_end_with_parent()
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
@@ -43,8 +78,11 @@ def initialize_distributed(args) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
     if not torch.distributed.is_initialized():
+        # One process has nobody to meet: an in-process store needs no port, so two single-process
+        # runs on one machine cannot collide on MASTER_PORT (29500 by default).
+        store = torch.distributed.HashStore() if world == 1 else None
         torch.distributed.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30)
+            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30), store=store
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -190,7 +190,7 @@ def forward_step(args, device, data_iterator, model):
             model, tokens, labels, args.longce_window, args.longce_stride
         )
         output = model(_cp_slice(tokens), labels=_cp_slice(labels))
-        # mem branch (issue 14): short losses cover the whole sequence; weight this CP shard's part.
+        # The short-context losses cover the whole sequence: weight this CP shard's part of it.
         weights = longce_weights(output, _cp_slice(short), _cp_slice(scored), args.longce_tau)
     else:
         output = model(_cp_slice(tokens), labels=_cp_slice(labels))

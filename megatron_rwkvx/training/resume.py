@@ -3,14 +3,15 @@
 Which checkpoint a run continues, and what it refuses so that it never destroys another run's
 checkpoints: a --load that is a file or names a missing iteration, a --load or --save of another
 architecture, a --save holding a checkpoint newer than where the run starts (unless the run resumes
-that very directory). The mechanism that writes and reads the sharded state is
+that very directory), or a damaged iteration (``training.checkpoint_integrity``: named, with the
+newest intact one; --ckpt-step picks an iteration, --auto-fallback takes the intact one). The mechanism that writes and reads the sharded state is
 ``training.checkpointing``; the on-disk names are ``checkpointing.megatron_format``.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Set
+from typing import List, Optional, Set, Tuple
 
 import torch
 
@@ -26,6 +27,11 @@ from megatron_rwkvx.checkpointing.megatron_format import (
 )
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 from megatron_rwkvx.training.arguments import ArgumentError
+from megatron_rwkvx.training.checkpoint_integrity import (
+    damaged_checkpoint_advice,
+    iteration_damage,
+    newest_intact_iteration,
+)
 
 
 @dataclass
@@ -48,6 +54,24 @@ def _newest_checkpoint(directory: str) -> Optional[int]:
     return newest
 
 
+def _resume_intact(args, load: str, latest: int, warnings: List[str]) -> Tuple[int, Optional[str]]:
+    """Verify the iteration a resume would load: (iteration to load, error message or None)."""
+    problem, note = iteration_damage(load, latest)
+    if note:
+        warnings.append(note)
+    if problem is None:
+        return latest, None
+    fallback = newest_intact_iteration(load, below=latest)
+    if args.auto_fallback and fallback is not None:
+        warnings.append(
+            f"WARNING: --auto-fallback: iteration {latest} of {load} is damaged ({problem}); "
+            f"resuming from iteration {fallback}, the newest intact one: iterations {fallback + 1}"
+            f"-{latest} are trained again")
+        return fallback, None
+    return latest, (f"--load {load}: iteration {latest} is damaged or incomplete: {problem}; "
+                    + damaged_checkpoint_advice(load, latest))
+
+
 def _inspect_directories(args, cfg):
     """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
     plan, warnings = CheckpointPlan(), []
@@ -64,6 +88,12 @@ def _inspect_directories(args, cfg):
             latest = read_latest_iteration(load) if os.path.isdir(load) else None
         except ValueError as err:
             return plan, f"--load {load}: {err}", warnings
+        if args.ckpt_step is not None:  # Megatron-LM's override of the pointer
+            if not os.path.isdir(iteration_dir(load, args.ckpt_step)):
+                saved = saved_iterations(load) if os.path.isdir(load) else []
+                return plan, (f"--ckpt-step {args.ckpt_step}: {iteration_dir(load, args.ckpt_step)} "
+                              f"does not exist; saved iterations in {load}: {saved or 'none'}"), warnings
+            latest = args.ckpt_step
         if latest is None:
             warnings.append(f"warning: no checkpoint in {load}: starting from scratch")
         else:
@@ -75,6 +105,9 @@ def _inspect_directories(args, cfg):
                 check_architecture(read_model_config(load), cfg, load)
             except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
                 return plan, f"--load {load}: {err}", warnings
+            latest, error = _resume_intact(args, load, latest, warnings)
+            if error:
+                return plan, error, warnings
             plan.resume_iteration = latest
     if save and os.path.exists(save) and not os.path.isdir(save):
         return plan, f"--save {save} is a file; give a directory for the checkpoints", warnings
