@@ -54,15 +54,15 @@ class StudySize:
     stage2_seq: int = 2048
     num_pairs: int = 80  # MQAR: more than the 64 keys a layer's RWKV-7 state can recall (see docs)
     num_queries: int = 32
-    base_docs: int = 1200
-    stage2_docs: int = 400
+    base_docs: int = 3200
+    stage2_docs: int = 600
     batch1: int = 8
     batch2: int = 4
-    base_iters: int = 150
+    base_iters: int = 400
     base_lr: float = 3e-3
-    stage1_iters: int = 60
+    stage1_iters: int = 300
     stage1_lr: float = 2e-3
-    stage2_iters: int = 60
+    stage2_iters: int = 150
     stage2_lr: float = 1e-3
     eval_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     passkey_depths: int = 5
@@ -73,7 +73,7 @@ class StudySize:
 
 SIZES: Dict[str, StudySize] = {
     "full": StudySize(),
-    "quick": StudySize(base_docs=600, stage2_docs=160, base_iters=60, stage1_iters=25, stage2_iters=25,
+    "quick": StudySize(base_docs=1200, stage2_docs=160, base_iters=150, stage1_iters=100, stage2_iters=40,
                        eval_lengths=[512, 2048, 8192], passkey_depths=3, passkey_seeds=1, mqar_seeds=2),
     # Plumbing only: every entry point runs, nothing is expected to be learned.
     # (the reference passkey prompt needs ~250 bytes, hence no shorter context)
@@ -246,8 +246,9 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", const="quick", dest="size",
                    help="shorter training and fewer evaluation lengths (minutes)")
-    g.add_argument("--size", choices=sorted(SIZES), default="full")
+    g.add_argument("--size", choices=sorted(SIZES))
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port of each step (default: a free one)")
+    p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
 
