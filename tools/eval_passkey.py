@@ -6,7 +6,8 @@
 
 Prompts are the reference protocol (docs/design.md section 6); each (length, depth, seed) is decoded
 greedily with exact incremental inference and scored by exact match of the first number. Writes
-``passkey.json`` (every record), ``passkey.md`` (the table) and ``passkey.png`` (context length x
+``passkey.json`` (every record; with --hit-rate each also says whether the sparse layers selected
+a chunk holding the key), ``passkey.md`` (the table) and ``passkey.png`` (context length x
 depth, red 0% to green 100%).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sys
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from megatron_rwkvx.evaluation.cli import add_model_args, engine_from_args, tokenizer_from_args, write_report
+    from megatron_rwkvx.evaluation.cli import (add_model_args, engine_from_args, parse_lengths, tokenizer_from_args,
+                                              write_report)
 
     add_model_args(p)
     p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens")
@@ -26,14 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--piece-size", type=int, default=4096, help="prefill tokens per call")
+    p.add_argument("--hit-rate", action="store_true",
+                   help="also record, per prompt, whether the sparse layers select a chunk holding the key")
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
-    if not lengths or min(lengths) < 1:
-        p.error("--lengths needs at least one positive length")
+    lengths = parse_lengths(p, args.lengths)
 
     from megatron_rwkvx.evaluation.passkey import depth_grid, format_table, heatmap_png, run_passkey
 
@@ -49,11 +48,13 @@ def main(argv=None) -> int:
               f"key={rec['answer']} got={rec['generated']!r}", file=sys.stderr, flush=True)
 
     records = run_passkey(engine, tokenizer, lengths, depth_grid(args.depths), args.seeds,
-                          args.max_new_tokens, args.piece_size, progress=progress)
+                          args.max_new_tokens, args.piece_size, progress=progress, hit_rate=args.hit_rate)
     write_report(args.output_dir, "passkey", records,
                  f"Passkey accuracy ({args.model}, {args.seeds} seeds per cell)", format_table(records), heatmap_png)
     overall = sum(r["correct"] for r in records) / len(records)
-    print(f"overall accuracy {overall:.1%} over {len(records)} prompts; wrote {args.output_dir}/passkey.png")
+    hits = [r["hit"] for r in records if r.get("hits")]
+    hit_note = f"; selection hit rate {sum(hits) / len(hits):.1%}" if hits else ""
+    print(f"overall accuracy {overall:.1%} over {len(records)} prompts{hit_note}; wrote {args.output_dir}/passkey.png")
     return 0
 
 

@@ -19,6 +19,9 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
+from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
@@ -33,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip malformed JSON, missing keys, non-string values and non-UTF-8 lines, count and "
                         "report them; without it the first such line stops the run with its file and line number")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", default="RWKVWorldTokenizer",
-                   choices=["RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    g.add_argument("--tokenizer-type", default="RWKVWorldTokenizer", choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model, Hugging Face tokenizer.json (or its directory), or for RWKV World "
                         "an alternative vocabulary file (default: the one in the rwkv package)")

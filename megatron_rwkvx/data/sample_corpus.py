@@ -69,6 +69,23 @@ def stdlib_documents(min_chars: int = 200) -> Iterator[str]:
             yield f"{qualname}\n\n{doc}\n"
 
 
+def largest_fitting(build: Callable[[int], str], length_tokens: int, count_tokens: Callable[[str], int],
+                    too_short: Callable[[int], str]) -> int:
+    """The largest filler count ``reps`` with ``count_tokens(build(reps)) <= length_tokens``
+    (``build`` grows with ``reps``); ``ValueError(too_short(minimum))`` when even 0 does not fit."""
+    least = count_tokens(build(0))
+    if least > length_tokens:
+        raise ValueError(too_short(least))
+    lo, hi = 0, max(1, length_tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(build(mid)) <= length_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def passkey_document(length_tokens: int, depth: float, seed: int,
                      count_tokens: Callable[[str], int]) -> dict:
     """Prompt of at most ``length_tokens`` tokens (by ``count_tokens``) with the needle at ``depth``."""
@@ -80,16 +97,8 @@ def passkey_document(length_tokens: int, depth: float, seed: int,
         parts = [PASSKEY_INTRO] + [PASSKEY_FILLER] * at + [needle] + [PASSKEY_FILLER] * (reps - at) + [PASSKEY_QUESTION]
         return " ".join(parts)
 
-    lo, hi = 0, max(1, length_tokens)  # the largest filler count whose prompt fits
-    if count_tokens(build(0)) > length_tokens:
-        raise ValueError(f"passkey length {length_tokens} tokens is below the minimum {count_tokens(build(0))}")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(build(mid)) <= length_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    prompt = build(lo)
+    prompt = build(largest_fitting(build, length_tokens, count_tokens,
+                                   lambda least: f"passkey length {length_tokens} tokens is below the minimum {least}"))
     answer = f" {key}."
     return {"text": prompt + answer, "prompt": prompt, "answer": str(key), "length_tokens": count_tokens(prompt),
             "target_length": length_tokens, "depth": depth, "seed": seed}

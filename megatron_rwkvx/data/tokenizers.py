@@ -1,6 +1,6 @@
-"""Tokenizers for preprocessing and training: RWKV World, SentencePiece, Hugging Face.
+"""Tokenizers for preprocessing and training: RWKV World, SentencePiece, Hugging Face, bytes.
 
-All three expose ``vocab_size``, ``eod``, ``tokenize(text) -> list[int]`` and ``detokenize(ids)
+All of them expose ``vocab_size``, ``eod``, ``tokenize(text) -> list[int]`` and ``detokenize(ids)
 -> str``, plus ``unique_identifiers`` (megatron-core's dataset cache key includes the tokenizer).
 They deliberately have no ``pad`` attribute: megatron-core's ``GPTDataset`` then pads with -1,
 an id no dataset contains, instead of masking real end-of-document tokens.
@@ -16,7 +16,7 @@ import numpy as np
 from megatron_rwkvx.data import rwkv_trie
 from megatron_rwkvx.errors import UsageError
 
-TOKENIZER_TYPES = ("RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer")
 
 
 class TokenizerError(UsageError):
@@ -173,6 +173,29 @@ class HuggingFaceTokenizer:
         return self._tok.decode(_as_list(ids), skip_special_tokens=False)
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 and end of document 256: a 257-row vocabulary with no model file.
+
+    For small models on synthetic or mixed text (the retrieval study), where a 65K-row embedding
+    and head would dwarf the network. Text is encoded with ``surrogateescape`` like RWKV World, so
+    any byte string round-trips; the end-of-document id decodes to nothing.
+    """
+
+    vocab_size = 257
+    eod = 256
+    unique_identifiers = OrderedDict([("class", "ByteTokenizer"), ("eod", 256)])
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(RWKVWorldTokenizer._encode_text(text), dtype=np.uint8).astype(np.int32)
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(RWKVWorldTokenizer._encode_text(text))
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        data = bytes(i for i in _as_list(ids) if i != self.eod)
+        return data.decode("utf-8", errors="surrogateescape")
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None):
     """The tokenizer named by ``tokenizer_type`` (one of ``TOKENIZER_TYPES``).
 
@@ -188,4 +211,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None):
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "ByteTokenizer":
+        if tokenizer_model is not None:
+            raise TokenizerError("ByteTokenizer takes no --tokenizer-model (its vocabulary is the 256 bytes + end of document)")
+        return ByteTokenizer()
     raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")

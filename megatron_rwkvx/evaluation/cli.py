@@ -19,6 +19,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-model", default=None)
 
 
+def parse_lengths(p: argparse.ArgumentParser, text: str):
+    """``--lengths 1024,4096`` as a list of positive ints (``p.error`` otherwise)."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--lengths must be comma-separated integers, got {text!r}")
+    if not lengths or min(lengths) < 1:
+        p.error("--lengths needs at least one positive length")
+    return lengths
+
+
 def parse_number(value: str):
     """``value`` as an int, else a float, else the string itself (FIELD=VALUE overrides)."""
     for cast in (int, float):

@@ -3,11 +3,13 @@ decoding, exact match of the first number generated. Prompts come from
 ``megatron_rwkvx.data.sample_corpus.passkey_document`` (the same text the sample corpus uses)."""
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Dict, List, Optional, Sequence
 
 from megatron_rwkvx.data.sample_corpus import passkey_document
 from megatron_rwkvx.inference.engine import InferenceEngine
+from megatron_rwkvx.evaluation.retrieval import SelectionRecorder, passkey_hits, split_recorded
 from megatron_rwkvx.inference.generation import generate
 
 _NUMBER = re.compile(r"\d+")
@@ -27,28 +29,37 @@ def first_number(text: str) -> Optional[str]:
 
 def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], depths: Sequence[float],
                 seeds: int = 5, max_new_tokens: int = 8, piece_size: Optional[int] = 4096,
-                progress=None) -> List[Dict]:
-    """One record per (length, depth, seed): prompt length, key, generated text, correct."""
+                progress=None, hit_rate: bool = False) -> List[Dict]:
+    """One record per (length, depth, seed): prompt length, key, generated text, correct; with
+    ``hit_rate`` also ``hits`` (per sparse layer: is a chunk holding the key attended from the
+    last prompt position?) and ``hit`` (in some layer), see ``evaluation.retrieval``."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
 
     def count(text: str) -> int:
         return len(tokenizer.tokenize(text))
 
+    recorder = SelectionRecorder(engine) if hit_rate else contextlib.nullcontext()
     records = []
     for length in lengths:
         for depth in depths:
             docs = [passkey_document(length, depth, seed, count) for seed in range(seeds)]
             prompts = [tokenizer.tokenize(d["prompt"]) for d in docs]
             eod = tokenizer.eod  # 0 for RWKV World, 2 for a typical SentencePiece model
-            outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(eod,), prefill_piece=piece_size)
-            for doc, prompt, out in zip(docs, prompts, outputs):
+            with recorder:
+                outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(eod,), prefill_piece=piece_size)
+                recorded = recorder.take(sum(map(len, prompts))) if hit_rate and recorder.mixers else []
+            per_prompt = split_recorded(recorded, [len(p) for p in prompts]) if recorded else [[]] * len(prompts)
+            for doc, prompt, out, rec_qk in zip(docs, prompts, outputs, per_prompt):
                 text = tokenizer.detokenize([t for t in out if t != eod])
                 rec = {
                     "length": length, "depth": depth, "seed": doc["seed"], "prompt_tokens": len(prompt),
                     "answer": doc["answer"], "generated": text,
                     "correct": first_number(text) == doc["answer"],
                 }
+                if hit_rate:
+                    rec["hits"] = passkey_hits(recorder, tokenizer, doc["prompt"], prompt, doc["answer"], rec_qk) if rec_qk else []
+                    rec["hit"] = any(rec["hits"])
                 records.append(rec)
                 if progress is not None:
                     progress(rec)

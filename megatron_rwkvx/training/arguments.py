@@ -7,6 +7,7 @@ import math
 import os
 from typing import List, Optional
 
+from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES
 from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, check_recompute
 
@@ -69,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset prefixes, optionally weighted: '0.7 pathA 0.3 pathB'")
     d.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     d.add_argument("--data-cache-path", default=None)
-    d.add_argument("--tokenizer-type", default="RWKVWorldTokenizer",
-                   choices=["RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"])
+    d.add_argument("--tokenizer-type", default="RWKVWorldTokenizer", choices=TOKENIZER_TYPES)
     d.add_argument("--tokenizer-model", default=None)
     d.add_argument("--seq-length", type=int, required=False, default=None)
     d.add_argument("--micro-batch-size", type=int, default=1)

@@ -1,0 +1,101 @@
+"""Synthetic long-context retrieval documents: passkey (the reference format) and multi-query
+associative recall (MQAR), for training corpora and for the evaluators.
+
+MQAR document (``mqar_document``)::
+
+    Remember these pairs: ab3 kq0 ... zt9.
+    <filler: the passkey filler paragraph, repeated>
+    Recall: kq0 ab3 ...
+
+``num_pairs`` pairs of a two-letter key and a one-digit value come first (4 bytes a pair, so
+many pairs fit a short context; chance accuracy is 10%), the filler fills the
+document to its length, and ``num_queries`` of the keys are asked again at the end, each followed
+by its value (the tokens scored). Keys are letters and values digits, so which is which needs no
+separator. The parts are kept apart (``context``, ``queries``) so an evaluator can find the value
+tokens with any tokenizer.
+
+Seeds: evaluation uses seeds ``0, 1, ...``; training corpora use ``TRAIN_SEED_BASE + i``, so no
+evaluation document is ever in the training data.
+"""
+from __future__ import annotations
+
+import random
+import string
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER, largest_fitting, passkey_document
+
+TRAIN_SEED_BASE = 1_000_000
+MQAR_HEADER = "Remember these pairs:"
+MQAR_RECALL = "Recall:"
+
+
+def mqar_pairs(num_pairs: int, rng: random.Random) -> List[Tuple[str, str]]:
+    """``num_pairs`` distinct two-letter keys, each with a one-digit value."""
+    if not 1 <= num_pairs <= 26 * 26:
+        raise ValueError(f"num_pairs must be in 1..676 (two-letter keys), got {num_pairs}")
+    letters = string.ascii_lowercase
+    keys = rng.sample([a + b for a in letters for b in letters], num_pairs)
+    return [(k, str(rng.randrange(10))) for k in keys]
+
+
+def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: int,
+                  count_tokens: Callable[[str], int]) -> Dict:
+    """An MQAR document of at most ``length_tokens`` tokens (filler as long as fits).
+
+    Returns ``context`` (pairs, filler, ``Recall:``), ``queries`` (``[(" key", "value"), ...]``,
+    the text that follows the context in order), ``text`` (all of it), and the settings.
+    """
+    if not 1 <= num_queries <= num_pairs:
+        raise ValueError(f"num_queries must be in 1..num_pairs ({num_pairs}), got {num_queries}")
+    rng = random.Random(f"mqar/{seed}/{length_tokens}/{num_pairs}/{num_queries}")
+    pairs = mqar_pairs(num_pairs, rng)
+    asked = rng.sample(pairs, num_queries)
+    head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
+    queries = [(" " + k, v) for k, v in asked]
+    tail = "".join(k + v for k, v in queries)
+
+    def build(reps: int) -> str:
+        return " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL]) + tail
+
+    reps = largest_fitting(build, length_tokens, count_tokens, lambda least: (
+        f"an MQAR document with {num_pairs} pairs and {num_queries} queries needs at least {least} tokens; "
+        f"{length_tokens} is too short (use a longer length or fewer pairs/queries)"))
+    context = " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL])
+    return {"context": context, "queries": queries, "text": context + tail, "pairs": [k + v for k, v in pairs],
+            "target_length": length_tokens, "num_pairs": num_pairs, "num_queries": num_queries, "seed": seed}
+
+
+def padded(text: str, length_tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """``text`` with newlines appended up to ``length_tokens`` tokens (exact for the byte tokenizer):
+    a training document of exactly the context length minus the end-of-document token starts every
+    training window at a document start."""
+    return text + "\n" * max(0, length_tokens - count_tokens(text))
+
+
+def training_documents(num_docs: int, length_tokens: int, num_pairs: int, num_queries: int,
+                       count_tokens: Callable[[str], int], seed_base: int = TRAIN_SEED_BASE) -> List[str]:
+    """``num_docs`` documents of ``length_tokens`` tokens, alternately passkey (depth uniform in
+    [0, 1]) and MQAR, seeds ``seed_base + i`` (never an evaluation seed)."""
+    docs = []
+    for i in range(num_docs):
+        seed = seed_base + i
+        if i % 2 == 0:
+            depth = random.Random(f"depth/{seed}").random()
+            text = passkey_document(length_tokens, depth, seed, count_tokens)["text"]
+        else:
+            text = mqar_document(length_tokens, num_pairs, num_queries, seed, count_tokens)["text"]
+        docs.append(padded(text, length_tokens, count_tokens))
+    return docs
+
+
+def token_segments(tokenizer, context: str, parts: Sequence[str]) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """Tokens of ``context + parts[0] + parts[1] + ...`` tokenized piece by piece, and each part's
+    ``(start, end)`` token span (so evaluators locate the scored tokens with any tokenizer)."""
+    ids = list(tokenizer.tokenize(context))
+    spans = []
+    for part in parts:
+        piece = list(tokenizer.tokenize(part))
+        spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    return ids, spans

@@ -1,0 +1,194 @@
+"""MQAR accuracy and chunk-selection hit rates, with exact incremental decoding.
+
+MQAR (``megatron_rwkvx.data.retrieval_tasks.mqar_document``): each document is fed through the
+inference engine (RWKV states + chunked KV cache, ``piece_size`` tokens per call), and a query is
+correct when the greedy prediction of each value token, given the true text before it, is that
+token: for the first token that is exactly greedy generation; for the following ones it is greedy
+generation given a correct start, so a query counts as correct exactly when greedy generation
+would have written the whole value. The true text is fed on, so one wrong answer does not change
+the next query's context.
+
+Hit rate: the sparse layers' queries and keys are recorded as the engine computes them, and for
+the position that predicts the answer's first token the training selection rule
+(``topk_chunk_selection``) is re-applied. A query hits in a layer when some head attends a chunk
+holding the answer (a selected chunk or its own); ``hit`` is "in some sparse layer".
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_rwkvx.data.retrieval_tasks import mqar_document, token_segments
+from megatron_rwkvx.inference.engine import InferenceEngine
+
+
+class SelectionRecorder:
+    """Records the query and key projections of every sparse-attention layer of ``engine``'s
+    model while it runs (forward hooks), one row at a time: use with single-row calls."""
+
+    def __init__(self, engine: InferenceEngine):
+        self.mixers = [layer.mixer for layer in engine.model.decoder.layers if hasattr(layer.mixer, "query")]
+        cfg = engine.model.config
+        self.chunk_size, self.top_k = cfg.sparse_chunk_size, cfg.sparse_top_k
+        self._q: List[List[torch.Tensor]] = [[] for _ in self.mixers]
+        self._k: List[List[torch.Tensor]] = [[] for _ in self.mixers]
+        self._hooks = []
+
+    def __enter__(self) -> "SelectionRecorder":
+        for i, mixer in enumerate(self.mixers):
+            self._hooks.append(mixer.query.register_forward_hook(self._keep(self._q[i])))
+            self._hooks.append(mixer.key.register_forward_hook(self._keep(self._k[i])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @staticmethod
+    def _keep(store):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            store.append(out.detach()[:, 0].float())  # [L, R=1, H*D] -> [L, H*D]
+        return hook
+
+    def reset(self) -> None:
+        for store in self._q + self._k:
+            store.clear()
+
+    def take(self, num_tokens: int) -> List[tuple]:
+        """Per sparse layer ``(q [T, Hq, D], k [T, Hkv, D])`` of the first ``num_tokens`` recorded
+        positions (a prefill; later decode steps are dropped), then clear the record."""
+        out = []
+        for mixer, qs, ks in zip(self.mixers, self._q, self._k):
+            d = mixer.head_size
+            q = torch.cat(qs)[:num_tokens]
+            k = torch.cat(ks)[:num_tokens]
+            if q.shape[0] < num_tokens:
+                raise ValueError(f"recorded {q.shape[0]} positions, asked for {num_tokens}")
+            out.append((q.view(num_tokens, -1, d), k.view(num_tokens, -1, d)))
+        self.reset()
+        return out
+
+    def attended_chunks(self, recorded: List[tuple], position: int) -> List[set]:
+        """Per sparse layer, the chunks some head attends from ``position``: its own and those
+        the training rule selects."""
+        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_selection
+
+        own = position // self.chunk_size
+        result = []
+        for q, k in recorded:
+            chosen = {own}
+            if self.top_k > 1 and own > 0:
+                _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
+                                              chunk_size=self.chunk_size, top_k=self.top_k, q_offset=position)
+                chosen |= {int(c) for c in sel.flatten().tolist() if c >= 0}
+            result.append(chosen)
+        return result
+
+    def hits(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[bool]:
+        """Per sparse layer: does a head attend a chunk holding one of ``answer_positions``?"""
+        wanted = {p // self.chunk_size for p in answer_positions}
+        return [bool(chosen & wanted) for chosen in self.attended_chunks(recorded, position)]
+
+
+def token_byte_offsets(tokenizer, ids: Sequence[int]) -> List[int]:
+    """Byte offset in the decoded text where each token starts (exact for byte-level and RWKV
+    World ids, which decode token by token to their bytes)."""
+    offsets, at = [], 0
+    for t in ids:
+        offsets.append(at)
+        at += len(tokenizer.detokenize([t]).encode("utf-8", errors="surrogateescape"))
+    return offsets
+
+
+def tokens_covering(offsets: Sequence[int], start: int, end: int) -> List[int]:
+    """Indices of the tokens that overlap the byte range ``[start, end)``."""
+    bounds = list(offsets[1:]) + [float("inf")]
+    return [i for i, (a, b) in enumerate(zip(offsets, bounds)) if a < end and b > start]
+
+
+def run_mqar(engine: InferenceEngine, tokenizer, lengths: Sequence[int], num_pairs: int, num_queries: int,
+             seeds: int = 5, piece_size: Optional[int] = 4096, progress=None) -> List[Dict]:
+    """One record per (length, seed, query): the key, the value, what was predicted, correct, and
+    per-layer selection hits (``hits``; empty for a model without sparse layers)."""
+    recorder = SelectionRecorder(engine)
+    records = []
+    for length in lengths:
+        for seed in range(seeds):
+            doc = mqar_document(length, num_pairs, num_queries, seed, lambda s: len(tokenizer.tokenize(s)))
+            parts = [p for key, value in doc["queries"] for p in (key, value)]
+            ids, spans = token_segments(tokenizer, doc["context"], parts)
+            context_bytes = doc["context"].encode("utf-8")
+            offsets = token_byte_offsets(tokenizer, ids)
+            with recorder:
+                state = engine.new_state(1)
+                logits = engine.prefill(state, [ids], piece_size=piece_size, return_all=True)[0]
+                recorded = recorder.take(len(ids)) if recorder.mixers else []
+            predicted = logits.argmax(dim=-1).tolist()  # predicted[i] = greedy token after ids[:i+1]
+            for q, (key, value) in enumerate(doc["queries"]):
+                start, end = spans[2 * q + 1]
+                guess = [predicted[i - 1] for i in range(start, end)]
+                pair_at = context_bytes.find((key.strip() + value).encode("utf-8"))
+                pair_tokens = tokens_covering(offsets, pair_at + len(key.strip()), pair_at + len(key.strip() + value))
+                hits = recorder.hits(recorded, start - 1, pair_tokens) if recorded else []
+                rec = {"length": length, "seed": seed, "prompt_tokens": len(ids), "key": key.strip(), "answer": value,
+                       "generated": tokenizer.detokenize(guess), "correct": guess == ids[start:end],
+                       "hits": hits, "hit": any(hits)}
+                records.append(rec)
+                if progress is not None:
+                    progress(rec)
+    return records
+
+
+def split_recorded(recorded: List[tuple], lengths: Sequence[int]) -> List[List[tuple]]:
+    """A record of several prompts fed one after another, cut into one record per prompt."""
+    out, at = [], 0
+    for n in lengths:
+        out.append([(q[at : at + n], k[at : at + n]) for q, k in recorded])
+        at += n
+    return out
+
+
+def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Sequence[int], answer: str,
+                 recorded: List[tuple]) -> List[bool]:
+    """Per sparse layer: does the last prompt position attend a chunk holding the key (either of
+    its two mentions in the needle)?"""
+    raw = prompt.encode("utf-8")
+    offsets = token_byte_offsets(tokenizer, ids)
+    key = answer.encode("utf-8")
+    wanted, at = [], raw.find(key)
+    while at >= 0:
+        wanted += tokens_covering(offsets, at, at + len(key))
+        at = raw.find(key, at + 1)
+    return recorder.hits(recorded, len(ids) - 1, wanted)
+
+
+def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
+    """``{length: {"accuracy": .., "hit_rate": .. or None, "count": n}}`` (MQAR or passkey records)."""
+    out = {}
+    for n in sorted({r["length"] for r in records}):
+        rows = [r for r in records if r["length"] == n]
+        with_hits = [r for r in rows if r.get("hits")]
+        out[n] = {"accuracy": sum(r["correct"] for r in rows) / len(rows),
+                  "hit_rate": (sum(r["hit"] for r in with_hits) / len(with_hits)) if with_hits else None,
+                  "count": len(rows)}
+    return out
+
+
+def format_table(records: Sequence[Dict]) -> str:
+    """Markdown: one row per context length, accuracy and selection hit rate."""
+    lines = ["| length | queries | accuracy | selection hit rate |", "|---|---|---|---|"]
+    for n, s in accuracy_by_length(records).items():
+        hit = "-" if s["hit_rate"] is None else f"{s['hit_rate']:.0%}"
+        lines.append(f"| {n} | {s['count']} | {s['accuracy']:.0%} | {hit} |")
+    return "\n".join(lines)
+
+
+def accuracy_png(records: Sequence[Dict], path: str) -> None:
+    """Accuracy (y) by context length (x)."""
+    from megatron_rwkvx.evaluation.png import line_plot
+
+    stats = accuracy_by_length(records)
+    line_plot(list(stats), [s["accuracy"] for s in stats.values()]).save(path)

@@ -1,0 +1,151 @@
+"""The retrieval study: byte tokenizer, synthetic task documents, the MQAR / hit-rate evaluators
+(scored on hand-made right and wrong answers) and the seconds-long form of the one-command driver."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import megatron_rwkvx
+from megatron_rwkvx.data.retrieval_tasks import TRAIN_SEED_BASE, mqar_document, training_documents
+from megatron_rwkvx.data.sample_corpus import passkey_document
+from megatron_rwkvx.data.tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
+from megatron_rwkvx.evaluation import passkey, retrieval
+from megatron_rwkvx.inference import InferenceEngine
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def count(text):
+    return len(ByteTokenizer().tokenize(text))
+
+
+def test_byte_tokenizer_round_trip_and_errors():
+    tok = build_tokenizer("ByteTokenizer")
+    assert (tok.vocab_size, tok.eod) == (257, 256)
+    text = "ab3 kq0 — ünï\n"
+    ids = tok.tokenize(text)
+    assert ids == list(text.encode("utf-8")) and tok.detokenize(ids + [tok.eod]) == text
+    assert tok.tokenize_array(text).dtype == np.int32 and tok.tokenize_array(text).tolist() == ids
+    assert tok.detokenize(tok.tokenize("\udcff")) == "\udcff"  # an undecodable byte survives
+    with pytest.raises(TokenizerError, match="takes no --tokenizer-model"):
+        build_tokenizer("ByteTokenizer", "some.model")
+
+
+def test_byte_tokenizer_preprocess(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    spec = importlib.util.spec_from_file_location("pre", ROOT / "tools" / "preprocess_data.py")
+    pre = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pre)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "hello"}) + "\n" + json.dumps({"text": "ab3"}) + "\n")
+    assert pre.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                     "--tokenizer-type", "ByteTokenizer", "--append-eod"]) == 0
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert ds[0].tolist() == list(b"hello") + [256] and ds[1].tolist() == list(b"ab3") + [256]
+
+
+def test_documents_fit_and_training_seeds_differ_from_evaluation():
+    doc = mqar_document(512, 80, 32, seed=0, count_tokens=count)
+    assert count(doc["text"]) <= 512 and len(doc["queries"]) == 32
+    pairs = set(doc["pairs"])
+    assert all((k.strip() + v) in pairs for k, v in doc["queries"])  # each query asks a stored pair
+    assert doc["text"] == doc["context"] + "".join(k + v for k, v in doc["queries"])
+    with pytest.raises(ValueError, match="too short"):
+        mqar_document(300, 80, 32, seed=0, count_tokens=count)
+    train = training_documents(4, 511, 80, 32, count)
+    assert all(count(d) == 511 for d in train)  # + the end of document = one training window
+    evaluation = {mqar_document(511, 80, 32, s, count)["text"] for s in range(20)}
+    evaluation |= {passkey_document(511, d, s, count)["text"] for s in range(20) for d in (0, 0.5, 1)}
+    assert not {d.rstrip("\n") for d in train} & evaluation and TRAIN_SEED_BASE > 20
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
+    from megatron_rwkvx.config import RWKVXConfig
+    from megatron_rwkvx.testing.checkpoints import random_official_state_dict
+
+    cfg = RWKVXConfig(layer_pattern="RA", **{**TINY, "vocab_size": 257})
+    path = tmp_path_factory.mktemp("byte") / "rwkvx.pth"
+    torch.save(random_official_state_dict(cfg, seed=3, layout=REFERENCE_RWKVX), path)
+    return megatron_rwkvx.load_pretrained(str(path), sparse_chunk_size=32, sparse_top_k=2)
+
+
+def _answering(engine, shift):
+    """``engine`` whose logits (after the real prefill, which the hit-rate recorder watches)
+    predict the true next token (shift 0) or a wrong one (shift 1)."""
+    real = engine.prefill
+
+    def prefill(state, prompts, piece_size=None, return_all=False):
+        out = real(state, prompts, piece_size=piece_size, return_all=return_all)
+        ids = torch.tensor(prompts[0][1:] + [0])
+        fake = torch.nn.functional.one_hot((ids + shift) % engine.vocab_size, engine.vocab_size).float()
+        return [fake] if return_all else fake[-1:]
+
+    engine.prefill = prefill
+    return engine
+
+
+@pytest.mark.parametrize("shift, expected", [(0, True), (1, False)])
+def test_mqar_scores_right_and_wrong_answers(byte_model, shift, expected):
+    engine = _answering(InferenceEngine(byte_model), shift)
+    records = retrieval.run_mqar(engine, ByteTokenizer(), [300], num_pairs=20, num_queries=6, seeds=2, piece_size=64)
+    assert len(records) == 12 and all(r["correct"] is expected for r in records)
+    assert all(len(r["hits"]) == 1 for r in records)  # one sparse layer
+    stats = retrieval.accuracy_by_length(records)[300]
+    assert stats["accuracy"] == (1.0 if expected else 0.0) and stats["count"] == 12
+    assert "| 300 | 12 |" in retrieval.format_table(records)
+
+
+def test_hit_rate_follows_the_selected_chunk():
+    class Engine:
+        class model:
+            class config:
+                sparse_chunk_size, sparse_top_k = 4, 2
+
+            class decoder:
+                layers = []
+
+    recorder = retrieval.SelectionRecorder(Engine)
+    d, t = 8, 16  # 4 chunks of 4; the query at position 13 (chunk 3) matches chunk 1's keys only
+    k = torch.zeros(t, 1, d)
+    k[4:8, 0, 0] = 1.0
+    q = torch.zeros(t, 1, d)
+    q[13, 0, 0] = 1.0
+    recorded = [(q, k)]
+    assert recorder.attended_chunks(recorded, 13) == [{1, 3}]
+    assert recorder.hits(recorded, 13, [5]) == [True]       # answer in the selected chunk
+    assert recorder.hits(recorded, 13, [1, 2]) == [False]   # answer in a chunk not selected
+    assert recorder.hits(recorded, 13, [12]) == [True]      # answer in the query's own chunk
+
+
+def test_passkey_hit_rate_records(byte_model):
+    records = passkey.run_passkey(InferenceEngine(byte_model), ByteTokenizer(), [300], [0.0, 1.0], seeds=1,
+                                  max_new_tokens=2, piece_size=64, hit_rate=True)
+    assert len(records) == 2 and all(len(r["hits"]) == 1 and isinstance(r["hit"], bool) for r in records)
+    # Needle at the end: it lies in the query's own chunk or the one before, always attended.
+    assert records[1]["hit"] is True
+
+
+def test_study_driver_test_form(tmp_path):
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    assert study.main(["--output", str(out), "--size", "test"]) == 0
+    summary = json.loads((out / "retrieval_study.json").read_text())
+    assert set(summary["by_length"]) == {"RWKV-7", "RWKV-X"}
+    assert set(summary["by_length"]["RWKV-X"]["mqar"]) == {"256", "512"}
+    for name in ("rwkv7-base.pth", "rwkv7-control.pth", "rwkvx.pth"):
+        assert (out / "models" / name).is_file()
+    assert "| RWKV-X | mqar |" in (out / "retrieval_study.md").read_text()
+    assert (out / "retrieval_study.png").stat().st_size > 10_000
+    assert os.path.isfile(out / "logs" / "stage2.log")

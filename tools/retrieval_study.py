@@ -1,0 +1,263 @@
+#!/usr/bin/env python
+"""The retrieval study: RWKV-X retrieves where the RWKV-7 it was expanded from cannot (one command).
+
+  python tools/retrieval_study.py --output study            # the full study (docs/retrieval_study.md)
+  python tools/retrieval_study.py --output study --quick    # the same recipe, less training, fewer lengths
+  python tools/retrieval_study.py --output study --size test  # seconds-long plumbing check (tests)
+
+The paper's recipe at tiny scale, every step through the real entry points:
+  1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
+     >= 1,000,000) at the stage-1 and the stage-2 context -> tools/preprocess_data.py (ByteTokenizer)
+  2. an RWKV-7 base trained from scratch at the stage-1 context (python -m megatron_rwkvx.pretrain)
+  3. tools/export_checkpoint.py, tools/convert_rwkv7_to_rwkvx.py (zero-init sparse blocks)
+  4. stage 1: only the sparse blocks train, stage-1 context
+  5. stage 2: everything trains, stage-2 context, 2 processes with --context-parallel-size 2
+  6. the control: the RWKV-7 base trained on the same stage-2 data for the same tokens, same launcher
+  7. tools/eval_passkey.py --hit-rate and tools/eval_mqar.py on both models (evaluation seeds 0..),
+     from the stage-1 context to 8x the stage-2 context
+  8. retrieval_study.png (passkey heatmaps side by side, MQAR accuracy by length), retrieval_study.md
+     (tables, the command, the machine, wall times) and retrieval_study.json in --output
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from megatron_rwkvx.testing.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+
+
+@dataclass
+class StudySize:
+    """Everything the study's size sets. Stage lengths: stage 2 is ``stage2_seq`` (CP 2), evaluation
+    goes to 8x it."""
+
+    width: int = 64
+    head_size: int = 32
+    chunk: int = 64
+    top_k: int = 3
+    stage1_seq: int = 512
+    stage2_seq: int = 2048
+    num_pairs: int = 80  # MQAR: more than the 64 keys a layer's RWKV-7 state can recall (see docs)
+    num_queries: int = 32
+    base_docs: int = 3200
+    stage2_docs: int = 600
+    batch1: int = 8
+    batch2: int = 4
+    base_iters: int = 400
+    base_lr: float = 3e-3
+    stage1_iters: int = 300
+    stage1_lr: float = 2e-3
+    stage2_iters: int = 150
+    stage2_lr: float = 1e-3
+    eval_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
+    passkey_depths: int = 5
+    passkey_seeds: int = 2
+    mqar_seeds: int = 3
+    eval_iters: int = 2  # validation batches at the end of each training step (loss in the logs)
+
+
+SIZES: Dict[str, StudySize] = {
+    "full": StudySize(),
+    "quick": StudySize(base_docs=1200, stage2_docs=160, base_iters=150, stage1_iters=100, stage2_iters=40,
+                       eval_lengths=[512, 2048, 8192], passkey_depths=3, passkey_seeds=1, mqar_seeds=2),
+    # Plumbing only: every entry point runs, nothing is expected to be learned.
+    # (the reference passkey prompt needs ~250 bytes, hence no shorter context)
+    "test": StudySize(width=32, head_size=16, chunk=32, top_k=2, stage1_seq=256, stage2_seq=512, num_pairs=6,
+                      num_queries=2, base_docs=24, stage2_docs=8, batch1=2, batch2=2, base_iters=2,
+                      stage1_iters=1, stage2_iters=1, eval_lengths=[256, 512], passkey_depths=2,
+                      passkey_seeds=1, mqar_seeds=1, eval_iters=0),
+}
+
+
+def write_corpus(path: str, num_docs: int, seq: int, size: StudySize) -> None:
+    from megatron_rwkvx.data.retrieval_tasks import training_documents
+    from megatron_rwkvx.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    count = lambda s: len(tok.tokenize(s))  # noqa: E731
+    # seq - 1 tokens + the end of document = one training window: every window starts a document.
+    docs = training_documents(num_docs, seq - 1, size.num_pairs, size.num_queries, count)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+
+
+class Runner:
+    """Runs each step as a subprocess, logs it to ``<output>/logs``, and times it."""
+
+    def __init__(self, output: str, port: Optional[int]):
+        self.output, self.port = output, port
+        self.logs = os.path.join(output, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.times: Dict[str, float] = {}
+
+    def __call__(self, name: str, argv: List[str], threads: int = 2) -> None:
+        """``threads``: torch threads per process (2 cores: 2 for one process, 1 each for two)."""
+        print(f"=== {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+        start = time.time()
+        log = os.path.join(self.logs, f"{name}.log")
+        # A free port per step: a fixed one (29500, torch's default) may be taken by another job.
+        port = str(self.port or free_port())
+        argv = [port if a == "{port}" else a for a in argv]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(log, "w") as f:
+            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        self.times[name] = time.time() - start
+        if proc.returncode != 0:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"{tail}\nerror: step {name!r} failed (exit {proc.returncode}); full log: {log}")
+        print(f"    {self.times[name]:.0f} s", flush=True)
+
+    def tool(self, name: str, script: str, argv: List[str]) -> None:
+        """``tools/<script>``'s ``main(argv)`` in this process (the same code as its command line,
+        without another interpreter start and megatron-core import: ~5-20 s each on a busy CPU)."""
+        print(f"=== {name}: tools/{script} {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+        start = time.time()
+        log = os.path.join(self.logs, f"{name}.log")
+        spec = importlib.util.spec_from_file_location(f"_study_{script[:-3]}", os.path.join(TOOLS, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                code = module.main(argv)
+            except SystemExit as e:  # argparse errors
+                code = e.code
+        self.times[name] = time.time() - start
+        if code:
+            with open(log) as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"{tail}\nerror: step {name!r} failed (exit {code}); full log: {log}")
+        print(f"    {self.times[name]:.0f} s", flush=True)
+
+
+def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
+    size = SIZES[size_name]
+    s = size
+    run = Runner(output, port)
+    path = lambda *p: os.path.join(output, *p)  # noqa: E731
+    started = time.time()
+
+    # 1. data
+    t0 = time.time()
+    write_corpus(path("corpus", "stage1.jsonl"), s.base_docs, s.stage1_seq, s)
+    write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s)
+    run.times["corpus"] = time.time() - t0
+    for stage in ("stage1", "stage2"):
+        run.tool(f"preprocess_{stage}", "preprocess_data.py", [
+            "--input", path("corpus", f"{stage}.jsonl"), "--output-prefix", path("data", stage),
+            "--tokenizer-type", "ByteTokenizer", "--append-eod", "--overwrite"])
+    data1, data2 = path("data", "stage1_text_document"), path("data", "stage2_text_document")
+
+    pretrain = [sys.executable, "-m", "megatron_rwkvx.pretrain"]
+    pretrain_cp2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "{port}", "-m", "megatron_rwkvx.pretrain", "--context-parallel-size", "2"]
+    common = ["--device", "cpu", "--tokenizer-type", "ByteTokenizer", "--split", "98,2,0", "--eval-iters", str(s.eval_iters),
+              "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(s.top_k)]
+    ck = lambda name: path("checkpoints", name)  # noqa: E731
+    for name in ("rwkv7", "stage1", "stage2", "control"):
+        shutil.rmtree(ck(name), ignore_errors=True)
+    os.makedirs(path("models"), exist_ok=True)
+
+    # 2. the RWKV-7 base
+    run("base_rwkv7", pretrain + common + [
+        "--hidden-size", str(s.width), "--head-size", str(s.head_size), "--layer-pattern", "RRRR",
+        "--data-path", data1, "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1),
+        "--global-batch-size", str(s.batch1), "--train-iters", str(s.base_iters), "--lr", str(s.base_lr),
+        "--min-lr", str(s.base_lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters", str(s.base_iters // 20),
+        "--eval-interval", str(s.base_iters), "--save", ck("rwkv7")])
+    run.tool("export_base", "export_checkpoint.py", ["--load", ck("rwkv7"), "--output", path("models", "rwkv7-base.pth"),
+                                                       "--dtype", "fp32", "--overwrite"])
+    # 3. expansion (zero-init: the expanded model computes exactly the base)
+    shutil.rmtree(ck("rwkvx-expanded"), ignore_errors=True)
+    run.tool("expand", "convert_rwkv7_to_rwkvx.py", ["--input", path("models", "rwkv7-base.pth"), "--output",
+                                                      ck("rwkvx-expanded"), "--num-sparse-blocks", "2",
+                                                      "--output-format", "megatron"])
+    # 4. stage 1: the sparse blocks only, short context
+    run("stage1", pretrain + common + [
+        "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
+        "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
+        "--train-iters", str(s.stage1_iters), "--lr", str(s.stage1_lr), "--lr-warmup-iters", str(s.stage1_iters // 20),
+        "--eval-interval", str(s.stage1_iters), "--save", ck("stage1")])
+    # 5. stage 2 and 6. the control: the same launcher, data, batch, iterations and schedule
+    stage2 = common + ["--data-path", data2, "--seq-length", str(s.stage2_seq), "--micro-batch-size", str(s.batch2),
+                       "--global-batch-size", str(s.batch2), "--train-iters", str(s.stage2_iters), "--lr", str(s.stage2_lr),
+                       "--min-lr", str(s.stage2_lr / 10), "--lr-decay-style", "cosine",
+                       "--lr-warmup-iters", str(s.stage2_iters // 20), "--eval-interval", str(s.stage2_iters)]
+    run("stage2", pretrain_cp2 + stage2 + ["--init-from", ck("stage1"), "--save", ck("stage2")], threads=1)
+    run("control_rwkv7", pretrain_cp2 + stage2 + ["--init-from", ck("rwkv7"), "--save", ck("control")], threads=1)
+    models = {"RWKV-7": path("models", "rwkv7-control.pth"), "RWKV-X": path("models", "rwkvx.pth")}
+    run.tool("export_rwkvx", "export_checkpoint.py", ["--load", ck("stage2"), "--output", models["RWKV-X"],
+                                                        "--dtype", "fp32", "--overwrite"])
+    run.tool("export_control", "export_checkpoint.py", ["--load", ck("control"), "--output", models["RWKV-7"],
+                                                          "--dtype", "fp32", "--overwrite"])
+
+    # 7. evaluation: exact incremental decoding, evaluation seeds 0..
+    lengths = ",".join(str(n) for n in s.eval_lengths)
+    model_args = ["--tokenizer-type", "ByteTokenizer", "--set", f"sparse_chunk_size={s.chunk}", "--set", f"sparse_top_k={s.top_k}"]
+    for label, model in models.items():
+        slug = label.lower().replace("-", "")
+        run.tool(f"passkey_{slug}", "eval_passkey.py", ["--model", model, *model_args, "--lengths", lengths,
+                                                          "--depths", str(s.passkey_depths), "--seeds", str(s.passkey_seeds),
+                                                          "--hit-rate", "--output-dir", path("eval", slug, "passkey")])
+        run.tool(f"mqar_{slug}", "eval_mqar.py", ["--model", model, *model_args, "--lengths", lengths,
+                                                    "--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries),
+                                                    "--seeds", str(s.mqar_seeds), "--output-dir", path("eval", slug, "mqar")])
+
+    # 8. the report
+    from megatron_rwkvx.evaluation.retrieval_report import write_study_report
+
+    results = {}
+    for label in models:
+        slug = label.lower().replace("-", "")
+        with open(path("eval", slug, "passkey", "passkey.json")) as f:
+            passkey = json.load(f)
+        with open(path("eval", slug, "mqar", "mqar.json")) as f:
+            mqar = json.load(f)
+        results[label] = {"passkey": passkey, "mqar": mqar}
+    run.times["total"] = time.time() - started
+    meta = {"size": size_name, "settings": asdict(size), "wall_seconds": run.times,
+            "command": " ".join(["python", "tools/retrieval_study.py"] + sys.argv[1:]),
+            "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"Python {platform.python_version()}",
+            "load_average_at_end": os.getloadavg()}
+    return write_study_report(output, results, meta)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="folder for data, checkpoints, logs, evaluations and the report")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_const", const="quick", dest="size",
+                   help="shorter training and fewer evaluation lengths (minutes)")
+    g.add_argument("--size", choices=sorted(SIZES))
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port of each step (default: a free one)")
+    p.set_defaults(size="full")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)  # the in-process tools (evaluation); training steps set their own
+    summary = run_study(os.path.abspath(args.output), args.size, args.master_port)
+    print(json.dumps(summary["headline"], indent=1))
+    print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
