@@ -44,7 +44,8 @@ setup(
         "reference": ["rwkv>=0.8.28"],
         # lm-eval's registry API (register_model, create_from_arg_obj) as used by the adapter.
         "eval": ["lm-eval>=0.4.9,<0.5"],
-        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5"],
+        "wandb": ["wandb>=0.17"],
+        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5", "wandb>=0.17"],
     },
     entry_points={
         "console_scripts": [

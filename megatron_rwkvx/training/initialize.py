@@ -44,7 +44,7 @@ def initialize_distributed(args) -> None:
         backend = "nccl"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30)
+            backend, rank=rank, world_size=world, timeout=timedelta(minutes=args.distributed_timeout_minutes)
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -27,7 +27,14 @@ from megatron_rwkvx.training.losses import (
     longce_windows,
     masked_token_loss,
 )
-from megatron_rwkvx.training.metrics import Logger, format_eta, memory_summary, model_flops_per_token
+from megatron_rwkvx.training.iteration_hooks import IterationHooks
+from megatron_rwkvx.training.metrics import (
+    Logger,
+    format_eta,
+    memory_summary,
+    model_flops_per_token,
+    wandb_run_options,
+)
 from megatron_rwkvx.training.schedule import build_scheduler
 from megatron_rwkvx.training import model_builder
 
@@ -147,7 +154,7 @@ def pretrain(args) -> int:
     set_random_seed(args.seed)
     rank = torch.distributed.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir)
+    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir, wandb_run_options(args))
 
     from megatron_rwkvx.training.data import build_data_iterators, build_run_tokenizer, check_data_vocab
 
@@ -205,6 +212,7 @@ def pretrain(args) -> int:
         logger.close()
         return 0
     exit_signal = _ExitSignal()
+    hooks = IterationHooks(args, ddp_chunks, rank, logger.print)
     params = sum(p.numel() for m in chunks for p in m.parameters())
     logger.print(
         f"model: pattern {cfg.layer_pattern}, width {cfg.hidden_size}, {params:,} parameters on "
@@ -228,12 +236,14 @@ def pretrain(args) -> int:
 
     def save(reason: str):
         if args.save:
-            target = ckpt.save_checkpoint(
-                args.save, state["iteration"], ddp_chunks, optimizer, scheduler, args, cfg, state, plan
-            )
+            with hooks.outside_training():
+                target = ckpt.save_checkpoint(
+                    args.save, state["iteration"], ddp_chunks, optimizer, scheduler, args, cfg, state, plan
+                )
             logger.print(f"saved checkpoint ({reason}) to {target}")
 
     while state["iteration"] < args.train_iters:
+        hooks.before_iteration(state["iteration"] + 1)
         step_start = time.time()
         for m in ddp_chunks:
             m.zero_grad_buffer()
@@ -249,14 +259,23 @@ def pretrain(args) -> int:
         )
         totals = _broadcast_from_last_stage(_reduce_reports(reports), device)
         loss = (totals[0] / totals[1].clamp_min(1)).item()
-        finite = math.isfinite(loss) and not _any_rank(not _grads_finite(ddp_chunks), device)
         grad_norm = None
-        if finite:
+        if args.fp16:
+            # The loss scaler finds overflowing gradients itself and lowers the scale: its skips
+            # are how fp16 training finds its scale, not divergence, and are not counted.
             ok, grad_norm, _ = optimizer.step()
-            finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
-        if finite:
-            scheduler.step(increment=1)
+            finite = bool(ok)
+            if not finite:
+                logger.print(f"iteration {state['iteration'] + 1}: fp16 gradients overflowed, step skipped "
+                             f"(loss scale now {optimizer.get_loss_scale().item():g})")
         else:
+            finite = math.isfinite(loss) and not _any_rank(not _grads_finite(ddp_chunks), device)
+            if finite:
+                ok, grad_norm, _ = optimizer.step()
+                finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            scheduler.step(increment=args.lr_schedule_unit)
+        elif not args.fp16:
             state["skipped_iters"] += 1
             logger.print(f"iteration {state['iteration'] + 1}: non-finite loss or gradients, step skipped "
                          f"({state['skipped_iters']} of at most {args.max_skipped_iters})")
@@ -269,6 +288,7 @@ def pretrain(args) -> int:
             window_loss += totals.cpu()
 
         it = state["iteration"]
+        hooks.after_iteration(it)
         if it % args.log_interval == 0 or it == args.train_iters:
             tok_s = window_tokens / max(window_time, 1e-9)
             # Training = forward + backward (3x forward); LongCE adds forward-only short windows.
@@ -284,7 +304,9 @@ def pretrain(args) -> int:
                 f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
                 f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
                 f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {mfu} | "
-                f"{memory_summary(args.device)} | skipped {state['skipped_iters']} | ETA {format_eta(eta)}"
+                f"{memory_summary(args.device)} | skipped {state['skipped_iters']} | "
+                + (f"loss scale {optimizer.get_loss_scale().item():g} | " if args.fp16 else "")
+                + f"ETA {format_eta(eta)}"
             )
             logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
@@ -293,7 +315,8 @@ def pretrain(args) -> int:
             window_loss.zero_()
 
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
-            val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
+            with hooks.outside_training():
+                val = evaluate(args, device, ddp_chunks, valid_iters(), forward_backward)
             logger.print(f"validation at iteration {it} | loss {val:.6f} | ppl {math.exp(min(val, 50)):.3f}")
             logger.scalars({"valid/loss": val}, it)
 
@@ -309,6 +332,7 @@ def pretrain(args) -> int:
             why = "signal" if signalled else ("time limit" if timed_out else "exit interval")
             save(why)
             logger.print(f"exiting at iteration {it} ({why})")
+            hooks.close()
             logger.close()
             return 0
         if args.save_interval and it % args.save_interval == 0:
@@ -320,6 +344,7 @@ def pretrain(args) -> int:
             and (not args.save_interval or state["iteration"] % args.save_interval)):
         save("end of training")
     logger.print(f"done: {state['iteration']} iterations in {format_eta(time.time() - start_time)}")
+    hooks.close()
     logger.close()
     return exit_code
 
