@@ -46,7 +46,8 @@ setup(
         "eval": ["lm-eval>=0.4.9,<0.5"],
         # The retrieval study's figure (tools/retrieval_study.py).
         "study": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5", "matplotlib>=3.7"],
+        "wandb": ["wandb>=0.17"],
+        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5", "matplotlib>=3.7", "wandb>=0.17"],
     },
     entry_points={
         "console_scripts": [

@@ -87,7 +87,9 @@ def config_from_file_state_dict(sd, file_config: Optional[dict] = None, **overri
     num_rwkv = kwargs.pop("_num_rwkv")
     if file_config:
         _apply_file_config(kwargs, file_config, num_rwkv, num_sparse)
-    else:
+    elif "layer_pattern" not in overrides:
+        # The reference interleaving exists only for some block counts: an explicit pattern is
+        # the way to load the others, so it must not be computed first.
         kwargs["layer_pattern"] = default_pattern(num_rwkv, num_sparse)
     kwargs.update(overrides)
     return kwargs, layout

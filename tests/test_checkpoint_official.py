@@ -93,3 +93,19 @@ def test_not_a_state_dict(tmp_path):
         megatron_rwkvx.load_pretrained(str(path))
     with pytest.raises(FileNotFoundError):
         megatron_rwkvx.load_pretrained(str(tmp_path / "absent.pth"))
+
+
+def test_a_layer_pattern_override_loads_a_non_reference_interleaving(tmp_path, tiny_kwargs):
+    """An RWKV-X file without its .json whose 2 sparse blocks sit among 3 RWKV blocks: the
+    reference rule cannot interleave them, and the docstring's override must be what decides
+    (before the fix, the default was computed first and failed with 'cannot interleave')."""
+    from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
+
+    cfg = RWKVXConfig(layer_pattern="RARRA", **tiny_kwargs)
+    path = _save(random_official_state_dict(cfg, seed=3, layout=REFERENCE_RWKVX), tmp_path, "rwkvx.pth")
+    with pytest.raises(ValueError, match="interleave"):
+        megatron_rwkvx.load_pretrained(path)  # no .json and no override: the rule's error stands
+    model = megatron_rwkvx.load_pretrained(path, layer_pattern="RARRA")
+    assert model.config.layer_pattern == "RARRA"
+    with torch.no_grad():
+        assert model(torch.randint(0, cfg.vocab_size, (1, 8))).shape == (1, 8, cfg.vocab_size)

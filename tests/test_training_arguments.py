@@ -26,7 +26,8 @@ def test_train_tokens_become_iterations():
         (["--tensor-model-parallel-size", "3"], 4, ["world size 4", "tensor x pipeline x context"]),
         (["--context-parallel-size", "3"], 3, ["--seq-length 64", "--context-parallel-size 3"]),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], 1, ["--global-batch-size 3"]),
-        (["--train-tokens", "10"], 1, ["exactly one of --train-iters and --train-tokens"]),
+        (["--train-tokens", "10"], 1, ["exactly one of --train-iters, --train-tokens and --train-samples",
+                                       "got --train-iters and --train-tokens"]),
         (["--lr-decay-style", "WSD"], 1, ["--lr-wsd-decay-iters"]),
         (["--min-lr", "1", "--lr", "0.1"], 1, ["--min-lr"]),
         (["--lr", "-1"], 1, ["--lr must be > 0, got -1.0"]),  # was "--min-lr 0.0 exceeds --lr -1.0"

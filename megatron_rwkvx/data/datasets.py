@@ -21,7 +21,7 @@ from megatron_rwkvx.errors import UsageError
 
 __all__ = [
     "BATCH_KEYS", "SPLIT_NAMES", "DataConfigError", "DataParallelBatches", "DatasetFileError",
-    "build_gpt_datasets", "check_data_vocab", "parse_data_path", "parse_split",
+    "build_gpt_datasets", "build_mock_gpt_datasets", "check_data_vocab", "parse_data_path", "parse_split",
 ]
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -133,6 +133,33 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     return datasets
 
 
+def build_mock_gpt_datasets(split: str, seq_length: int, seed: int, num_samples: Sequence[Optional[int]],
+                            tokenizer) -> list:
+    """``--mock-data``: megatron-core's ``MockGPTDataset`` (ramps of token ids ending in the
+    tokenizer's end of document) with the real sampler, splits and shapes, for smoke runs of a
+    layout or a cluster without a dataset."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    shares = parse_split(split)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        split=",".join(str(s) for s in shares),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    sizes = [int(n or 0) if share > 0 else None for n, share in zip(num_samples, shares)]
+    for i, share in enumerate(shares):
+        if share <= 0:
+            config.split_matrix[i] = None
+    with _rank_zero_without_distributed():
+        return BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config).build()
+
+
 _SPLIT_FIXES = {
     "train": "",
     "valid": ", or set --eval-iters 0 to train without validation",
@@ -241,10 +268,12 @@ class DataParallelBatches:
     ``[micro_batch_size, seq_length]``. ``consumed_samples`` counts samples over all ranks (as
     Megatron-LM's checkpoints store it) and advances by ``micro_batch_size * data_parallel_size``
     per yielded batch. Iteration stops when a full step no longer fits in the dataset.
+    With ``num_workers > 0`` a torch ``DataLoader`` reads the same batches, in the same order,
+    in that many worker processes (Megatron-LM's --num-workers).
     """
 
     def __init__(self, dataset, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
-                 consumed_samples: int = 0):
+                 consumed_samples: int = 0, num_workers: int = 0):
         if micro_batch_size < 1 or data_parallel_size < 1:
             raise DataConfigError("micro_batch_size and data_parallel_size must be positive")
         if not 0 <= data_parallel_rank < data_parallel_size:
@@ -258,20 +287,44 @@ class DataParallelBatches:
         self.micro_batch_size = micro_batch_size
         self.rank, self.size = data_parallel_rank, data_parallel_size
         self.consumed_samples = consumed_samples
+        self._loader = None
+        if num_workers > 0:
+            self._loader = iter(torch.utils.data.DataLoader(
+                dataset, batch_sampler=self._index_batches(), num_workers=num_workers,
+                collate_fn=_collate, pin_memory=torch.cuda.is_available(), persistent_workers=True,
+            ))
+
+    def _index_batches(self) -> List[List[int]]:
+        """This rank's sample indices, batch by batch, from ``consumed_samples`` on."""
+        step = self.micro_batch_size * self.size
+        out = []
+        for consumed in range(self.consumed_samples, len(self.dataset) - step + 1, step):
+            start = consumed + self.rank * self.micro_batch_size
+            out.append(list(range(start, start + self.micro_batch_size)))
+        return out
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
         step = self.micro_batch_size * self.size
+        if self._loader is not None:
+            batch = next(self._loader)
+            self.consumed_samples += step
+            return batch
         if self.consumed_samples + step > len(self.dataset):
             raise StopIteration
         start = self.consumed_samples + self.rank * self.micro_batch_size
         samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += step
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
-        batch["tokens"] = batch["tokens"].long()
-        batch["labels"] = batch["labels"].long()
-        batch["position_ids"] = batch["position_ids"].long()
-        batch["loss_mask"] = batch["loss_mask"].float()
-        return batch
+        return _collate(samples)
+
+
+def _collate(samples) -> Dict[str, torch.Tensor]:
+    """Samples of megatron-core's GPTDataset as one batch of the dtypes the model takes."""
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
+    batch["tokens"] = batch["tokens"].long()
+    batch["labels"] = batch["labels"].long()
+    batch["position_ids"] = batch["position_ids"].long()
+    batch["loss_mask"] = batch["loss_mask"].float()
+    return batch

@@ -64,7 +64,8 @@ def one_training_step(
         # The distributed optimizer only takes Adam: eps = 1 makes its first step ~ lr x g too.
         optimizer=layout.get("optimizer", "sgd"), sgd_momentum=0.0,
         lr=lr, min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, adam_eps=1.0,
-        clip_grad=0.0, bf16=False,
+        clip_grad=0.0, bf16=False, fp16=False, overlap_param_gather=False, loss_scale=None,
+        initial_loss_scale=2.0 ** 32, min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2,
     )
     vars(args).update(train_args or {})
     cfg = RWKVXConfig(

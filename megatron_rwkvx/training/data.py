@@ -6,7 +6,12 @@ from typing import Dict, Iterator
 
 from megatron.core import parallel_state
 
-from megatron_rwkvx.data.datasets import DataConfigError, DataParallelBatches, build_gpt_datasets
+from megatron_rwkvx.data.datasets import (
+    DataConfigError,
+    DataParallelBatches,
+    build_gpt_datasets,
+    build_mock_gpt_datasets,
+)
 from megatron_rwkvx.data.datasets import check_data_vocab as _check_vocab
 from megatron_rwkvx.data.tokenizers import build_tokenizer
 
@@ -20,6 +25,8 @@ def build_run_tokenizer(args):
 
 def check_data_vocab(args, vocab_size: int) -> None:
     """Refuse data with token ids the model cannot embed, before any training."""
+    if args.mock_data:
+        return  # megatron-core's mock ids are taken modulo the tokenizer's vocabulary
     _check_vocab(args.data_path, vocab_size, args.data_cache_path)
 
 
@@ -32,6 +39,8 @@ def _num_samples(args):
 
 def _get_datasets(args, tokenizer):
     global _datasets
+    if _datasets is None and args.mock_data:
+        _datasets = build_mock_gpt_datasets(args.split, args.seq_length, args.seed, _num_samples(args), tokenizer)
     if _datasets is None:
         _datasets = build_gpt_datasets(
             args.data_path, args.split, args.seq_length, args.seed, _num_samples(args),
@@ -51,7 +60,8 @@ def build_data_iterators(args, tokenizer, split: str, consumed_samples: int) -> 
     dp_size = parallel_state.get_data_parallel_world_size()
 
     def make(consumed):
-        return DataParallelBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed)
+        return DataParallelBatches(dataset, args.micro_batch_size, dp_rank, dp_size, consumed,
+                                   num_workers=args.num_workers if split == "train" else 0)
 
     # Validation reads the same first batches at every evaluation, so the curve compares like
     # with like (and a resumed run evaluates exactly as an uninterrupted one).

@@ -82,7 +82,7 @@ def initialize_distributed(args) -> None:
         # runs on one machine cannot collide on MASTER_PORT (29500 by default).
         store = torch.distributed.HashStore() if world == 1 else None
         torch.distributed.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(minutes=30), store=store
+            backend, rank=rank, world_size=world, timeout=timedelta(minutes=args.distributed_timeout_minutes), store=store
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

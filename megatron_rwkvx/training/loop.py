@@ -46,7 +46,14 @@ from megatron_rwkvx.training.losses import (
     longce_windows,
     masked_token_loss,
 )
-from megatron_rwkvx.training.metrics import Logger, format_eta, memory_summary, model_flops_per_token
+from megatron_rwkvx.training.iteration_hooks import IterationHooks
+from megatron_rwkvx.training.metrics import (
+    Logger,
+    format_eta,
+    memory_summary,
+    model_flops_per_token,
+    wandb_run_options,
+)
 from megatron_rwkvx.training.resume import CheckpointPlan, plan_checkpoints
 from megatron_rwkvx.training.schedule import build_scheduler
 
@@ -81,6 +88,7 @@ class Run:
     state: TrainState
     schedule_seq_length: int  # what megatron's schedule sizes its p2p tensors by
     forward_backward: object
+    hooks: IterationHooks  # profiler window, manual GC, overlapped parameter all-gather
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +101,7 @@ def set_up(args) -> Run:
     set_random_seed(args.seed)
     rank = torch.distributed.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir)
+    logger = Logger(rank == torch.distributed.get_world_size() - 1, args.tensorboard_dir, wandb_run_options(args))
 
     tokenizer = build_run_tokenizer(args)
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
@@ -115,7 +123,8 @@ def set_up(args) -> Run:
         rank, None, args.global_batch_size, args.micro_batch_size, args.data_parallel_size
     )
     run = Run(args, cfg, device, logger, tokenizer, chunks, ddp_chunks, optimizer, scheduler, plan,
-              TrainState(), pipeline_seq_length(cfg, args.seq_length), get_forward_backward_func())
+              TrainState(), pipeline_seq_length(cfg, args.seq_length), get_forward_backward_func(),
+              IterationHooks(args, ddp_chunks, rank, logger.print))
     if resuming:
         _resume(run)
     return run
@@ -267,15 +276,24 @@ def train_step(run: Run, iterators) -> StepResult:
     run.optimizer.zero_grad()
     totals = _broadcast_from_last_stage(_run_schedule(run, iterators, forward_only=False), run.device)
     loss = (totals[0] / totals[1].clamp_min(1)).item()
-    applied = math.isfinite(loss) and not _any_rank(not _grads_finite(run.ddp_chunks), run.device)
-    grad_norm = None
-    if applied:
-        ok, grad_norm, _ = run.optimizer.step()
-        applied = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
     state, args = run.state, run.args
-    if applied:
-        run.scheduler.step(increment=1)
+    grad_norm = None
+    if args.fp16:
+        # The loss scaler finds overflowing gradients itself and lowers the scale: its skips are
+        # how fp16 training finds its scale, not divergence, and are not counted.
+        ok, grad_norm, _ = run.optimizer.step()
+        applied = bool(ok)
+        if not applied:
+            run.logger.print(f"iteration {state.iteration + 1}: fp16 gradients overflowed, step skipped "
+                             f"(loss scale now {run.optimizer.get_loss_scale().item():g})")
     else:
+        applied = math.isfinite(loss) and not _any_rank(not _grads_finite(run.ddp_chunks), run.device)
+        if applied:
+            ok, grad_norm, _ = run.optimizer.step()
+            applied = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
+    if applied:
+        run.scheduler.step(increment=args.lr_schedule_unit)  # iterations, or samples (--train-samples)
+    elif not args.fp16:
         state.skipped_iters += 1
         run.logger.print(f"iteration {state.iteration + 1}: non-finite loss or gradients, step skipped "
                          f"({state.skipped_iters} of at most {args.max_skipped_iters})")
@@ -364,7 +382,9 @@ def _log_progress(run: Run, window: Throughput, grad_norm: Optional[float], eta_
         f"iteration {it:>7}/{args.train_iters} | loss {avg:.6f} | lr {lr:.3e} | "
         f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
         f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {window.mfu()} | "
-        f"{memory_summary(args.device)} | skipped {skipped} | ETA {format_eta(eta_seconds)}"
+        f"{memory_summary(args.device)} | skipped {skipped} | "
+        + (f"loss scale {run.optimizer.get_loss_scale().item():g} | " if args.fp16 else "")
+        + f"ETA {format_eta(eta_seconds)}"
     )
     run.logger.scalars({"train/loss": avg, "train/lr": lr, "train/grad_norm": grad_norm,
                         "train/tokens_per_s": tok_s, "train/tflops_per_device": per_device / 1e12,
@@ -418,8 +438,9 @@ class SaveExitPolicy:
 
 def save(run: Run, reason: str) -> None:
     if run.args.save:
-        target = ckpt.save_checkpoint(run.args.save, run.state.iteration, run.ddp_chunks, run.optimizer,
-                                      run.scheduler, run.args, run.cfg, asdict(run.state), run.plan)
+        with run.hooks.outside_training():
+            target = ckpt.save_checkpoint(run.args.save, run.state.iteration, run.ddp_chunks, run.optimizer,
+                                          run.scheduler, run.args, run.cfg, asdict(run.state), run.plan)
         run.logger.print(f"saved checkpoint ({reason}) to {target}")
 
 
@@ -455,16 +476,19 @@ def pretrain(args) -> int:
         m.train()
     exit_code = 0
     while run.state.iteration < args.train_iters:
+        run.hooks.before_iteration(run.state.iteration + 1)
         step = train_step(run, train_data)
         window.add(step)
         it = run.state.iteration
+        run.hooks.after_iteration(it)
         if it % args.log_interval == 0 or it == args.train_iters:
             # After a resume the ETA counts this run's iterations.
             eta = (time.time() - start_time) / max(it - start_iteration, 1) * (args.train_iters - it)
             _log_progress(run, window, step.grad_norm, eta)
             window.reset()
         if args.eval_iters > 0 and (it % args.eval_interval == 0 or it == args.train_iters):
-            val = evaluate(run, data_iterators(run, "valid"))
+            with run.hooks.outside_training():
+                val = evaluate(run, data_iterators(run, "valid"))
             _log_validation(run, val, it)
             run.logger.scalars({"valid/loss": val}, it)
         if run.state.skipped_iters >= args.max_skipped_iters:
@@ -476,6 +500,7 @@ def pretrain(args) -> int:
         if why:
             save(run, why)
             run.logger.print(f"exiting at iteration {it} ({why})")
+            run.hooks.close()
             run.logger.close()
             return 0
         if policy.interval_save_due(it):
@@ -483,5 +508,6 @@ def pretrain(args) -> int:
     if exit_code == 0 and policy.final_save_due(run.state.iteration):
         save(run, "end of training")
     run.logger.print(f"done: {run.state.iteration} iterations in {format_eta(time.time() - start_time)}")
+    run.hooks.close()
     run.logger.close()
     return exit_code

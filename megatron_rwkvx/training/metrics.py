@@ -48,16 +48,26 @@ def memory_summary(device: str) -> str:
 
 
 class Logger:
-    """The progress line and TensorBoard scalars, written by one rank."""
+    """The progress line, TensorBoard scalars and Weights & Biases, written by one rank.
 
-    def __init__(self, enabled: bool, tensorboard_dir: Optional[str]):
+    ``wandb_run`` takes the keywords of ``wandb.init`` (project, name, dir, entity, config);
+    W&B's own settings apply, so ``WANDB_MODE=offline`` writes the run only to its directory.
+    """
+
+    def __init__(self, enabled: bool, tensorboard_dir: Optional[str], wandb_run: Optional[dict] = None):
         self.enabled = enabled
         self.writer = None
+        self.wandb = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(tensorboard_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        if enabled and wandb_run:
+            import wandb  # optional: --wandb-project is refused up front when it is missing
+
+            os.makedirs(wandb_run["dir"], exist_ok=True)
+            self.wandb = wandb.init(**wandb_run)
         self.start = time.time()
 
     def print(self, msg: str) -> None:
@@ -70,10 +80,25 @@ class Logger:
                 if v is not None:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def wandb_run_options(args) -> Optional[dict]:
+    """``wandb.init`` keywords for --wandb-project (Megatron-LM's flags), or None."""
+    if not args.wandb_project:
+        return None
+    save_dir = args.wandb_save_dir or os.path.join(args.save or ".", "wandb")
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    return {"project": args.wandb_project, "name": args.wandb_exp_name, "dir": save_dir,
+            "entity": args.wandb_entity, "config": config}
 
 
 def format_eta(seconds: float) -> str:

@@ -42,8 +42,27 @@ def model_shape_from_init(path: str) -> dict:
     return shape
 
 
+def _checkpoint_shape_source(args) -> Optional[str]:
+    """Where --use-checkpoint-args reads the shape: the save being resumed, else --init-from."""
+    if args.load:
+        from megatron_rwkvx.checkpointing.megatron_format import read_latest_iteration
+
+        if os.path.isdir(args.load) and read_latest_iteration(args.load) is not None:
+            return args.load
+    return args.init_from
+
+
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """Megatron-LM's padding: up to a multiple of --make-vocab-size-divisible-by x TP."""
+    if not args.make_vocab_size_divisible_by:
+        return vocab_size
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
-    shape = model_shape_from_init(args.init_from) if args.init_from else {}
+    source = _checkpoint_shape_source(args) if args.use_checkpoint_args else args.init_from
+    shape = model_shape_from_init(source) if source else {}
     given = {
         "hidden_size": args.hidden_size,
         "head_size": args.head_size,
@@ -52,19 +71,20 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         "vocab_size": args.vocab_size,
     }
     for field, value in given.items():
-        if value is None:
-            continue
+        if value is None or (args.use_checkpoint_args and field in shape):
+            continue  # --use-checkpoint-args: the checkpoint's shape wins, as in Megatron-LM
         if field in shape and shape[field] != value:
             raise ArgumentError(
                 f"{_SHAPE_ARGS[field]} {value} disagrees with --init-from {args.init_from} "
-                f"({field} = {shape[field]}); drop the argument or use a matching checkpoint"
+                f"({field} = {shape[field]}); drop the argument, use a matching checkpoint, or "
+                "add --use-checkpoint-args to take the checkpoint's"
             )
         shape[field] = value
     shape.setdefault("head_size", 64)
     if shape.get("vocab_size") is None:
         if tokenizer_vocab_size is None:
             raise ArgumentError("--vocab-size is required when the tokenizer does not tell it")
-        shape["vocab_size"] = tokenizer_vocab_size
+        shape["vocab_size"] = padded_vocab_size(tokenizer_vocab_size, args)
     if tokenizer_vocab_size is not None and tokenizer_vocab_size > shape["vocab_size"]:
         raise ArgumentError(
             f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary has "
@@ -73,7 +93,7 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         )
     if args.num_query_groups is None:
         shape.pop("num_query_groups", None)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
     cfg = RWKVXConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -82,6 +102,7 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype,
         bf16=args.bf16,
+        fp16=args.fp16,
         pipeline_dtype=dtype,
         use_cpu_initialization=args.device == "cpu",
         calculate_per_token_loss=True,
@@ -158,6 +179,7 @@ def wrap_ddp(chunks, cfg, args) -> List[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # non-finite steps are skipped and counted by the loop
         bucket_size=None if args.device == "cpu" else 40_000_000,
@@ -197,6 +219,12 @@ def build_optimizer(ddp_chunks, cfg, args):
         adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
         bf16=args.bf16,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis,
         params_dtype=cfg.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )

@@ -10,7 +10,9 @@ from megatron_rwkvx.training.arguments import ArgumentError
 
 
 def build_scheduler(optimizer, args) -> "RWKVXParamScheduler":
-    wsd = args.lr_wsd_decay_iters if args.lr_decay_style == "WSD" else None
+    # Lengths in the unit the loop steps the scheduler by (``args.lr_schedule_unit`` per
+    # iteration): iterations, or samples for a --train-samples run.
+    wsd = args.lr_schedule_wsd if args.lr_decay_style == "WSD" else None
     if args.override_opt_param_scheduler:
         source = SCHEDULE_FROM_COMMAND_LINE
     elif args.use_checkpoint_opt_param_scheduler:
@@ -20,16 +22,18 @@ def build_scheduler(optimizer, args) -> "RWKVXParamScheduler":
     return RWKVXParamScheduler(
         optimizer,
         source=source,
-        decay_iters_hint=" (from --train-iters)" if getattr(args, "lr_decay_iters_from_train_iters", False) else "",
+        unit="sample" if args.train_samples is not None else "iteration",
+        decay_iters_hint=((" (from --train-samples)" if args.train_samples is not None else " (from --train-iters)")
+                          if getattr(args, "lr_decay_iters_from_train_iters", False) else ""),
         init_lr=0.0,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
+        lr_warmup_steps=args.lr_schedule_warmup,
+        lr_decay_steps=args.lr_schedule_decay,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        wd_incr_steps=args.lr_schedule_total,
         wd_incr_style="constant",
         wsd_decay_steps=wsd,
         lr_wsd_decay_style="cosine" if wsd else None,
@@ -75,11 +79,12 @@ class RWKVXParamScheduler(OptimizerParamScheduler):
     it chose.
     """
 
-    def __init__(self, optimizer, *, source: str, decay_iters_hint: str = "", **kwargs):
+    def __init__(self, optimizer, *, source: str, decay_iters_hint: str = "", unit: str = "iteration", **kwargs):
         if source not in (SCHEDULE_FROM_COMMAND_LINE, SCHEDULE_FROM_CHECKPOINT, SCHEDULE_MUST_MATCH):
             raise ValueError(f"unknown schedule source {source!r}")
         self.source = source
         self.decay_iters_hint = decay_iters_hint
+        self.unit = unit  # what one scheduler step is: an iteration, or a sample (--train-samples)
         super().__init__(optimizer, use_checkpoint_opt_param_scheduler=False,
                          override_opt_param_scheduler=False, **kwargs)
         # What a fresh optimizer holds per group (the optimizer state of a resume replaces it) and
@@ -118,6 +123,8 @@ class RWKVXParamScheduler(OptimizerParamScheduler):
                 continue
             if key == "end_wd" and any(what == "--weight-decay" for what, _, _ in out):
                 continue  # both ends come from --weight-decay
+            if flag and self.unit == "sample" and flag.startswith("--lr-"):
+                flag = flag.replace("-iters", "-samples")
             if key == "lr_decay_steps":
                 flag += self.decay_iters_hint
             out.append((flag or "--weight-decay (end)", ours, value))
@@ -165,14 +172,14 @@ class RWKVXParamScheduler(OptimizerParamScheduler):
         }[self.source]
         decay = self.lr_decay_style
         if decay != "constant":
-            decay += f" to min lr {_show(self.min_lr)} by iteration {self.lr_decay_steps}"
+            decay += f" to min lr {_show(self.min_lr)} by {self.unit} {self.lr_decay_steps}"
             if decay.startswith("WSD"):
                 decay += f" (last {self.wsd_decay_steps} {self.lr_wsd_decay_style})"
         groups = self.optimizer.param_groups
         now = self.get_lr(groups[0]) if groups else self.max_lr
         return (
             f"lr schedule after resume: {where}: lr {_show(self.max_lr)}, warmup "
-            f"{self.lr_warmup_steps} iterations, decay {decay}, weight decay {_show(self.start_wd)}; "
+            f"{self.lr_warmup_steps} {self.unit}s, decay {decay}, weight decay {_show(self.start_wd)}; "
             f"step {self.num_steps}, lr now {now:.6g}"
         )
 
