@@ -15,6 +15,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, Optional
 
+from megatron_rwkvx.checkpointing.megatron_format import write_text_atomic
+
 MANIFEST_FILE = "manifest.json"
 _FORMAT = 1
 _BLOCK = 16 << 20  # zlib releases the GIL on large buffers: files are hashed in parallel threads
@@ -47,9 +49,7 @@ def manifest_candidates(directory: str):
 
 
 def write_manifest(directory: str, files: Dict[str, Dict[str, int]]) -> None:
-    from megatron_rwkvx.checkpointing.megatron_format import _write_text_atomic
-
-    _write_text_atomic(os.path.join(directory, MANIFEST_FILE),
+    write_text_atomic(os.path.join(directory, MANIFEST_FILE),
                        json.dumps({"format": _FORMAT, "files": files}, indent=1, sort_keys=True))
 
 
