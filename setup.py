@@ -47,7 +47,8 @@ setup(
         # The retrieval study's figure (tools/retrieval_study.py).
         "study": ["matplotlib>=3.7"],
         "wandb": ["wandb>=0.17"],
-        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5", "matplotlib>=3.7", "wandb>=0.17"],
+        "test": ["pytest>=8", "rwkv>=0.8.28", "triton>=3.0", "lm-eval>=0.4.9,<0.5", "matplotlib>=3.7", "wandb>=0.17",
+                 "nltk>=3.8", "tokenizers>=0.15"],
     },
     entry_points={
         "console_scripts": [

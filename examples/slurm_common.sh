@@ -18,23 +18,30 @@ slurm_layout() {
 # Build the launch command for TRAIN_ARGS, print it (DRY_RUN=1) or run it with the time-limit
 # signal turned into save + exit 0 + requeue.
 slurm_launch() {
+  # megatron-core's tensor-parallel layers (with --sequence-parallel) and its overlapped gradient
+  # reduction overlap communication with compute only when the GPU runs kernels in launch order:
+  # one hardware queue (megatron-core's linear layers warn otherwise). As Megatron-LM's examples.
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+  SRUN_OPTS=(--kill-on-bad-exit=1)
+  if [[ -n "${CONTAINER_IMAGE:-}" ]]; then SRUN_OPTS+=(--container-image="$CONTAINER_IMAGE" --container-workdir="$REPO"); fi
+  if [[ -n "${CONTAINER_MOUNTS:-}" ]]; then SRUN_OPTS+=(--container-mounts="$CONTAINER_MOUNTS"); fi
   if [[ "$LAUNCHER" == torchrun ]]; then
-    CMD=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run
+    CMD=(srun "${SRUN_OPTS[@]}" --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run
          --nnodes "$NODES" --nproc-per-node "$GPUS_PER_NODE"
          --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$SLURM_JOB_ID"
          -m megatron_rwkvx.pretrain "${TRAIN_ARGS[@]}")
   else
-    CMD=(srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT"
+    CMD=(srun "${SRUN_OPTS[@]}" --ntasks-per-node="$GPUS_PER_NODE" --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT"
          "$PYTHON" -m megatron_rwkvx.pretrain "${TRAIN_ARGS[@]}")
   fi
 
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    echo "# nodes=$NODES gpus/node=$GPUS_PER_NODE master=$MASTER_ADDR:$MASTER_PORT launcher=$LAUNCHER"
+    echo "# nodes=$NODES gpus/node=$GPUS_PER_NODE master=$MASTER_ADDR:$MASTER_PORT launcher=$LAUNCHER" \
+         "CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-unset}"
     printf '%q ' "${CMD[@]}"; echo
     exit 0
   fi
 
-  mkdir -p logs
   # Slurm signals the batch shell 10 minutes before the limit; pass it on so every rank saves and
   # exits 0, then requeue to continue from the checkpoint (--load = --save).
   REQUEUE=0

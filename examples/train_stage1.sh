@@ -3,7 +3,7 @@
 # Paper recipe: context 1024, constant lr 1e-5 after 10 warm-up steps, AdamW (0.9, 0.99), eps 1e-18,
 # weight decay 0.001 on matrices, clip 1.0, bf16.
 #
-#   sbatch examples/train_stage1.sh            # submit
+#   sbatch examples/train_stage1.sh            # submit (from the repository: the log goes to the submit directory)
 #   DRY_RUN=1 bash examples/train_stage1.sh    # print the commands it would run, run nothing
 #
 #SBATCH --job-name=rwkvx-stage1
@@ -14,7 +14,12 @@
 #SBATCH --time=12:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
-#SBATCH --output=logs/%x-%j.out
+# In the submit directory: Slurm opens it before the script runs, so a folder made by the script
+# (or one missing) would leave the job without a log.
+#SBATCH --output=%x-%j.out
+# Site-specific: remove one '#' to use.
+##SBATCH --partition=<partition>
+##SBATCH --account=<account>
 set -euo pipefail
 
 # ---------------- everything you may want to change ----------------
@@ -33,6 +38,10 @@ TRAIN_TOKENS=${TRAIN_TOKENS:-1500000000}
 LR=${LR:-1e-5}
 LAUNCHER=${LAUNCHER:-srun}          # srun: one task per GPU (signals reach every rank); torchrun: one agent per node
 MASTER_PORT=${MASTER_PORT:-29500}
+# Containers through pyxis/enroot (srun --container-image/--container-mounts), e.g. the image
+# built from docker/: CONTAINER_IMAGE=/shared/rwkvx.sqsh CONTAINER_MOUNTS=/data:/data,/ckpt:/ckpt
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-}
+CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 # ---------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 # Paper recipe: ProLong-64K packed, context 64000+ (we use 65536), ~4M tokens per step, then ~1B tokens of LongCE.
 # Set PHASE=longce for the LongCE phase (it resumes from the stage-2 checkpoint).
 #
-#   sbatch examples/train_stage1.sh            # submit
-#   DRY_RUN=1 bash examples/train_stage1.sh    # print the commands it would run, run nothing
+#   sbatch examples/train_stage2.sh            # submit (from the repository: the log goes to the submit directory)
+#   DRY_RUN=1 bash examples/train_stage2.sh    # print the commands it would run, run nothing
 #
 #SBATCH --job-name=rwkvx-stage2
 #SBATCH --nodes=8
@@ -14,7 +14,12 @@
 #SBATCH --time=48:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
-#SBATCH --output=logs/%x-%j.out
+# In the submit directory: Slurm opens it before the script runs, so a folder made by the script
+# (or one missing) would leave the job without a log.
+#SBATCH --output=%x-%j.out
+# Site-specific: remove one '#' to use.
+##SBATCH --partition=<partition>
+##SBATCH --account=<account>
 set -euo pipefail
 
 # ---------------- everything you may want to change ----------------
@@ -33,6 +38,10 @@ TRAIN_TOKENS=${TRAIN_TOKENS:-10000000000}
 LR=${LR:-1e-5}
 LAUNCHER=${LAUNCHER:-srun}          # srun: one task per GPU (signals reach every rank); torchrun: one agent per node
 MASTER_PORT=${MASTER_PORT:-29500}
+# Containers through pyxis/enroot (srun --container-image/--container-mounts), e.g. the image
+# built from docker/: CONTAINER_IMAGE=/shared/rwkvx.sqsh CONTAINER_MOUNTS=/data:/data,/ckpt:/ckpt
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-}
+CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 # ---------------------------------------------------------------------
 

@@ -147,9 +147,14 @@ def test_bad_lines_fail_with_line_number_or_are_skipped(tmp_path, line, message)
 
 def test_empty_documents_are_counted_and_skipped(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "x"}, {"text": ""}])
-    cfg, stats, logs = run(tmp_path, inp, append_eod=True)
+    cfg, stats, logs = run(tmp_path, inp, append_eod=True, drop_empty_documents=True)
     assert stats.empty["text"] == 2 and len(read_docs(cfg.output_prefix_for("text"))) == 1
     assert any("skipped 2 empty" in m for m in logs)
+    # By default they stay, as documents of no sequences (Megatron-LM's .idx).
+    cfg, stats, logs = run(tmp_path, inp, name="kept", append_eod=True)
+    assert stats.empty["text"] == 2 and len(read_docs(cfg.output_prefix_for("text"))) == 1
+    assert validate_indexed_dataset(cfg.output_prefix_for("text")).num_documents == 3
+    assert any("2 empty, kept as documents of no sequences" in m for m in logs)
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):

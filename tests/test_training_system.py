@@ -263,6 +263,15 @@ def test_launchers_parse_and_dry_run():
     lce = _run(["bash", "examples/train_stage2.sh"], env=env).stdout
     assert "--loss longce" in lce and "torch.distributed.run" in lce and "--rdzv-endpoint" in lce
     assert "--context-parallel-size 4" in lce  # LongCE keeps context parallelism
+    assert "CUDA_DEVICE_MAX_CONNECTIONS=1" in s2
+    env.update(CONTAINER_IMAGE="/shared/rwkvx.sqsh", CONTAINER_MOUNTS="/data:/data")
+    boxed = _run(["bash", "examples/train_stage2.sh"], env=env).stdout
+    assert "--container-image=/shared/rwkvx.sqsh" in boxed and "--container-mounts=/data:/data" in boxed
+    for script in ("train_stage1.sh", "train_stage2.sh"):
+        text = (ROOT / "examples" / script).read_text()
+        # Slurm opens the log before the script runs: no folder the script would have to make.
+        assert "#SBATCH --output=%x-%j.out" in text and "logs/" not in text
+        assert f"sbatch examples/{script}" in text and "##SBATCH --partition=" in text
 
 
 @pytest.mark.slow

@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model, Hugging Face tokenizer.json (or its directory), or for RWKV World "
                         "an alternative vocabulary file (default: the one in the rwkv package)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids in the text are below it")
     g.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="one sequence per sentence (nltk punkt, tokenized alone), as Megatron-LM")
+    g.add_argument("--lang", default="english", help="--split-sentences: punkt's language")
+    g.add_argument("--keep-newlines", action="store_true", help="--split-sentences: keep newlines between sentences")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output (refused otherwise)")
@@ -49,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "documents of exactly this many tokens; the last partial one is dropped")
     g.add_argument("--min-length", type=int, default=None, help="drop documents with fewer tokens (before EOD)")
     g.add_argument("--max-length", type=int, default=None, help="drop documents with more tokens (before EOD)")
+    g.add_argument("--drop-empty-documents", action="store_true",
+                   help="leave out documents with no tokens (default: kept as documents of no sequences, "
+                        "as Megatron-LM does, so the .idx is the same)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (in total, over all partitions)")
     g.add_argument("--partitions", type=int, default=1,
                    help="process contiguous groups of input files in parallel, then merge them in order")
     g.add_argument("--log-interval", type=int, default=10000, help="progress line every this many documents")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="accepted for Megatron-LM scripts: documents always keep the input order here")
     return p
 
 
@@ -70,6 +82,9 @@ def main(argv=None) -> int:
         workers=args.workers, partitions=args.partitions, log_interval=args.log_interval,
         skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite, hf_split=args.hf_split,
         pack_length=args.pack_length, min_length=args.min_length, max_length=args.max_length,
+        drop_empty_documents=args.drop_empty_documents, split_sentences=args.split_sentences, lang=args.lang,
+        keep_newlines=args.keep_newlines, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
     )
     try:
         run_preprocess(cfg)

@@ -47,6 +47,14 @@ class PreprocessConfig:
     pack_length: Optional[int] = None
     min_length: Optional[int] = None
     max_length: Optional[int] = None
+    # Megatron-LM keeps an empty document as a document of no sequences (its .idx counts it).
+    drop_empty_documents: bool = False
+    split_sentences: bool = False  # one sequence per sentence (nltk punkt), as Megatron-LM
+    lang: str = "english"
+    keep_newlines: bool = False
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    vocab_size: Optional[int] = None
 
     def output_prefix_for(self, key: str) -> str:
         return f"{self.output_prefix}_{key}_document"
@@ -79,18 +87,55 @@ class Stats:
 _worker: dict = {}
 
 
-def _init_worker(cfg: PreprocessConfig, dtype) -> None:
+def build_config_tokenizer(cfg: PreprocessConfig):
     from megatron_rwkvx.data.tokenizers import build_tokenizer
 
+    return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, vocab_file=cfg.vocab_file,
+                           merge_file=cfg.merge_file, vocab_size=cfg.vocab_size)
+
+
+def load_sentence_splitter(lang: str, keep_newlines: bool):
+    """nltk's punkt model for ``lang``, as Megatron-LM's --split-sentences loads it."""
+    try:
+        import nltk
+    except ImportError as e:
+        raise PreprocessError("--split-sentences needs nltk: pip install nltk") from e
+    try:
+        splitter = nltk.load(f"tokenizers/punkt/{lang}.pickle")
+    except LookupError as e:
+        raise PreprocessError(
+            f"--split-sentences needs nltk's punkt model for {lang!r}, which is not installed: "
+            "python -c \"import nltk; nltk.download('punkt')\" (or set NLTK_DATA)") from e
+    if keep_newlines:
+        from nltk.tokenize.punkt import PunktLanguageVars, PunktSentenceTokenizer
+
+        class _KeepNewlines(PunktLanguageVars):
+            # Megatron-LM's variant: a newline after the period stays with the sentence.
+            _period_context_fmt = r"""
+                \S*                          # some word material
+                %(SentEndChars)s             # a potential sentence ending
+                \s*                       #  <-- THIS is what I changed
+                (?=(?P<after_tok>
+                    %(NonWord)s              # either other punctuation
+                    |
+                    (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+                ))"""
+
+        splitter = PunktSentenceTokenizer(train_text=splitter._params, lang_vars=_KeepNewlines())
+    return splitter.tokenize
+
+
+def _init_worker(cfg: PreprocessConfig, dtype) -> None:
     _worker["cfg"] = cfg
     _worker["dtype"] = dtype
-    _worker["tokenizer"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    _worker["tokenizer"] = build_config_tokenizer(cfg)
+    _worker["split"] = load_sentence_splitter(cfg.lang, cfg.keep_newlines) if cfg.split_sentences else None
 
 
 def _tokenize_batch(records: List[readers.Record]) -> tuple:
     """``(input offset after the batch, text bytes, results)``; a result per record is
-    ``(None, {key: ids})`` or ``(message, None)`` for a bad record."""
-    cfg, tok, dtype = _worker["cfg"], _worker["tokenizer"], _worker["dtype"]
+    ``(None, {key: (ids, sequence lengths)})`` or ``(message, None)`` for a bad record."""
+    cfg, tok, dtype, split = _worker["cfg"], _worker["tokenizer"], _worker["dtype"], _worker["split"]
     append_eod = cfg.append_eod or cfg.pack_length is not None
     out = []
     text_bytes = 0
@@ -104,13 +149,18 @@ def _tokenize_batch(records: List[readers.Record]) -> tuple:
         for key, text in texts.items():
             text_bytes += len(text)
             try:
-                ids = tok.tokenize_array(text) if text else np.zeros(0, np.int32)
+                # Megatron-LM tokenizes each sentence alone and drops empty ones.
+                parts = [tok.tokenize_array(t) for t in (split(text) if split else [text]) if t]
             except ValueError as e:
                 out.append((f"{record.source}:{record.line}: {key!r}: {e}", None))
                 break
+            parts = [p for p in parts if p.size]
+            lengths = [int(p.size) for p in parts]
+            ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
             if append_eod and ids.size:
                 ids = np.append(ids, tok.eod)
-            docs[key] = ids.astype(dtype, copy=False)
+                lengths[-1] += 1
+            docs[key] = (ids.astype(dtype, copy=False), lengths)
         else:
             out.append((None, docs))
     return records[-1].end_offset, text_bytes, out
@@ -195,16 +245,19 @@ def _tokenize_to(files: Optional[List[str]], cfg: PreprocessConfig, out_prefix: 
                     if len(stats.bad_examples) < MAX_REPORTED_BAD:
                         stats.bad_examples.append(message)
                     continue
-                for key, ids in docs.items():
+                for key, (ids, lengths) in docs.items():
                     n = int(ids.size) - (1 if (cfg.append_eod or cfg.pack_length) and ids.size else 0)
                     if n == 0:
                         stats.empty[key] += 1
+                        if not cfg.drop_empty_documents and not cfg.pack_length:
+                            builders[key].add_document(ids, [])  # a document of no sequences
+                            stats.documents[key] += 1
                     elif cfg.min_length is not None and n < cfg.min_length:
                         stats.too_short[key] += 1
                     elif cfg.max_length is not None and n > cfg.max_length:
                         stats.too_long[key] += 1
                     else:
-                        builders[key].add_document(ids, [int(ids.size)])
+                        builders[key].add_document(ids, lengths)
                         stats.documents[key] += 1
                         stats.tokens[key] += int(ids.size)
             if cfg.log_interval and stats.records >= next_log:
@@ -283,10 +336,10 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] = None) -> 
     existing = [f for f in output_files(cfg) if os.path.exists(f)]
     if existing and not cfg.overwrite:
         raise PreprocessError(f"output already exists: {', '.join(existing)}; pass --overwrite to replace it")
-    from megatron_rwkvx.data.tokenizers import build_tokenizer
-
     # Built here first: a bad tokenizer fails before any work, and forked workers inherit it.
-    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    tokenizer = build_config_tokenizer(cfg)
+    if cfg.split_sentences:
+        load_sentence_splitter(cfg.lang, cfg.keep_newlines)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
     files = readers.list_input_files(cfg.input)
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
@@ -341,7 +394,8 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] = None) -> 
 def _log_summary(cfg: PreprocessConfig, stats: Stats, log) -> None:
     for key in cfg.json_keys:
         line = (f"{cfg.output_prefix_for(key)}: {stats.documents[key]} documents, {stats.tokens[key]} tokens"
-                f"; skipped {stats.empty[key]} empty")
+                + (f"; skipped {stats.empty[key]} empty" if cfg.drop_empty_documents or cfg.pack_length
+                   else f" ({stats.empty[key]} empty, kept as documents of no sequences as Megatron-LM)"))
         if cfg.min_length is not None or cfg.max_length is not None:
             line += f", {stats.too_short[key]} shorter than --min-length, {stats.too_long[key]} longer than --max-length"
         if cfg.pack_length:

@@ -16,7 +16,8 @@ import numpy as np
 from megatron_rwkvx.data import rwkv_trie
 from megatron_rwkvx.errors import UsageError
 
-TOKENIZER_TYPES = ("RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer")
+TOKENIZER_TYPES = ("RWKVWorldTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer",
+                   "GPT2BPETokenizer", "NullTokenizer")
 
 
 class TokenizerError(UsageError):
@@ -196,12 +197,85 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="surrogateescape")
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None):
+class GPT2BPETokenizer:
+    """GPT-2's byte-level BPE from a local ``vocab.json`` and ``merges.txt`` (Megatron-LM's
+    --vocab-file / --merge-file), through ``tokenizers``' byte-level BPE, which splits text with
+    GPT-2's own pattern. ``<|endoftext|>`` is the end of document; in text it is ordinary text,
+    as in GPT-2's encoder."""
+
+    def __init__(self, vocab_file: Optional[str], merge_file: Optional[str]):
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not path:
+                raise TokenizerError(f"GPT2BPETokenizer needs {flag} (GPT-2's vocab.json and merges.txt)")
+            if not os.path.isfile(path):
+                raise TokenizerError(f"GPT2BPETokenizer: {flag} {path!r} does not exist")
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise TokenizerError("GPT2BPETokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+        try:
+            self._tok = tokenizers.ByteLevelBPETokenizer(vocab_file, merge_file, add_prefix_space=False)
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            raise TokenizerError(f"GPT2BPETokenizer: cannot load {vocab_file!r} / {merge_file!r} ({e})") from e
+        vocab = self._tok.get_vocab()
+        if "<|endoftext|>" not in vocab:
+            raise TokenizerError(f"GPT2BPETokenizer: {vocab_file!r} has no <|endoftext|> (end of document)")
+        self.vocab_size = len(vocab)
+        self.eod = int(vocab["<|endoftext|>"])
+        import hashlib
+
+        digest = hashlib.md5(usedforsecurity=False)
+        for path in (vocab_file, merge_file):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        self.unique_identifiers = OrderedDict([("class", type(self).__name__), ("files_md5", digest.hexdigest())])
+
+    def tokenize(self, text: str) -> List[int]:
+        return list(self._tok.encode(text).ids)
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(_as_list(ids), skip_special_tokens=False)
+
+
+class NullTokenizer:
+    """Megatron-LM's NullTokenizer: the text is already ids, written as space-separated integers;
+    ``vocab_size`` ids plus the end of document ``vocab_size``."""
+
+    def __init__(self, vocab_size: Optional[int]):
+        if not vocab_size or vocab_size < 1:
+            raise TokenizerError("NullTokenizer needs --vocab-size (the ids in the text are below it)")
+        self.eod = int(vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+        self.unique_identifiers = OrderedDict([("class", "NullTokenizer"), ("vocab_size", self.vocab_size)])
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        try:
+            ids = np.asarray([int(w) for w in text.split()], dtype=np.int64)
+        except ValueError as e:
+            raise ValueError(f"NullTokenizer reads space-separated integer ids: {e}") from None
+        if ids.size and (ids.min() < 0 or ids.max() >= self.eod):
+            raise ValueError(f"NullTokenizer: id {int(ids.max() if ids.max() >= self.eod else ids.min())} "
+                             f"is outside 0..{self.eod - 1} (--vocab-size {self.eod})")
+        return ids.astype(np.int32)
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenize_array(text).tolist()
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(i) for i in _as_list(ids) if i != self.eod)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None, *, vocab_file: Optional[str] = None,
+                    merge_file: Optional[str] = None, vocab_size: Optional[int] = None):
     """The tokenizer named by ``tokenizer_type`` (one of ``TOKENIZER_TYPES``).
 
     ``tokenizer_model``: for RWKV World an optional vocabulary file (default: the one in the
     installed ``rwkv`` package); for SentencePiece the ``.model`` file; for Hugging Face a
-    ``tokenizer.json`` or its directory.
+    ``tokenizer.json`` or its directory. GPT-2 BPE takes ``vocab_file`` and ``merge_file``, the
+    NullTokenizer ``vocab_size``.
     """
     if tokenizer_type == "RWKVWorldTokenizer":
         if tokenizer_model is not None and not os.path.isfile(tokenizer_model):
@@ -215,4 +289,8 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None):
         if tokenizer_model is not None:
             raise TokenizerError("ByteTokenizer takes no --tokenizer-model (its vocabulary is the 256 bytes + end of document)")
         return ByteTokenizer()
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
     raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")

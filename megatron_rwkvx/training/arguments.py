@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints)")
     d.add_argument("--tokenizer-type", default="RWKVWorldTokenizer", choices=TOKENIZER_TYPES)
     d.add_argument("--tokenizer-model", default=None)
+    d.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    d.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     d.add_argument("--seq-length", type=int, required=False, default=None)
     d.add_argument("--micro-batch-size", type=int, default=1)
     d.add_argument("--global-batch-size", type=int, default=None)

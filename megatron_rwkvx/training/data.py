@@ -20,7 +20,8 @@ _datasets = None
 
 
 def build_run_tokenizer(args):
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_file=args.vocab_file,
+                           merge_file=args.merge_file, vocab_size=args.vocab_size)
 
 
 def check_data_vocab(args, vocab_size: int) -> None:

@@ -68,7 +68,8 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         "head_size": args.head_size,
         "layer_pattern": args.layer_pattern or ("R" * args.num_layers if args.num_layers else None),
         "ffn_hidden_size": args.ffn_hidden_size,
-        "vocab_size": args.vocab_size,
+        # For the NullTokenizer --vocab-size is the tokenizer's (Megatron-LM): the rows follow from it.
+        "vocab_size": args.vocab_size if args.tokenizer_type != "NullTokenizer" else None,
     }
     for field, value in given.items():
         if value is None or (args.use_checkpoint_args and field in shape):
