@@ -5,8 +5,8 @@ log-decay inside the chunk (inclusive, ``g_0 = 0``) and ``S_0`` the state enteri
 
 * ``u_t = S_{t-1} a_t`` (the delta-rule correction) satisfies the unit lower-triangular system
   ``U = A_ab U + A_ak V + (a * exp(g_{t-1})) S_0^T`` with
-  ``A_xy[t, j] = sum_c x_t[c] y_j[c] exp(g_{t-1}[c] - g_j[c])`` for ``j < t``; one triangular
-  solve gives ``U = P + Q S_0^T`` (the WY/UT form: P and Q do not depend on ``S_0``);
+  ``A_xy[t, j] = sum_c x_t[c] y_j[c] exp(g_{t-1}[c] - g_j[c])`` for ``j < t``; the inverse of
+  ``I - A_ab`` (``_unit_lower_inverse``) gives ``U = P + Q S_0^T`` (the WY/UT form: P and Q do not depend on ``S_0``);
 * the state leaving the chunk is
   ``S_L = S_0 diag(exp g_L) + U^T (b * exp(g_L - g)) + V^T (k * exp(g_L - g))``;
 * the outputs are ``Y = (r * exp(g)) S_0^T + A_rb U + A_rk V`` with ``A_r*`` as above but with
@@ -19,12 +19,13 @@ Numerics: in ``_pair_matrices`` every exponent is a difference ``g_later - g_ear
 cumulative log-decays of one chunk, which is <= 0 because ``w <= 0`` (checked), so nothing
 overflows whatever the decay; it still runs the pair products as matrix products, in ``log L``
 levels. When the decay is bounded (``checks.factored_pairs_fit``, always for RWKV-7's
-parametrisation) ``_pair_matrices_factored`` does it in one product of tiles rescaled through the
+parametrisation) ``_factored_pairs`` does it in one product of tiles rescaled through the
 chunk's end, ``exp(g_t - g_L) * exp(g_L - g_j)``, whose factors then stay inside fp32's range.
 
 Memory: the sequence is processed in segments of whole chunks under a custom autograd Function
-that saves only its inputs and the state entering each segment, and recomputes a segment's
-intra-chunk quantities in the backward pass; transient memory is bounded by the segment size.
+that saves only its inputs and the state entering each segment; the backward pass recomputes a
+segment's forward quantities without autograd and applies the gradient written out in
+``chunked_grad.py``. Transient memory is bounded by the segment size.
 """
 from __future__ import annotations
 
