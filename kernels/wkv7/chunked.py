@@ -5,8 +5,8 @@ log-decay inside the chunk (inclusive, ``g_0 = 0``) and ``S_0`` the state enteri
 
 * ``u_t = S_{t-1} a_t`` (the delta-rule correction) satisfies the unit lower-triangular system
   ``U = A_ab U + A_ak V + (a * exp(g_{t-1})) S_0^T`` with
-  ``A_xy[t, j] = sum_c x_t[c] y_j[c] exp(g_{t-1}[c] - g_j[c])`` for ``j < t``; one triangular
-  solve gives ``U = P + Q S_0^T`` (the WY/UT form: P and Q do not depend on ``S_0``);
+  ``A_xy[t, j] = sum_c x_t[c] y_j[c] exp(g_{t-1}[c] - g_j[c])`` for ``j < t``; the inverse of
+  ``I - A_ab`` (``_unit_lower_inverse``) gives ``U = P + Q S_0^T`` (the WY/UT form: P and Q do not depend on ``S_0``);
 * the state leaving the chunk is
   ``S_L = S_0 diag(exp g_L) + U^T (b * exp(g_L - g)) + V^T (k * exp(g_L - g))``;
 * the outputs are ``Y = (r * exp(g)) S_0^T + A_rb U + A_rk V`` with ``A_r*`` as above but with
@@ -19,12 +19,13 @@ Numerics: in ``_pair_matrices`` every exponent is a difference ``g_later - g_ear
 cumulative log-decays of one chunk, which is <= 0 because ``w <= 0`` (checked), so nothing
 overflows whatever the decay; it still runs the pair products as matrix products, in ``log L``
 levels. When the decay is bounded (``checks.factored_pairs_fit``, always for RWKV-7's
-parametrisation) ``_pair_matrices_factored`` does it in one product of tiles rescaled through the
+parametrisation) ``_factored_pairs`` does it in one product of tiles rescaled through the
 chunk's end, ``exp(g_t - g_L) * exp(g_L - g_j)``, whose factors then stay inside fp32's range.
 
 Memory: the sequence is processed in segments of whole chunks under a custom autograd Function
-that saves only its inputs and the state entering each segment, and recomputes a segment's
-intra-chunk quantities in the backward pass; transient memory is bounded by the segment size.
+that saves only its inputs and the state entering each segment; the backward pass recomputes a
+segment's forward quantities without autograd and applies the gradient written out in
+``chunked_grad.py``. Transient memory is bounded by the segment size.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import factored_pairs_fit, log_decay_min
+from .chunked_grad import ChunkTerms, segment_backward, strict_lower_mask
 
 DEFAULT_CHUNK_SIZE = 16
 # Elements of one [batch x heads, tokens, N] input slice per segment. The intra-chunk
@@ -81,117 +83,110 @@ def _pair_matrices(q, q_log, keys, g):
     return A
 
 
+def _factored_pairs(q_end: torch.Tensor, k_end: torch.Tensor) -> torch.Tensor:
+    """The masked pair products ``[D, 2L, 2L]`` from queries decayed to the chunk's end and keys
+    decayed from it (both ``[D, 2, L, N]``)."""
+    D, _, L, N = q_end.shape
+    A = q_end.view(D, 2 * L, N) @ k_end.view(D, 2 * L, N).transpose(-1, -2)
+    return A.masked_fill_(~strict_lower_mask(L, A.device), 0.0)
+
+
 def _pair_matrices_factored(q, q_log, keys, g):
     """``_pair_matrices`` (same arguments and result) as one batched product, for bounded decay:
     ``exp(q_log_t - g_j) = exp(q_log_t - g_L) * exp(g_L - g_j)``; the first factor is at most
     ``e^(L max|w|)``, the second at most 1, so the caller must check ``factored_pairs_fit``."""
     D, _, L, N = q.shape
-    g_end = g[:, -1:]  # [D, 1, N]
-    q_scaled = q * torch.exp(q_log - g_end[:, None])
-    k_scaled = keys * torch.exp(g_end - g)[:, None]
-    A = (q_scaled.reshape(D, 2 * L, N) @ k_scaled.reshape(D, 2 * L, N).transpose(-1, -2)).view(D, 2, L, 2, L)
-    rows = torch.arange(L, device=q.device)
-    keep = torch.stack((rows[:, None] > rows[None, :], rows[:, None] >= rows[None, :]))  # a: j < t; r: j <= t
-    return torch.where(keep[None, :, :, None, :], A, A.new_zeros(()))
-
-
-class _StateScan(torch.autograd.Function):
-    """The sequential pass over the chunks of a segment, with its backward written out: autograd
-    through a Python loop of small products spends more on its graph (a node per op and chunk,
-    zero-filled gradients for every unbound slice) than on the products.
-
-    Per chunk ``c`` (state ``S`` ``[G, N_v, N_k]``): ``U_c = P_c + Q_c S^T``,
-    ``S <- S * d_c + U_c^T B_c + KV_c``. Inputs and outputs are chunk-major ``[C*G, ...]``, so each
-    step reads and writes whole contiguous blocks, in place. Returns the states entering the
-    chunks ``[C*G, N, N]``, ``U`` ``[C*G, L, N]`` and the state after the last chunk."""
-
-    @staticmethod
-    def forward(ctx, P, Q, b_end, S_kv, decay, state, G):
-        D, L, N = P.shape
-        C = D // G
-        Pc, Qc, Bc, KVc, Dc = (x.view(C, G, *x.shape[1:]) for x in (P, Q, b_end, S_kv, decay))
-        S_all = P.new_empty(C + 1, G, N, N)  # S_all[c]: the state entering chunk c
-        S_all[0] = state
-        U = P.new_empty(C, G, L, N)
-        for c in range(C):
-            torch.baddbmm(Pc[c], Qc[c], S_all[c].transpose(-1, -2), out=U[c])
-            torch.addcmul(KVc[c], S_all[c], Dc[c], out=S_all[c + 1]).baddbmm_(U[c].transpose(-1, -2), Bc[c])
-        ctx.save_for_backward(Q, b_end, decay, S_all, U)
-        ctx.G = G
-        return S_all[:C].view(D, N, N), U.view(D, L, N), S_all[C].clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dS_in, dU, dS):
-        Q, b_end, decay, S_all, U = ctx.saved_tensors
-        C, G, L, N = U.shape
-        Qc, Bc, Dc = (x.view(C, G, *x.shape[1:]) for x in (Q, b_end, decay))
-        dS_in, dU = dS_in.reshape(C, G, N, N), dU.reshape(C, G, L, N)
-        dP, dQ, dB = torch.empty_like(U), torch.empty_like(U), torch.empty_like(U)
-        # dKV[c] is the gradient of the state leaving chunk c; the loop carries it in place.
-        dKV, dDecay = U.new_empty(C, G, N, N), torch.empty_like(Dc)
-        dKV[C - 1] = dS
-        first = U.new_empty(G, N, N)  # the gradient of the state entering chunk 0
-        for c in reversed(range(C)):
-            dS, S_c = dKV[c], S_all[c]
-            torch.sum(dS * S_c, dim=-2, keepdim=True, out=dDecay[c])
-            dU_c = torch.baddbmm(dU[c], Bc[c], dS.transpose(-1, -2), out=dP[c])  # [G, L, N_v]
-            torch.bmm(U[c], dS, out=dB[c])
-            torch.bmm(dU_c, S_c, out=dQ[c])
-            prev = dKV[c - 1] if c > 0 else first
-            torch.addcmul(dS_in[c], dS, Dc[c], out=prev).baddbmm_(dU_c.transpose(-1, -2), Qc[c])
-        D = C * G
-        return dP.view(D, L, N), dQ.view(D, L, N), dB.view(D, L, N), dKV.view(D, N, N), dDecay.view(D, 1, N), first, None
-
-
-def _segment(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor,
-    chunk: int,
-    factored: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable chunked recurrence over one segment (``factored``: the pair products in one
-    matrix product, allowed only when ``factored_pairs_fit``).
-
-    ``r .. b``: fp32 ``[G, T, N]`` (G = batch x heads, T a multiple of ``chunk``), ``w <= 0``;
-    ``state``: fp32 ``[G, N, N]``. Returns ``y [G, T, N]`` and the state after the segment.
-    """
-    G, T, N = r.shape
-    C, L = T // chunk, chunk
-    D = G * C
-    # Chunk-major [C*G, L, N]: the state scan then steps through contiguous blocks.
-    r, w, k, v, a, b = (t.reshape(G, C, L, N).transpose(0, 1).reshape(D, L, N) for t in (r, w, k, v, a, b))
-
-    g = w.cumsum(dim=1)  # inclusive: log-decay from the chunk start through token t
-    g_prev = F.pad(g[:, :-1], (0, 0, 1, 0))  # exclusive: through token t-1
     g_end = g[:, -1:]
+    A = _factored_pairs(q * torch.exp(q_log - g_end[:, None]), keys * torch.exp(g_end - g)[:, None])
+    return A.view(D, 2, L, 2, L)
 
-    pairs = _pair_matrices_factored if factored else _pair_matrices
-    A = pairs(torch.stack((a, r), dim=1), torch.stack((g_prev, g), dim=1), torch.stack((b, k), dim=1), g)
-    A_ab, A_ak, A_rb, A_rk = A[:, 0, :, 0], A[:, 0, :, 1], A[:, 1, :, 0], A[:, 1, :, 1]
 
-    eye = torch.eye(L, dtype=r.dtype, device=r.device)
-    rhs = torch.cat((A_ak @ v, a * torch.exp(g_prev)), dim=-1)
-    PQ = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
-    P, Q = PQ[..., :N], PQ[..., N:]
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """``(I - A)^-1`` for strictly lower triangular ``A`` ``[D, L, L]``, L a power of two.
 
+    ``A`` is nilpotent (``A^L = 0``), so the inverse is ``(I + A)(I + A^2)(I + A^4)...``: ``log L``
+    squarings and products of L x L tiles, far cheaper on the CPU than a batched triangular solve
+    with the 2N right-hand sides, and the backward reuses it transposed."""
+    L = A.shape[-1]
+    inverse = A + torch.eye(L, dtype=A.dtype, device=A.device)
+    power, n = A, 2
+    while n < L:
+        power = power @ power
+        inverse = torch.baddbmm(inverse, power, inverse)
+        n *= 2
+    return inverse
+
+
+def _chunk_terms(r, w, k, v, a, b, factored: bool) -> ChunkTerms:
+    """A segment's state-independent quantities (chunk-major ``[D, L, N]`` inputs, ``w <= 0``)."""
+    D, L, N = r.shape
+    g = w.cumsum(dim=1)  # inclusive: log-decay from the chunk start through token t
+    g_end = g[:, -1:]
+    queries, keys = torch.stack((a, r), dim=1), torch.stack((b, k), dim=1)
+    q_log = torch.stack((g - w, g), dim=1)  # a: exclusive (through t-1), r: inclusive
     to_end = torch.exp(g_end - g)
-    b_end = b * to_end
-    S_kv = v.transpose(-1, -2) @ (k * to_end)  # [D, N_v, N_k]
-    chunk_decay = torch.exp(g_end)  # [D, 1, N_k]
+    k_end = keys * to_end[:, None]
+    decay = torch.exp(g_end)
+    if factored:
+        q_scale = torch.exp(q_log - g_end[:, None])
+        q_end = queries * q_scale
+        q_start = q_end * decay[:, None]
+        A = _factored_pairs(q_end, k_end)
+    else:
+        q_scale = torch.exp(q_log)
+        q_end, q_start = None, queries * q_scale
+        A = _pair_matrices(queries, q_log, keys, g).view(D, 2 * L, 2 * L)
+    inverse = _unit_lower_inverse(A[:, :L, :L])
+    PQ = inverse @ torch.cat((A[:, :L, L:] @ v, q_start[:, 0]), dim=-1)
+    return ChunkTerms(queries, keys, q_log, v, q_scale, q_end, q_start, k_end, to_end, decay, A,
+                      inverse, PQ[..., :N], PQ[..., N:])
 
-    S_in, U, state = _StateScan.apply(P, Q, b_end, S_kv, chunk_decay, state, G)
-    y = torch.baddbmm(
-        torch.cat((A_rb, A_rk), dim=-1) @ torch.cat((U, v), dim=1),
-        r * torch.exp(g),
-        S_in.transpose(-1, -2),
-    )
-    return y.view(C, G, L, N).transpose(0, 1).reshape(G, T, N), state
+
+def _state_scan(terms: ChunkTerms, state: torch.Tensor, G: int):
+    """The sequential pass over a segment's chunks (state ``[G, N_v, N_k]``): per chunk ``c``,
+    ``U_c = P_c + Q_c S^T``, ``S <- S * decay_c + U_c^T b_end_c + V_c^T k_end_c``. Chunk-major
+    inputs, so each step reads and writes whole contiguous blocks, in place. Returns the states
+    entering each chunk followed by the leaving one ``[C + 1, G, N, N]``, and ``U`` ``[D, L, N]``."""
+    D, L, N = terms.P.shape
+    C = D // G
+    S_kv = terms.v.transpose(-1, -2) @ terms.k_end[:, 1]  # [D, N_v, N_k]
+    Pc, Qc, Bc, KVc, Dc = (x.reshape(C, G, *x.shape[1:])
+                           for x in (terms.P, terms.Q, terms.k_end[:, 0], S_kv, terms.decay))
+    S_all = state.new_empty(C + 1, G, N, N)
+    S_all[0] = state
+    U = state.new_empty(C, G, L, N)
+    for c in range(C):
+        torch.baddbmm(Pc[c], Qc[c], S_all[c].transpose(-1, -2), out=U[c])
+        torch.addcmul(KVc[c], S_all[c], Dc[c], out=S_all[c + 1]).baddbmm_(U[c].transpose(-1, -2), Bc[c])
+    return S_all, U.view(D, L, N)
+
+
+def _to_chunk_major(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    G, T, N = x.shape
+    C = T // chunk
+    return x.reshape(G, C, chunk, N).transpose(0, 1).reshape(C * G, chunk, N)
+
+
+def _from_chunk_major(x: torch.Tensor, G: int) -> torch.Tensor:
+    D, L, N = x.shape
+    return x.view(D // G, G, L, N).transpose(0, 1).reshape(G, -1, N)
+
+
+def _segment(r, w, k, v, a, b, state, chunk: int, factored: bool):
+    """The chunked recurrence over one segment (``factored``: the pair products in one matrix
+    product, allowed only when ``factored_pairs_fit``).
+
+    ``r .. b``: ``[G, T, N]`` (G = batch x heads, T a multiple of ``chunk``), ``w <= 0``;
+    ``state``: ``[G, N, N]``. Returns ``y [G, T, N]`` and the state after the segment.
+    """
+    G = r.shape[0]
+    terms = _chunk_terms(*(_to_chunk_major(x, chunk) for x in (r, w, k, v, a, b)), factored)
+    S_all, U = _state_scan(terms, state, G)
+    D, L, N = U.shape
+    S_in = S_all[:-1].view(D, N, N)
+    y = torch.baddbmm(terms.A[:, L:] @ torch.cat((U, terms.v), dim=1),
+                      terms.q_start[:, 1], S_in.transpose(-1, -2))
+    return _from_chunk_major(y, G), S_all[-1].clone()
 
 
 def _segment_bounds(T: int, G: int, N: int, chunk: int) -> List[Tuple[int, int]]:
@@ -200,8 +195,9 @@ def _segment_bounds(T: int, G: int, N: int, chunk: int) -> List[Tuple[int, int]]
 
 
 class _ChunkedWKV7(torch.autograd.Function):
-    """Segment-wise recomputation: forward keeps one state per segment, backward re-runs each
-    segment (last to first) under autograd, carrying the state gradient backwards."""
+    """Segment-wise recomputation: forward keeps one state per segment; backward recomputes each
+    segment's forward quantities (last segment first) and applies ``chunked_grad``'s written-out
+    gradient, carrying the state gradient backwards."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, chunk, factored):
@@ -222,18 +218,17 @@ class _ChunkedWKV7(torch.autograd.Function):
     def backward(ctx, dy, dstate):
         r, w, k, v, a, b, *entering = ctx.saved_tensors
         inputs = (r, w, k, v, a, b)
-        wanted = [i for i in range(6) if ctx.needs_input_grad[i]]
-        grads = [torch.zeros_like(inputs[i]) if i in wanted else None for i in range(6)]
+        G = r.shape[0]
+        grads = [torch.empty_like(x) if ctx.needs_input_grad[i] else None for i, x in enumerate(inputs)]
+        dstate = dstate.contiguous()
         for (t0, t1), s_in in zip(reversed(ctx.bounds), reversed(entering)):
-            with torch.enable_grad():
-                leaves = [x[:, t0:t1].detach().requires_grad_(i in wanted) for i, x in enumerate(inputs)]
-                s_leaf = s_in.detach().requires_grad_(True)
-                y, s_out = _segment(*leaves, s_leaf, ctx.chunk, ctx.factored)
-                targets = [leaves[i] for i in wanted] + [s_leaf]
-                got = torch.autograd.grad((y, s_out), targets, (dy[:, t0:t1], dstate))
-            for i, gi in zip(wanted, got[:-1]):
-                grads[i][:, t0:t1] = gi
-            dstate = got[-1]
+            terms = _chunk_terms(*(_to_chunk_major(x[:, t0:t1], ctx.chunk) for x in inputs), ctx.factored)
+            S_all, U = _state_scan(terms, s_in, G)
+            dy_seg = _to_chunk_major(dy[:, t0:t1], ctx.chunk)
+            seg_grads, dstate = segment_backward(terms, S_all, U, dy_seg, dstate, G)
+            for out, gi in zip(grads, seg_grads):
+                if out is not None:
+                    out[:, t0:t1] = _from_chunk_major(gi, G)
         return (*grads, dstate if ctx.needs_input_grad[6] else None, None, None)
 
 
