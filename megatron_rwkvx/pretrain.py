@@ -93,6 +93,6 @@ if __name__ == "__main__":
 elif __name__ == "__mp_main__":
     # A process that multiprocessing spawned for a run imports the run's main module under this
     # name: dist_checkpointing's result-queue manager does, which outlived a kill -9 of the run.
-    from megatron_rwkvx.training.initialize import end_with_parent
+    from megatron_rwkvx.training.initialize import spawned_child
 
-    end_with_parent()
+    spawned_child()

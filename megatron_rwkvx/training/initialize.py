@@ -23,6 +23,9 @@ def _env_int(*names, default=None):
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The pid of the process whose children must end with it: spawned children (a fresh interpreter)
+# learn it from the environment, since the parent may die before they arm the signal.
+PARENT_PID_ENV = "MEGATRON_RWKVX_PARENT_PID"
 _forks_end_with_parent = False
 
 
@@ -41,15 +44,22 @@ def end_with_parent(parent: Optional[int] = None) -> None:
 
 def forks_end_with_parent() -> None:
     """Every process this one forks from now on (dist_checkpointing's writer processes fork at each
-    save) ends with it. Spawned children run ``megatron_rwkvx.pretrain`` as their main module,
-    which arms the same signal (see there)."""
+    save) ends with it. Children multiprocessing spawns run ``megatron_rwkvx.pretrain`` as their
+    main module, which arms the same signal (see there)."""
     global _forks_end_with_parent
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
     if _forks_end_with_parent:
         return
     _forks_end_with_parent = True
-    forking = {}
-    os.register_at_fork(before=lambda: forking.__setitem__("pid", os.getpid()),
-                        after_in_child=lambda: end_with_parent(forking.get("pid")))
+    os.register_at_fork(after_in_child=spawned_child)
+
+
+def spawned_child() -> None:
+    """In a process forked, or spawned by multiprocessing (see pretrain.py), for a run: end with
+    it, and have the processes this one starts end with this one."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    end_with_parent(int(parent) if parent.isdigit() else None)
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
 def initialize_distributed(args) -> None:
