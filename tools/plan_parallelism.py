@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, RecomputeError, check_recompute
+
 PRESETS = {
     # The RWKV-X reference models (docs/design.md): 12 RWKV (C=768) + 4 sparse; 32 RWKV (C=2560) + 8 sparse.
     "0.22B": dict(hidden_size=768, layer_pattern="RRRA" * 4),
@@ -32,7 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
     p.add_argument("--show", type=int, default=8, help="how many layouts to list")
+    p.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None)
+    p.add_argument("--recompute-method", choices=METHODS, default=None)
+    p.add_argument("--recompute-num-layers", type=int, default=None)
     args = p.parse_args(argv)
+    recompute = (args.recompute_granularity, args.recompute_method, args.recompute_num_layers)
+    try:
+        check_recompute(*recompute)
+    except RecomputeError as err:
+        p.error(str(err))
 
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.parallel.memory_model import parameter_count, suggest_layouts
@@ -50,7 +60,8 @@ def main(argv=None) -> int:
           f"{counts['total'] / 1e9:.2f}B parameters")
     print(f"sequence {args.seq_length:,} tokens x micro-batch {args.micro_batch_size}, "
           f"{args.gpus} GPUs of {args.gpu_memory:g} GiB")
-    layouts = suggest_layouts(cfg, args.seq_length, args.gpus, args.gpu_memory, args.micro_batch_size)
+    layouts = suggest_layouts(cfg, args.seq_length, args.gpus, args.gpu_memory, args.micro_batch_size,
+                              recompute=recompute)
     if not layouts:
         print("no layout fits: add GPUs, shorten the sequence, or use activation recomputation")
         return 1
@@ -62,7 +73,9 @@ def main(argv=None) -> int:
     best = layouts[0]
     print(f"suggested: --tensor-model-parallel-size {best.tp} --pipeline-model-parallel-size {best.pp} "
           f"--context-parallel-size {best.cp} --use-distributed-optimizer"
-          + (" --sequence-parallel" if best.tp > 1 else ""))
+          + (" --sequence-parallel" if best.tp > 1 else "")
+          + "".join(f" --recompute-{k} {v}" for k, v in zip(("granularity", "method", "num-layers"),
+                                                            recompute) if v is not None))
     return 0
 
 
