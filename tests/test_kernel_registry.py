@@ -253,12 +253,16 @@ def test_the_fla_adapter_maps_our_convention_onto_flas(isolated):
     for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
                          ("fla.ops.generalized_delta_rule", fla_op)):
         isolated.setitem(sys.modules, name, module)
-    isolated.delitem(sys.modules, "megatron_rwkvx.kernels.wkv7.fla_backend", raising=False)
+    adapter = "megatron_rwkvx.kernels.wkv7.fla_backend"
+    isolated.delitem(sys.modules, adapter, raising=False)
     WKV7._loaded.discard("fla")
     WKV7._load_errors.pop("fla", None)
-    assert "fla" in WKV7.available()  # the plug-in imported (on the fake) and registered itself
-    inputs = _wkv_inputs(T=9)
-    state = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(5))
-    y, final = WKV7._backends["fla"].fn(*inputs, state, None)
+    try:
+        assert "fla" in WKV7.available()  # the plug-in imported (on the fake) and registered itself
+        inputs = _wkv_inputs(T=9)
+        state = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+        y, final = WKV7._backends["fla"].fn(*inputs, state, None)
+    finally:  # the adapter bound to the fake must not serve later imports
+        sys.modules.pop(adapter, None)
     y_ref, final_ref = wkv7_naive(*inputs, state, None)
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(final, final_ref, atol=1e-5)
