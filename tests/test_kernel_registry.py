@@ -226,3 +226,43 @@ def test_auto_picks_the_fastest_exact_sparse_attention_backend(clock):
     choice = SPARSE_ATTENTION.report("auto", q)
     assert choice.backend == "fast" and "B=1 T=12 Hq=4 Hkv=2 D=8 chunk=4 top_k=2" in choice.reason
     assert torch.equal(out, topk_chunk_attention(q, k[:, :, :2], v[:, :, :2], chunk_size=4, top_k=2, backend="torch"))
+
+
+# ------------------------------------------------------------------ fla's convention
+
+
+def _fla_documented_recurrence(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False):
+    """fla's DPLR recurrence as its docs and naive reference state it, in its own layout: inputs
+    [B, T, H, K], state [B, H, K, V], ``S_t = exp(gk_t) * S_{t-1} + k_t v_t^T + b_t (a_t^T S_{t-1})``,
+    ``o_t = S_t^T (scale * q_t)``."""
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.clone()
+    out = []
+    for t in range(T):
+        qt, kt, vt, at, bt, gt = (x[:, t].float() for x in (q, k, v, a, b, gk))
+        S = S * gt.exp()[..., None] + kt[..., None] * vt[..., None, :] + bt[..., None] * (at[..., None] * S).sum(-2, keepdim=True)
+        out.append(torch.einsum("bhk,bhkv->bhv", qt * (K ** -0.5 if scale is None else scale), S))
+    return torch.stack(out, 1).to(q.dtype), S if output_final_state else None
+
+
+def test_the_fla_adapter_maps_our_convention_onto_flas(isolated):
+    """``a = -kk``, ``b = kk * rate`` pass unchanged, the log decay goes in as ``gk``, scale 1, the
+    state transposed in and out: the adapter on fla's documented recurrence equals our reference."""
+    fla_op = types.ModuleType("fla.ops.generalized_delta_rule")
+    fla_op.chunk_dplr_delta_rule = _fla_documented_recurrence
+    for name, module in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
+                         ("fla.ops.generalized_delta_rule", fla_op)):
+        isolated.setitem(sys.modules, name, module)
+    adapter = "megatron_rwkvx.kernels.wkv7.fla_backend"
+    isolated.delitem(sys.modules, adapter, raising=False)
+    WKV7._loaded.discard("fla")
+    WKV7._load_errors.pop("fla", None)
+    try:
+        assert "fla" in WKV7.available()  # the plug-in imported (on the fake) and registered itself
+        inputs = _wkv_inputs(T=9)
+        state = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+        y, final = WKV7._backends["fla"].fn(*inputs, state, None)
+    finally:  # the adapter bound to the fake must not serve later imports
+        sys.modules.pop(adapter, None)
+    y_ref, final_ref = wkv7_naive(*inputs, state, None)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(final, final_ref, atol=1e-5)
