@@ -235,5 +235,3 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             fail("--loss longce runs its short-context forwards on whole sequences; it supports "
                  "tensor and data parallelism only (use --context-parallel-size 1 and "
                  "--pipeline-model-parallel-size 1)")
-    if args.device == "cpu" and args.bf16:
-        pass  # allowed (slow); the CPU demo uses fp32
