@@ -1,12 +1,15 @@
-"""``load_pretrained``: a single-process model from a checkpoint file, ready for inference."""
+"""Official-layout checkpoint files (``.pth`` and the config beside it) as models:
+``load_pretrained`` (a single-process model, ready for inference) and
+``save_pretrained_as_megatron`` (a megatron checkpoint directory at iteration 0)."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
+from megatron_rwkvx.checkpointing.megatron_format import ARCH_FIELDS, save_model_checkpoint
 from megatron_rwkvx.checkpointing.official_format import (
     OFFICIAL_RWKV7,
     REFERENCE_RWKVX,
@@ -16,13 +19,15 @@ from megatron_rwkvx.checkpointing.official_format import (
     load_state_dict_file,
 )
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig, default_pattern
+from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+from megatron_rwkvx.parallel.state import ensure_single_process_parallel_state
 
 
-def _prepare_runtime(device: torch.device) -> None:
-    from megatron_rwkvx.parallel.state import ensure_single_process_parallel_state
-
+def prepare_runtime(device: torch.device) -> None:
+    """What a single-process model needs: the CPU runtime shim on a machine without a GPU, and
+    a one-process gloo world with megatron's groups."""
     if device.type == "cpu" and not torch.cuda.is_available():
-        from megatron_rwkvx import cpu_runtime
+        from megatron_rwkvx import cpu_runtime  # deferred: GPU processes never import the shim
 
         cpu_runtime.enable()
     ensure_single_process_parallel_state()
@@ -52,8 +57,6 @@ def write_file_config(path: str, architecture: dict) -> str:
 
 def read_file_config(path: str) -> Optional[dict]:
     """The architecture fields stored beside ``path``, or None when there is no such file."""
-    from megatron_rwkvx.checkpointing.megatron_format import ARCH_FIELDS
-
     target = file_config_path(path)
     if not os.path.isfile(target):
         return None
@@ -139,14 +142,24 @@ def load_pretrained(
     ``layer_pattern`` for an RWKV-X file whose sparse blocks are not interleaved as the reference).
     """
     device = torch.device(device)
-    _prepare_runtime(device)
+    prepare_runtime(device)
     sd = load_state_dict_file(path)
     kwargs, layout = config_from_file_state_dict(sd, read_file_config(path), **config_overrides)
-    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-
     cfg = RWKVXConfig(params_dtype=dtype, use_cpu_initialization=True, **kwargs)
     model = RWKVXModel(cfg, parallel_output=False)
     import_state_dict(model, sd, cfg, layout, path=path)
     model.to(device=device)
     model.eval()
     return model
+
+
+def save_pretrained_as_megatron(file_state_dict: Dict[str, torch.Tensor], directory: str, **config_overrides) -> str:
+    """Convert an official-layout state dict (RWKV-7 or RWKV-X) into a megatron checkpoint at
+    iteration 0, in this process (one rank)."""
+    prepare_runtime(torch.device("cpu"))
+    kwargs, layout = config_from_file_state_dict(file_state_dict, **config_overrides)
+    dtype = next(iter(file_state_dict.values())).dtype
+    cfg = RWKVXConfig(params_dtype=dtype, use_cpu_initialization=True, **kwargs)
+    model = RWKVXModel(cfg)
+    import_state_dict(model, file_state_dict, cfg, layout)
+    return save_model_checkpoint(model, cfg, directory, iteration=0)

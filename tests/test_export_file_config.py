@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import megatron_rwkvx
-from megatron_rwkvx.checkpointing.megatron_format import save_pretrained_as_megatron
+from megatron_rwkvx.pretrained import save_pretrained_as_megatron
 from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX, CheckpointFormatError
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.pretrained import file_config_path

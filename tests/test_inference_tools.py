@@ -95,7 +95,7 @@ def test_generate_tool_streams_text(world_pth, model, tokenizer, capsys):
 
 
 def test_generate_tool_loads_a_training_checkpoint_directory(world_pth, model, tmp_path):
-    from megatron_rwkvx.checkpointing.megatron_format import save_pretrained_as_megatron
+    from megatron_rwkvx.pretrained import save_pretrained_as_megatron
     from megatron_rwkvx.inference.loading import load_model
 
     directory = tmp_path / "ckpt"

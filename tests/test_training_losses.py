@@ -54,11 +54,7 @@ def test_l2wrap_adds_gradient_to_the_max_logit_only():
 def test_pipeline_packing_roundtrip(tp, sp):
     from types import SimpleNamespace
 
-    from megatron_rwkvx.models.rwkvx_model import (
-        pack_stage_output,
-        pipeline_seq_length,
-        unpack_stage_output,
-    )
+    from megatron_rwkvx.models.stage_payload import StagePayload
 
     cfg = SimpleNamespace(pipeline_model_parallel_size=2, tensor_model_parallel_size=tp,
                           sequence_parallel=sp)
@@ -66,9 +62,10 @@ def test_pipeline_packing_roundtrip(tp, sp):
     s_h = s // tp if sp else s
     hidden = torch.randn(s_h, b, c)
     v_first = torch.randn(s, b, c // tp)
-    packed = pack_stage_output(hidden, v_first, cfg)
+    packed = StagePayload(hidden, v_first).pack(cfg)
     # The schedule's p2p shape: seq_length / (tp if sp) rows.
-    rows = pipeline_seq_length(cfg, s) // (tp if sp else 1)
+    rows = StagePayload.schedule_seq_length(cfg, s) // (tp if sp else 1)
     assert packed.shape == (rows, b, c)
-    h2, v2 = unpack_stage_output(packed, cfg)
+    received = StagePayload.unpack(packed, cfg)
+    h2, v2 = received.hidden, received.v_first
     assert torch.equal(h2, hidden) and torch.equal(v2, v_first)

@@ -24,9 +24,9 @@ def build_rwkvx(args):
 
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-    from megatron_rwkvx.pretrained import _prepare_runtime
+    from megatron_rwkvx.pretrained import prepare_runtime
 
-    _prepare_runtime(torch.device(args.device))
+    prepare_runtime(torch.device(args.device))
     cfg = RWKVXConfig(hidden_size=args.hidden, head_size=64, vocab_size=args.vocab,
                       layer_pattern=args.pattern, ffn_hidden_size=4 * args.hidden,
                       sparse_chunk_size=args.chunk_size, sparse_top_k=args.top_k,

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             torch.save(expanded, tmp)
             os.replace(tmp, args.output)  # never leave a half-written file under the final name
         else:
-            from megatron_rwkvx.checkpointing.megatron_format import save_pretrained_as_megatron
+            from megatron_rwkvx.pretrained import save_pretrained_as_megatron
 
             save_pretrained_as_megatron(
                 expanded,

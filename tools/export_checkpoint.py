@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     )
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-    from megatron_rwkvx.pretrained import _prepare_runtime, write_file_config
+    from megatron_rwkvx.pretrained import prepare_runtime, write_file_config
 
-    _prepare_runtime(torch.device("cpu"))
+    prepare_runtime(torch.device("cpu"))
     arch = read_model_config(args.load)
     cfg = RWKVXConfig(use_cpu_initialization=True, **arch)
     model = RWKVXModel(cfg)

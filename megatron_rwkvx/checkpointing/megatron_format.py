@@ -151,19 +151,3 @@ def load_model_checkpoint(model, cfg, directory: str, iteration: Optional[int] =
     model.load_state_dict(loaded["model"], strict=True)
     return iteration
 
-
-def save_pretrained_as_megatron(file_state_dict: Dict[str, torch.Tensor], directory: str, **config_overrides) -> str:
-    """Convert an official-layout state dict (RWKV-7 or RWKV-X) into a megatron checkpoint at
-    iteration 0, in this process (one rank)."""
-    from megatron_rwkvx.checkpointing.official_format import import_state_dict
-    from megatron_rwkvx.config import RWKVXConfig
-    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-    from megatron_rwkvx.pretrained import _prepare_runtime, config_from_file_state_dict
-
-    _prepare_runtime(torch.device("cpu"))
-    kwargs, layout = config_from_file_state_dict(file_state_dict, **config_overrides)
-    dtype = next(iter(file_state_dict.values())).dtype
-    cfg = RWKVXConfig(params_dtype=dtype, use_cpu_initialization=True, **kwargs)
-    model = RWKVXModel(cfg)
-    import_state_dict(model, file_state_dict, cfg, layout)
-    return save_model_checkpoint(model, cfg, directory, iteration=0)

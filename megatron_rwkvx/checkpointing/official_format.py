@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
 from megatron_rwkvx.errors import UsageError
@@ -43,7 +44,8 @@ def _transpose(t: torch.Tensor) -> torch.Tensor:
 _TO_MODEL: Dict[str, Callable] = {"same": _identity, "vector": _flatten, "transpose": _transpose}
 
 
-def _to_file(kind: str, t: torch.Tensor) -> torch.Tensor:
+def to_file_layout(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """A model tensor as the official file stores it (``kind``: that of its ``Entry``)."""
     if kind == "same":
         return t
     if kind == "vector":
@@ -271,7 +273,7 @@ def _check_keys(sd: Dict[str, torch.Tensor], entries: List[Entry], layout: KeyLa
             if got != e.full_shape:
                 problems.append(
                     f"misshapen key {e.file_key}: file has {tuple(sd[e.file_key].shape)}, the model "
-                    f"needs {tuple(_to_file(e.kind, torch.empty(e.full_shape)).shape)}"
+                    f"needs {tuple(to_file_layout(e.kind, torch.empty(e.full_shape)).shape)}"
                 )
     if problems:
         raise CheckpointFormatError(
@@ -296,8 +298,6 @@ def import_state_dict(
     path: str = "<state dict>",
 ) -> None:
     """Copy an official-layout state dict into ``model`` (this rank's tensor/pipeline shard)."""
-    from megatron.core import parallel_state
-
     entries = checkpoint_entries(cfg, layout)
     _check_keys(sd, entries, layout, path)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -358,8 +358,6 @@ def export_state_dict(
     Every rank returns the full dict. ``tensors`` replaces the model's own state dict (same local
     keys), e.g. to gather gradients into the file layout.
     """
-    from megatron.core import parallel_state
-
     tp_world = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     local = model.state_dict() if tensors is None else tensors
@@ -374,7 +372,7 @@ def export_state_dict(
             parts = [torch.empty_like(t) for _ in range(tp_world)]
             torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
             t = torch.cat(parts, dim=e.split_dim)
-        t = _to_file(e.kind, t).contiguous()
+        t = to_file_layout(e.kind, t).contiguous()
         mine[e.file_key] = t.to(dtype) if dtype is not None else t.clone()
     pp_world = parallel_state.get_pipeline_model_parallel_world_size()
     if pp_world > 1:

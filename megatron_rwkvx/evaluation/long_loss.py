@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron_rwkvx.evaluation.png import line_plot
 from megatron_rwkvx.inference.engine import InferenceEngine
 
 
@@ -80,8 +81,6 @@ def format_table(rows: Sequence[Dict]) -> str:
 
 def plot_png(rows: Sequence[Dict], path: str) -> None:
     """Bucket mid-position (x) against mean loss (y)."""
-    from megatron_rwkvx.evaluation.png import line_plot
-
     used = [r for r in rows if r["tokens"]]
     if not used:
         raise ValueError("no bucket has tokens; nothing to plot")

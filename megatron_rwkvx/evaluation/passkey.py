@@ -8,6 +8,7 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 from megatron_rwkvx.data.sample_corpus import passkey_document
+from megatron_rwkvx.evaluation.png import heatmap, short_number
 from megatron_rwkvx.inference.engine import InferenceEngine
 from megatron_rwkvx.evaluation.retrieval import SelectionRecorder, passkey_hits, split_recorded
 from megatron_rwkvx.inference.generation import generate
@@ -94,7 +95,5 @@ def format_table(records: Sequence[Dict]) -> str:
 
 def heatmap_png(records: Sequence[Dict], path: str) -> None:
     """Context length (x) by depth (y), red (0) to green (100%)."""
-    from megatron_rwkvx.evaluation.png import heatmap, short_number
-
     lengths, depths, grid = accuracy_grid(records)
     heatmap(grid, [short_number(n) for n in lengths], [f"{d:.0%}" for d in depths]).save(path)

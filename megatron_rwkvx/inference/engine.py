@@ -98,12 +98,12 @@ class InferenceEngine:
         for layer, st in zip(model.decoder.layers, state.layers):
             x = layer.input_norm(hidden)
             if isinstance(st, RWKVLayerState):
-                (mixed, _), v_first, final, last = layer.mixer(
-                    x, v_first, previous_token=pick(st.time_shift), initial_state=pick(st.wkv),
-                    return_state=True,
+                step = layer.mixer.forward_with_state(
+                    x, v_first, previous_token=pick(st.time_shift), initial_state=pick(st.wkv)
                 )
-                put(st.time_shift, last)
-                put(st.wkv, final)
+                (mixed, _), v_first = step.output, step.v_first
+                put(st.time_shift, step.last_token)
+                put(st.wkv, step.wkv_state)
             else:
                 mixed = self._attention(layer.mixer, st.cache, x, rows)
             hidden = hidden + mixed

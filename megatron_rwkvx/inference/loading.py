@@ -6,6 +6,11 @@ from typing import Union
 
 import torch
 
+from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint, read_model_config
+from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+from megatron_rwkvx.pretrained import load_pretrained, prepare_runtime
+
 
 def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                **config_overrides):
@@ -17,13 +22,8 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch
     ``sparse_attention_backend`` or ``wkv_backend``.
     """
     if os.path.isdir(path):
-        from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint, read_model_config
-        from megatron_rwkvx.config import RWKVXConfig
-        from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-        from megatron_rwkvx.pretrained import _prepare_runtime
-
         device = torch.device(device)
-        _prepare_runtime(device)
+        prepare_runtime(device)
         arch = read_model_config(path)
         clash = sorted(k for k in config_overrides if k in arch and config_overrides[k] != arch[k])
         if clash:
@@ -39,6 +39,4 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch
         return model
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is neither a .pth checkpoint file nor a checkpoint directory")
-    from megatron_rwkvx.pretrained import load_pretrained
-
     return load_pretrained(path, device=device, dtype=dtype, **config_overrides)

@@ -8,14 +8,20 @@ on the full input (token-shift mixes, LoRA down-projections) are replicated.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint, sharded_state_dict_default
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
 
 from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.kernels.wkv7 import wkv7
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
     ProjectionSubmodules,
@@ -29,6 +35,7 @@ from megatron_rwkvx.layers.tensor_parallel_utils import (
     tp_world_size,
 )
 from megatron_rwkvx.layers.token_shift import token_shift_delta
+from megatron_rwkvx.parallel.cp_wkv7 import wkv7_context_parallel
 
 # log-decay = -exp(-0.5) * sigmoid(.), so the decay exp(log-decay) lies in (0.545, 1).
 DECAY_SCALE = math.exp(-0.5)
@@ -38,8 +45,18 @@ MIX_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 HEAD_SPLIT_VECTORS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")
 
 
+class TimeMixWithState(NamedTuple):
+    """``RWKV7TimeMix.forward_with_state``: the output and what decoding carries to the next call."""
+
+    output: Tuple[torch.Tensor, Optional[torch.Tensor]]  # (out [S, B, C], bias) of the projection
+    v_first: torch.Tensor
+    wkv_state: torch.Tensor  # the recurrent state after the last token, [B, H/tp, N, N]
+    last_token: torch.Tensor  # the last input token [B, C]: the next call's token shift
+
+
 class RWKV7TimeMix(MegatronModule):
-    """``forward(hidden_states [S, B, C], v_first) -> ((out [S, B, C], bias), v_first)``."""
+    """``forward(hidden_states [S, B, C], v_first) -> ((out [S, B, C], bias), v_first)``; decoding
+    continues from a previous call with ``forward_with_state``."""
 
     def __init__(
         self,
@@ -97,14 +114,19 @@ class RWKV7TimeMix(MegatronModule):
     def _add_param(self, name: str, value: torch.Tensor, dtype) -> None:
         self.register_parameter(name, torch.nn.Parameter(value.to(dtype).contiguous()))
 
-    def forward(
+    def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor]):
+        mixed = self.forward_with_state(hidden_states, v_first)
+        return mixed.output, mixed.v_first
+
+    def forward_with_state(
         self,
         hidden_states: torch.Tensor,
         v_first: Optional[torch.Tensor],
         previous_token: Optional[torch.Tensor] = None,
         initial_state: Optional[torch.Tensor] = None,
-        return_state: bool = False,
-    ):
+    ) -> TimeMixWithState:
+        """``previous_token`` [B, C] and ``initial_state`` continue a sequence that an earlier call
+        ended (None: the sequence starts here)."""
         cfg = self.config
         x = gather_mixer_input(hidden_states, cfg.sequence_parallel)
         s, b, _ = x.shape
@@ -148,14 +170,9 @@ class RWKV7TimeMix(MegatronModule):
         ).to(r.dtype).view(s, b, -1)
         bonus = (r * k * self.r_k.view(-1)).view(s, b, heads, n).sum(dim=-1, keepdim=True)
         y = y + (bonus * v.view(s, b, heads, n)).view(s, b, -1)
-        out = self.output(y * g)
-        if return_state:
-            return out, v_first, final_state, x[-1]
-        return out, v_first
+        return TimeMixWithState(self.output(y * g), v_first, final_state, x[-1])
 
     def _recurrence(self, r, log_w, k, v, a, b, initial_state):
-        from megatron_rwkvx.kernels.wkv7 import wkv7
-
         s, bsz, _ = r.shape
         heads, n = self.local_heads, self.head_size
 
@@ -166,8 +183,6 @@ class RWKV7TimeMix(MegatronModule):
         if cp_group is not None:
             if initial_state is not None:
                 raise ValueError("an initial state cannot be combined with context parallelism")
-            from megatron_rwkvx.parallel.cp_wkv7 import wkv7_context_parallel
-
             # State passing: each rank folds its predecessors' (transition, state) summaries.
             y, state = wkv7_context_parallel(
                 to_bthn(r), to_bthn(log_w.to(r.dtype)), to_bthn(k), to_bthn(v), to_bthn(a),
@@ -188,9 +203,6 @@ class RWKV7TimeMix(MegatronModule):
         return y.transpose(0, 1).reshape(s, bsz, heads * n), state
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        from megatron.core import parallel_state
-        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         tp_group = parallel_state.get_tensor_model_parallel_group()
         own = {}

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
     ProjectionSubmodules,
@@ -24,6 +23,7 @@ from megatron_rwkvx.layers.tensor_parallel_utils import (
     gather_mixer_input,
     tp_world_size,
 )
+from megatron_rwkvx.parallel.cp_sparse_attention import topk_chunk_attention_context_parallel
 
 
 class SparseAttentionMixer(MegatronModule):
@@ -55,8 +55,6 @@ class SparseAttentionMixer(MegatronModule):
         self.output = build_row_projection(submodules, config, c, c, rwkv7_init.zero_init)
 
     def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor] = None):
-        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
-
         x = gather_mixer_input(hidden_states, self.config.sequence_parallel)
         s, b, _ = x.shape
         n = self.head_size
@@ -65,10 +63,6 @@ class SparseAttentionMixer(MegatronModule):
         v = self.value(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
         cp_group = context_parallel_group()
         if cp_group is not None:
-            from megatron_rwkvx.parallel.cp_sparse_attention import (
-                topk_chunk_attention_context_parallel,
-            )
-
             # Queries of this shard against the keys of all earlier shards (chunk-aligned).
             out = topk_chunk_attention_context_parallel(
                 q, k, v,
@@ -91,15 +85,3 @@ class SparseAttentionMixer(MegatronModule):
         out = out.transpose(0, 1).reshape(s, b, self.local_heads * n)
         return self.output(out), v_first
 
-
-def sparse_attention_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
-    """An ``A`` block: LayerNorm, sparse attention, LayerNorm, ChannelMix."""
-    from megatron_rwkvx.layers.specs import block_spec
-
-    mixer = ModuleSpec(
-        module=SparseAttentionMixer,
-        submodules=ProjectionSubmodules(
-            column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
-        ),
-    )
-    return block_spec(mixer, use_te)

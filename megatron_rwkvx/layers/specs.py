@@ -17,6 +17,7 @@ from megatron_rwkvx.layers.norms import SequenceParallelLayerNorm
 from megatron_rwkvx.layers.rwkv7_channel_mix import RWKV7ChannelMix
 from megatron_rwkvx.layers.rwkv7_time_mix import RWKV7TimeMix
 from megatron_rwkvx.layers.rwkvx_layer import RWKVXLayer, RWKVXLayerSubmodules
+from megatron_rwkvx.layers.sparse_attention_block import SparseAttentionMixer
 from megatron_rwkvx.layers.tensor_parallel_utils import ProjectionSubmodules
 
 
@@ -36,13 +37,18 @@ def _norm(use_te: bool):
     return SequenceParallelLayerNorm
 
 
-def channel_mix_spec() -> ModuleSpec:
+def _projection_spec(module: type) -> ModuleSpec:
+    """A module built from megatron's tensor-parallel column and row linears."""
     return ModuleSpec(
-        module=RWKV7ChannelMix,
+        module=module,
         submodules=ProjectionSubmodules(
             column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
         ),
     )
+
+
+def channel_mix_spec() -> ModuleSpec:
+    return _projection_spec(RWKV7ChannelMix)
 
 
 def block_spec(mixer: ModuleSpec, use_te: Optional[bool] = None) -> ModuleSpec:
@@ -61,21 +67,17 @@ def block_spec(mixer: ModuleSpec, use_te: Optional[bool] = None) -> ModuleSpec:
 
 def rwkv7_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
     """An ``R`` block: LayerNorm, RWKV-7 TimeMix, LayerNorm, ChannelMix."""
-    mixer = ModuleSpec(
-        module=RWKV7TimeMix,
-        submodules=ProjectionSubmodules(
-            column_linear=ColumnParallelLinear, row_linear=RowParallelLinear
-        ),
-    )
-    return block_spec(mixer, use_te)
+    return block_spec(_projection_spec(RWKV7TimeMix), use_te)
+
+
+def sparse_attention_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """An ``A`` block: LayerNorm, sparse attention, LayerNorm, ChannelMix."""
+    return block_spec(_projection_spec(SparseAttentionMixer), use_te)
 
 
 def layer_specs(use_te: Optional[bool] = None) -> Dict[str, ModuleSpec]:
-    """Spec of each pattern symbol."""
-    specs = {RWKV_SYMBOL: rwkv7_layer_spec(use_te)}
-    try:
-        from megatron_rwkvx.layers.sparse_attention_block import sparse_attention_layer_spec
-    except ImportError:
-        return specs
-    specs[ATTENTION_SYMBOL] = sparse_attention_layer_spec(use_te)
-    return specs
+    """Spec of each pattern symbol: what ``RWKVXModel`` builds by default."""
+    return {
+        RWKV_SYMBOL: rwkv7_layer_spec(use_te),
+        ATTENTION_SYMBOL: sparse_attention_layer_spec(use_te),
+    }

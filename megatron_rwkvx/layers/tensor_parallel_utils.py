@@ -26,6 +26,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_rwkvx.parallel.cp_comm import previous_token_from_prev_rank
+
 
 def tp_world_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
@@ -95,8 +97,6 @@ def previous_token_across_ranks(x: torch.Tensor, previous: "torch.Tensor | None"
     group = context_parallel_group()
     if group is None:
         return None
-    from megatron_rwkvx.parallel.cp_comm import previous_token_from_prev_rank
-
     return previous_token_from_prev_rank(x, group)
 
 

@@ -1,11 +1,12 @@
 """The RWKV-X language model: embedding, ``ln0``, the pattern-driven stack, ``ln_out``, untied head.
 
 Built per pipeline stage (``pre_process``/``post_process``) like megatron-core's ``GPTModel``: the
-first stage owns the embedding and ``ln0``, the last the final norm, the head and the loss.
+first stage owns the embedding and ``ln0``, the last the final norm, the head and the loss; the
+stages between hand on a ``StagePayload`` (hidden states and ``v_first``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -14,52 +15,14 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.layers import specs
 from megatron_rwkvx.layers.norms import build_layer_norm
-from megatron_rwkvx.layers.specs import layer_specs
 from megatron_rwkvx.models.rwkvx_stack import RWKVXStack
-
-
-def pipeline_seq_length(config: RWKVXConfig, seq_length: int) -> int:
-    """The ``seq_length`` to give megatron's pipeline schedules so that the tensor they send between
-    stages has room for the hidden states *and* ``v_first`` (see :func:`pack_stage_output`)."""
-    if config.pipeline_model_parallel_size == 1:
-        return seq_length
-    tp = config.tensor_model_parallel_size
-    if config.sequence_parallel:
-        return 2 * seq_length
-    return seq_length * (tp + 1) // tp
-
-
-def pack_stage_output(hidden: Tensor, v_first: Optional[Tensor], config: RWKVXConfig) -> Tensor:
-    """One tensor for the next pipeline stage: hidden [S_h, B, C] followed by v_first viewed as
-    [S / tp, B, C] rows (v_first is [S, B, C / tp]: full sequence, this rank's heads).
-
-    megatron's p2p sends one tensor of a fixed shape, and every RWKV block after the first needs
-    v_first, so it travels with the hidden states.
-    """
-    if config.pipeline_model_parallel_size == 1:
-        return hidden
-    tp = config.tensor_model_parallel_size
-    s_h, b, c = hidden.shape
-    full_s = s_h * tp if config.sequence_parallel else s_h
-    if v_first is None:  # no RWKV block yet: the slot still travels (fixed shape)
-        v_first = hidden.new_zeros(full_s, b, c // tp)
-    v_rows = v_first.contiguous().view(full_s // tp, b, c)
-    return torch.cat([hidden, v_rows.to(hidden.dtype)], dim=0)
-
-
-def unpack_stage_output(packed: Tensor, config: RWKVXConfig):
-    if config.pipeline_model_parallel_size == 1:
-        return packed, None
-    tp = config.tensor_model_parallel_size
-    rows, b, c = packed.shape
-    s_h = rows // 2 if config.sequence_parallel else rows * tp // (tp + 1)
-    hidden = packed[:s_h]
-    full_s = s_h * tp if config.sequence_parallel else s_h
-    v_first = packed[s_h:].contiguous().view(full_s, b, c // tp)
-    return hidden, v_first
+from megatron_rwkvx.models.stage_payload import StagePayload
+from megatron_rwkvx.training.losses import L2Wrap
 
 
 def _head_init(config: RWKVXConfig):
@@ -75,7 +38,11 @@ def _head_init(config: RWKVXConfig):
 
 
 class RWKVXModel(LanguageModule):
-    """``forward(input_ids [B, S], labels=None) -> logits [B, S, V/tp]`` or per-token loss [B, S]."""
+    """``forward(input_ids [B, S], labels=None) -> logits [B, S, V/tp]`` or per-token loss [B, S].
+
+    ``layer_specs`` maps each pattern symbol to the ``ModuleSpec`` of its block (as megatron-core's
+    ``MambaModel`` takes its stack spec); the default is ``layers.specs.layer_specs(use_te)``.
+    """
 
     def __init__(
         self,
@@ -85,6 +52,7 @@ class RWKVXModel(LanguageModule):
         parallel_output: bool = True,
         vp_stage: Optional[int] = None,
         use_te: Optional[bool] = None,
+        layer_specs: Optional[Dict[str, ModuleSpec]] = None,
         pg_collection=None,
     ) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
@@ -111,9 +79,9 @@ class RWKVXModel(LanguageModule):
                     self.embedding.word_embeddings.weight.uniform_(-1e-4, 1e-4)
             self.ln0 = build_layer_norm(config, config.hidden_size, config.layernorm_epsilon)
 
-        self.decoder = RWKVXStack(
-            config, layer_specs(use_te), post_process=post_process, vp_stage=vp_stage
-        )
+        if layer_specs is None:
+            layer_specs = specs.layer_specs(use_te)
+        self.decoder = RWKVXStack(config, layer_specs, post_process=post_process, vp_stage=vp_stage)
 
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -146,14 +114,13 @@ class RWKVXModel(LanguageModule):
             hidden = self.embedding(input_ids=input_ids, position_ids=None)
             hidden = self.ln0(hidden)
         else:
-            hidden, v_first = unpack_stage_output(self.input_tensor, self.config)
+            received = StagePayload.unpack(self.input_tensor, self.config)
+            hidden, v_first = received.hidden, received.v_first
         hidden, v_first = self.decoder(hidden, v_first)
         if not self.post_process:
-            return pack_stage_output(hidden, v_first, self.config)
+            return StagePayload(hidden, v_first).pack(self.config)
         logits, _ = self.output_layer(hidden)
         if labels is not None and self.training and self.config.l2wrap_factor > 0:
-            from megatron_rwkvx.training.losses import L2Wrap
-
             logits = L2Wrap.apply(logits, self.config.l2wrap_factor, self.tp_group)
         if labels is None:
             if not self.parallel_output:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_rwkvx.config import RWKVXConfig
 from megatron_rwkvx.layers.norms import build_layer_norm
@@ -54,9 +57,6 @@ class RWKVXStack(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Checkpoint keys carry global layer numbers, so any pipeline split can load them."""
-        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-        from megatron.core.transformer.utils import sharded_state_dict_default
-
         sharded = {}
         for local_index, layer in enumerate(self.layers):
             local_prefix = f"{prefix}layers.{local_index}."
@@ -65,8 +65,6 @@ class RWKVXStack(MegatronModule):
             replace_prefix_for_sharding(layer_sd, local_prefix, global_prefix)
             sharded.update(layer_sd)
         if self.final_norm is not None:
-            from megatron.core import parallel_state
-
             sharded.update(
                 sharded_state_dict_default(
                     self.final_norm, f"{prefix}final_norm.", sharded_offsets, metadata,

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def resolve_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
@@ -28,8 +29,6 @@ def resolve_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
             "and megatron.core.parallel_state.initialize_model_parallel(context_parallel_size=...) "
             "first, or pass the process group explicitly"
         )
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "megatron's parallel groups are not initialised: call "
@@ -39,7 +38,8 @@ def resolve_group(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
     return parallel_state.get_context_parallel_group()
 
 
-def _all_gather(t: torch.Tensor, group: dist.ProcessGroup) -> List[torch.Tensor]:
+def all_gather_list(t: torch.Tensor, group: dist.ProcessGroup) -> List[torch.Tensor]:
+    """Every rank's ``t``, in rank order (no autograd: the callers define the backward)."""
     t = t.contiguous()
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t, group=group)
@@ -70,14 +70,14 @@ class _SplitToContextParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.cat(_all_gather(grad, ctx.group), dim=ctx.dim), None, None
+        return torch.cat(all_gather_list(grad, ctx.group), dim=ctx.dim), None, None
 
 
 class _GatherFromContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
         ctx.dim, ctx.group = dim, group
-        return torch.cat(_all_gather(x, group), dim=dim)
+        return torch.cat(all_gather_list(x, group), dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -151,7 +151,7 @@ def _gather(tensor, dim, group, function) -> torch.Tensor:
         return tensor
     dim = dim % tensor.dim()
     if not tensor.requires_grad:
-        return torch.cat(_all_gather(tensor, group), dim=dim)
+        return torch.cat(all_gather_list(tensor, group), dim=dim)
     return function.apply(tensor, dim, group)
 
 

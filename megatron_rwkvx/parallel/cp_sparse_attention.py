@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
+
 from .cp_comm import all_gather_sum_grad, resolve_group
 
 
@@ -48,8 +50,6 @@ def topk_chunk_attention_context_parallel(
     (``2 * cp * B * S_local * Hkv * D`` values) and, in the backward, an all_reduce of the same
     size. Every rank of ``group`` must call it.
     """
-    from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-dim tensor [B, S_local, H, D]")

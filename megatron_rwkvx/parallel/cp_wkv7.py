@@ -15,7 +15,10 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .cp_comm import _all_gather, resolve_group
+from megatron_rwkvx.kernels.wkv7 import wkv7
+from megatron_rwkvx.kernels.wkv7.checks import check_inputs
+
+from .cp_comm import all_gather_list, resolve_group
 
 
 def wkv7_shard_summary(
@@ -35,8 +38,6 @@ def wkv7_shard_summary(
     (giving the transition product M), the second from zeros with the real ``v`` (giving S_loc).
     Differentiable in w, k, v, a, b (the outputs ``y`` are discarded, so r gets no gradient).
     """
-    from megatron_rwkvx.kernels.wkv7 import wkv7
-
     B, _, H, N = r.shape
     eye = torch.eye(N, dtype=torch.float32, device=r.device).expand(B, H, N, N)
     init = torch.cat([eye, torch.zeros_like(eye)]).contiguous()
@@ -64,7 +65,7 @@ class _PrefixStateCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, m_local, s_local, group):
         rank = dist.get_rank(group)
-        gathered = torch.stack(_all_gather(torch.stack([m_local, s_local]), group))
+        gathered = torch.stack(all_gather_list(torch.stack([m_local, s_local]), group))
         state = torch.zeros_like(s_local)
         prefix = []
         for j in range(rank):
@@ -117,9 +118,6 @@ def wkv7_context_parallel(
     plus one all_gather of ``2 * cp * B * H * N^2`` fp32 values (one all_reduce of the same size
     in the backward). Every rank of ``group`` must call it (it is a collective).
     """
-    from megatron_rwkvx.kernels.wkv7 import wkv7
-    from megatron_rwkvx.kernels.wkv7.checks import check_inputs
-
     # Validate before the doubled-batch call, whose errors would name doubled shapes.
     check_inputs((r, w, k, v, a, b), None)
     group = resolve_group(group)

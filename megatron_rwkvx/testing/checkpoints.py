@@ -8,8 +8,8 @@ import torch
 from megatron_rwkvx.checkpointing.official_format import (
     OFFICIAL_RWKV7,
     KeyLayout,
-    _to_file,
     checkpoint_entries,
+    to_file_layout,
 )
 from megatron_rwkvx.config import RWKVXConfig
 
@@ -42,5 +42,5 @@ def random_official_state_dict(
             t = randn(*shape, scale=1.0 / shape[1] ** 0.5)
         else:  # w0, a0, v0, k_k, k_a, r_k, ln_x_bias
             t = randn(*shape, scale=0.5)
-        out[e.file_key] = _to_file(e.kind, t).contiguous()
+        out[e.file_key] = to_file_layout(e.kind, t).contiguous()
     return out

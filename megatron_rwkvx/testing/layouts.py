@@ -44,7 +44,7 @@ def one_training_step(
         load_state_dict_file,
     )
     from megatron_rwkvx.config import RWKVXConfig
-    from megatron_rwkvx.models.rwkvx_model import pipeline_seq_length
+    from megatron_rwkvx.models.stage_payload import StagePayload
     from megatron_rwkvx.testing.distributed import initialize_parallel
     from megatron_rwkvx.training import model_builder
     from megatron_rwkvx.training.loop import forward_step, reduce_reports
@@ -108,7 +108,7 @@ def one_training_step(
         data_iterator=iters if len(iters) > 1 else iters[0],
         model=ddp,
         num_microbatches=get_num_microbatches(),
-        seq_length=pipeline_seq_length(cfg, tokens.shape[1]),
+        seq_length=StagePayload.schedule_seq_length(cfg, tokens.shape[1]),
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )

@@ -462,5 +462,3 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         if pp > 1:
             fail("--loss longce runs its short-context forwards through one model chunk; it "
                  "supports tensor, context and data parallelism (use --pipeline-model-parallel-size 1)")
-    if args.device == "cpu" and args.bf16:
-        pass  # allowed (slow); the CPU demo uses fp32

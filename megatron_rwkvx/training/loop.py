@@ -32,7 +32,7 @@ from megatron_rwkvx.checkpointing.official_format import (
     import_state_dict,
     load_state_dict_file,
 )
-from megatron_rwkvx.models.rwkvx_model import pipeline_seq_length
+from megatron_rwkvx.models.stage_payload import StagePayload
 from megatron_rwkvx.pretrained import config_from_file_state_dict
 from megatron_rwkvx.training import checkpointing as ckpt
 from megatron_rwkvx.training import model_builder
@@ -123,8 +123,8 @@ def set_up(args) -> Run:
         rank, None, args.global_batch_size, args.micro_batch_size, args.data_parallel_size
     )
     run = Run(args, cfg, device, logger, tokenizer, chunks, ddp_chunks, optimizer, scheduler, plan,
-              TrainState(), pipeline_seq_length(cfg, args.seq_length), get_forward_backward_func(),
-              IterationHooks(args, ddp_chunks, rank, logger.print))
+              TrainState(), StagePayload.schedule_seq_length(cfg, args.seq_length),
+              get_forward_backward_func(), IterationHooks(args, ddp_chunks, rank, logger.print))
     if resuming:
         _resume(run)
     return run

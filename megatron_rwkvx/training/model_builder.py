@@ -11,8 +11,12 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
+from megatron_rwkvx.checkpointing.megatron_format import read_model_config
+from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKVXConfig
 from megatron_rwkvx.models.recompute import check_recompute
+from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+from megatron_rwkvx.pretrained import config_from_file_state_dict, read_file_config
 from megatron_rwkvx.training.arguments import ArgumentError
 
 _SHAPE_ARGS = {
@@ -27,13 +31,8 @@ _SHAPE_ARGS = {
 def model_shape_from_init(path: str) -> dict:
     """Architecture fields of an --init-from source (official .pth or megatron directory)."""
     if os.path.isdir(path):
-        from megatron_rwkvx.checkpointing.megatron_format import read_model_config
-
         shape = read_model_config(path)
     else:
-        from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
-        from megatron_rwkvx.pretrained import config_from_file_state_dict, read_file_config
-
         # <file>.pth.json (written by export_checkpoint) keeps the pattern and GQA heads.
         shape, _ = config_from_file_state_dict(load_state_dict_file(path), read_file_config(path))
     # How the sparse blocks select is a training choice (stage 2 may change it), not a shape.
@@ -147,8 +146,6 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
 
 
 def build_model_chunks(cfg: RWKVXConfig, args) -> List[torch.nn.Module]:
-    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
-
     vpp = args.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
 from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION
 from megatron_rwkvx.layers.specs import layer_specs
-from megatron_rwkvx.parallel.state import ensure_single_process_parallel_state
+from megatron_rwkvx.pretrained import prepare_runtime
 
 from .bench import sdpa_causal
 
@@ -26,13 +26,7 @@ RWKV_LAYER, ATTENTION_LAYER = 2, 3
 
 
 def _prepare_runtime(device: torch.device) -> None:
-    """megatron-core's layers need its process groups (one process here), and on a machine
-    without a GPU the CPU runtime shim."""
-    if device.type == "cpu" and not torch.cuda.is_available():
-        from megatron_rwkvx import cpu_runtime
-
-        cpu_runtime.enable()
-    ensure_single_process_parallel_state()
+    prepare_runtime(device)
     if DENSE_BACKEND not in SPARSE_ATTENTION.available():
         SPARSE_ATTENTION.register(DENSE_BACKEND, sdpa_causal, auto=lambda q: False)
 
