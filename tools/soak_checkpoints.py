@@ -98,17 +98,24 @@ def soak(data_path: str, kills: int, iters: int, save_interval: int, seed: int, 
     while sum(made.values()) < kills:
         directory = workdir / f"run{cycle}"
         cycle += 1
-        pointer = None
+        pointer, stuck_at = None, None
         while True:
             attempts += 1
             start = pointer or 0
             mode = rng.choice(MODES)
             saves = [i for i in range(start + 1, iters + 1) if i % save_interval == 0]
             attempt_env, kill_after = dict(env), None
-            if mode != "timer" and saves and sum(made.values()) < kills:
+            if stuck_at == start:
+                # The last attempt made no progress from here: this one gets past the next save
+                # (or to the end), so that the kills spread over the whole run instead of piling
+                # up at its last save.
+                saves = saves[1:]
+                if mode == "timer" or not saves:
+                    mode = "none"
+            if mode in ("in-write", "before-pointer") and saves and sum(made.values()) < kills:
                 hook = "KILL_IN_WRITE" if mode == "in-write" else "BEFORE_LATEST"
                 attempt_env[f"MEGATRON_RWKVX_FAULT_{hook}"] = str(rng.choice(saves))
-            elif sum(made.values()) < kills:
+            elif mode != "none" and sum(made.values()) < kills:
                 mode = "timer"
                 kill_after = rng.uniform(0, seconds_per_iteration * (iters - start))
             else:
@@ -138,6 +145,7 @@ def soak(data_path: str, kills: int, iters: int, save_interval: int, seed: int, 
                   f"{new_pointer}, {len(_losses(text))} losses{'; ' + '; '.join(problems) if problems else ''}",
                   flush=True)
             failures += [f"attempt {attempts}: {p}" for p in problems]
+            stuck_at = start if killed and (new_pointer or 0) == start else None
             pointer = new_pointer
             if failures or (rc == 0 and "done:" in text):
                 break

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
@@ -199,9 +200,21 @@ def _write_manifest(target: str, rank: int) -> None:
         manifest.write_manifest(target, {n: e for part in parts for n, e in part.items()})
 
 
+def _in_process_write_results() -> None:
+    """dist_checkpointing collects its writer processes' results through a queue that a spawned
+    multiprocessing manager serves (made for async saves). Our saves are synchronous: the results
+    reach this process itself, so an in-process queue serves, and no manager process exists to
+    outlive a kill of the run. (megatron-core 0.16's module global; left alone if absent.)"""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(directory: str, iteration: int, chunks, optimizer, scheduler, args, cfg,
                     train_state: dict, plan: CheckpointPlan) -> str:
     rank = torch.distributed.get_rank()
+    _in_process_write_results()
     target = iteration_dir(directory, iteration)
     try:
         if rank == 0:
