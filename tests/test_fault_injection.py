@@ -18,7 +18,7 @@ import torch
 
 from megatron_rwkvx.checkpointing import manifest
 from megatron_rwkvx.testing.processes import wait_until_session_ends
-from megatron_rwkvx.training.checkpointing import iteration_damage
+from megatron_rwkvx.training.checkpoint_integrity import iteration_damage
 from test_data_datasets import make_dataset
 from test_training_system import PY, ROOT, _env, _losses, _run
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from megatron_rwkvx.checkpointing.megatron_format import read_latest_iteration
 from megatron_rwkvx.testing.processes import wait_until_session_ends
-from megatron_rwkvx.training.checkpointing import iteration_damage
+from megatron_rwkvx.training.checkpoint_integrity import iteration_damage
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--hidden-size", "32", "--head-size", "16", "--layer-pattern", "RR", "--seq-length", "32",
