@@ -103,6 +103,7 @@ def test_mqar_scores_right_and_wrong_answers(byte_model, shift, expected):
     stats = retrieval.accuracy_by_length(records)[300]
     assert stats["accuracy"] == (1.0 if expected else 0.0) and stats["count"] == 12
     assert "| 300 | 12 |" in retrieval.format_table(records)
+    assert 0 < stats["hit_chance"] <= 1 and all(0 <= r["hit_chance"] <= 1 for r in records)
 
 
 def test_hit_rate_follows_the_selected_chunk():
@@ -125,6 +126,9 @@ def test_hit_rate_follows_the_selected_chunk():
     assert recorder.hits(recorded, 13, [5]) == [True]       # answer in the selected chunk
     assert recorder.hits(recorded, 13, [1, 2]) == [False]   # answer in a chunk not selected
     assert recorder.hits(recorded, 13, [12]) == [True]      # answer in the query's own chunk
+    recorder.mixers = [type("Mixer", (), {"local_heads": 2})()]
+    # 3 past chunks, 1 pick per head, 2 heads: a random selection misses with (2/3)^2
+    assert recorder.chance(13, [5]) == pytest.approx(1 - (2 / 3) ** 2) and recorder.chance(13, [12]) == 1.0
 
 
 def test_passkey_hit_rate_records(byte_model):

@@ -33,7 +33,8 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
                 progress=None, hit_rate: bool = False) -> List[Dict]:
     """One record per (length, depth, seed): prompt length, key, generated text, correct; with
     ``hit_rate`` also ``hits`` (per sparse layer: is a chunk holding the key attended from the
-    last prompt position?) and ``hit`` (in some layer), see ``evaluation.retrieval``."""
+    last prompt position?), ``hit`` (in some layer) and ``hit_chance`` (the same for a random
+    selection), see ``evaluation.retrieval``."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
 
@@ -59,8 +60,8 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
                     "correct": first_number(text) == doc["answer"],
                 }
                 if hit_rate:
-                    rec["hits"] = passkey_hits(recorder, tokenizer, doc["prompt"], prompt, doc["answer"], rec_qk) if rec_qk else []
-                    rec["hit"] = any(rec["hits"])
+                    rec.update(passkey_hits(recorder, tokenizer, doc["prompt"], prompt, doc["answer"], rec_qk)
+                               if rec_qk else {"hits": [], "hit": False})
                 records.append(rec)
                 if progress is not None:
                     progress(rec)

@@ -15,6 +15,7 @@ holding the answer (a selected chunk or its own); ``hit`` is "in some sparse lay
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -87,6 +88,19 @@ class SelectionRecorder:
             result.append(chosen)
         return result
 
+    def chance(self, position: int, answer_positions: Sequence[int]) -> float:
+        """The hit rate ("in some layer") if every head of every sparse layer picked its
+        ``top_k - 1`` past chunks at random: the floor that a learned selection must beat."""
+        own = position // self.chunk_size
+        wanted = {p // self.chunk_size for p in answer_positions}
+        if own in wanted or not self.mixers:
+            return 1.0 if own in wanted else 0.0
+        past, picks = own, min(self.top_k - 1, own)
+        good = len({c for c in wanted if c < own})
+        miss_one = math.comb(past - good, picks) / math.comb(past, picks) if past else 1.0
+        heads = sum(m.local_heads for m in self.mixers)
+        return 1.0 - miss_one ** heads
+
     def hits(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[bool]:
         """Per sparse layer: does a head attend a chunk holding one of ``answer_positions``?"""
         wanted = {p // self.chunk_size for p in answer_positions}
@@ -135,7 +149,7 @@ def run_mqar(engine: InferenceEngine, tokenizer, lengths: Sequence[int], num_pai
                 hits = recorder.hits(recorded, start - 1, pair_tokens) if recorded else []
                 rec = {"length": length, "seed": seed, "prompt_tokens": len(ids), "key": key.strip(), "answer": value,
                        "generated": tokenizer.detokenize(guess), "correct": guess == ids[start:end],
-                       "hits": hits, "hit": any(hits)}
+                       "hits": hits, "hit": any(hits), "hit_chance": recorder.chance(start - 1, pair_tokens)}
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
@@ -152,9 +166,9 @@ def split_recorded(recorded: List[tuple], lengths: Sequence[int]) -> List[List[t
 
 
 def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Sequence[int], answer: str,
-                 recorded: List[tuple]) -> List[bool]:
-    """Per sparse layer: does the last prompt position attend a chunk holding the key (either of
-    its two mentions in the needle)?"""
+                 recorded: List[tuple]) -> Dict:
+    """``hits`` (per sparse layer: does the last prompt position attend a chunk holding the key,
+    either of its two mentions in the needle?), ``hit`` and ``hit_chance`` (random selection)."""
     raw = prompt.encode("utf-8")
     offsets = token_byte_offsets(tokenizer, ids)
     key = answer.encode("utf-8")
@@ -162,27 +176,32 @@ def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Seque
     while at >= 0:
         wanted += tokens_covering(offsets, at, at + len(key))
         at = raw.find(key, at + 1)
-    return recorder.hits(recorded, len(ids) - 1, wanted)
+    hits = recorder.hits(recorded, len(ids) - 1, wanted)
+    return {"hits": hits, "hit": any(hits), "hit_chance": recorder.chance(len(ids) - 1, wanted)}
 
 
 def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
-    """``{length: {"accuracy": .., "hit_rate": .. or None, "count": n}}`` (MQAR or passkey records)."""
+    """``{length: {"accuracy", "hit_rate", "hit_chance" (None without sparse layers), "count"}}``
+    (MQAR or passkey records)."""
     out = {}
     for n in sorted({r["length"] for r in records}):
         rows = [r for r in records if r["length"] == n]
         with_hits = [r for r in rows if r.get("hits")]
         out[n] = {"accuracy": sum(r["correct"] for r in rows) / len(rows),
                   "hit_rate": (sum(r["hit"] for r in with_hits) / len(with_hits)) if with_hits else None,
+                  "hit_chance": (sum(r["hit_chance"] for r in with_hits) / len(with_hits)) if with_hits else None,
                   "count": len(rows)}
     return out
 
 
 def format_table(records: Sequence[Dict]) -> str:
     """Markdown: one row per context length, accuracy and selection hit rate."""
-    lines = ["| length | queries | accuracy | selection hit rate |", "|---|---|---|---|"]
+    lines = ["| length | queries | accuracy | selection hit rate | hit rate of a random selection |",
+             "|---|---|---|---|---|"]
     for n, s in accuracy_by_length(records).items():
         hit = "-" if s["hit_rate"] is None else f"{s['hit_rate']:.0%}"
-        lines.append(f"| {n} | {s['count']} | {s['accuracy']:.0%} | {hit} |")
+        chance = "-" if s["hit_chance"] is None else f"{s['hit_chance']:.0%}"
+        lines.append(f"| {n} | {s['count']} | {s['accuracy']:.0%} | {hit} | {chance} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ def _pct(v: Optional[float]) -> str:
 
 
 def results_table(results: Dict[str, Dict]) -> str:
-    """One row per model and task, one column per length: accuracy (selection hit rate)."""
+    """One row per model and task, one column per length: accuracy (selection hit rate / the hit
+    rate of a random selection)."""
     lengths = sorted({r["length"] for res in results.values() for task in res.values() for r in task})
     lines = ["| model | task | " + " | ".join(str(n) for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
     for label, res in results.items():
@@ -31,7 +32,8 @@ def results_table(results: Dict[str, Dict]) -> str:
                 if s is None:
                     cells.append("")
                 else:
-                    cells.append(_pct(s["accuracy"]) + (f" ({_pct(s['hit_rate'])})" if s["hit_rate"] is not None else ""))
+                    hit = f" ({_pct(s['hit_rate'])} / {_pct(s['hit_chance'])})" if s["hit_rate"] is not None else ""
+                    cells.append(_pct(s["accuracy"]) + hit)
             lines.append(f"| {label} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -68,6 +70,8 @@ def draw_figure(results: Dict[str, Dict], path: str, stage1: int, stage2: int) -
         hits = [s["hit_rate"] for s in stats.values()]
         if any(h is not None for h in hits):
             ax.plot(xs, hits, "s--", color=color, alpha=0.7, label=f"{label} selection hit rate")
+            ax.plot(xs, [s["hit_chance"] for s in stats.values()], ":", color=color, alpha=0.5,
+                    label=f"{label} hit rate of a random selection")
     ax.axvline(stage1, color="grey", ls=":", lw=1)
     ax.axvline(stage2, color="black", ls=":", lw=1)
     ax.text(stage1, 1.02, "stage 1", ha="center", fontsize=8)
@@ -110,7 +114,7 @@ def write_study_report(output: str, results: Dict[str, Dict], meta: Dict) -> Dic
     times = ", ".join(f"{k} {v:.0f} s" for k, v in meta["wall_seconds"].items())
     passkey_tables = "\n\n".join(f"{label}:\n\n{passkey.format_table(res['passkey'])}" for label, res in results.items())
     md = (f"# Retrieval study ({meta['size']})\n\n![figure](retrieval_study.png)\n\n"
-          f"Accuracy by context length, with the chunk-selection hit rate in parentheses:\n\n{results_table(results)}\n\n"
+          f"Accuracy by context length; in parentheses the chunk-selection hit rate / that of a random selection:\n\n{results_table(results)}\n\n"
           f"Passkey accuracy by depth:\n\n{passkey_tables}\n\n"
           f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \nWall time: {times}\n")
     with open(os.path.join(output, "retrieval_study.md"), "w") as f:
