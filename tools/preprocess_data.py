@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-# megatron-core warns at import time about optional fused kernels a preprocessing run never uses.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-
-from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+# First import of ours: megatron_rwkvx silences megatron-core's import-time notices (console.py).
+from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,9 @@ def kernel_backends(cfg: RWKVXConfig, seq_length: int, device: torch.device) -> 
 
 
 def log_kernel_backends(cfg: RWKVXConfig, seq_length: int, device: torch.device,
-                        log: Callable[[str], None]) -> None:
-    """Resolve (``kernel_backends``) and log one line per operator."""
-    for choice in kernel_backends(cfg, seq_length, device):
+                        log: Callable[[str], None]) -> List[Choice]:
+    """Resolve (``kernel_backends``), log one line per operator and return the choices."""
+    choices = kernel_backends(cfg, seq_length, device)
+    for choice in choices:
         log(choice.line())
+    return choices

@@ -32,6 +32,7 @@ from megatron_rwkvx.checkpointing.official_format import (
     import_state_dict,
     load_state_dict_file,
 )
+from megatron_rwkvx.console import accelerations_line
 from megatron_rwkvx.models.stage_payload import StagePayload
 from megatron_rwkvx.pretrained import config_from_file_state_dict
 from megatron_rwkvx.training import checkpointing as ckpt
@@ -106,7 +107,8 @@ def set_up(args) -> Run:
     tokenizer = build_run_tokenizer(args)
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
     check_data_vocab(args, cfg.vocab_size)
-    log_kernel_backends(cfg, args.seq_length, device, logger.print)
+    choices = log_kernel_backends(cfg, args.seq_length, device, logger.print)
+    logger.print(accelerations_line(choice.backend for choice in choices))
     plan = plan_checkpoints(args, cfg)
     resuming = plan.resume_iteration is not None
     chunks = model_builder.build_model_chunks(cfg, args)
