@@ -56,13 +56,13 @@ def _report(err: BaseException) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_rwkvx.training.arguments import ArgumentError, parse_args
+    from megatron_rwkvx.training.arguments import parse_args
 
+    input_errors = _input_errors()
     try:
         args = parse_args(argv)
-    except ArgumentError as err:
+    except input_errors as err:  # ArgumentError, and the checks argument validation borrows (recompute)
         return _report(err)
-    input_errors = _input_errors()
     import torch
 
     # Tear down only a process group this call set up: a caller's (a test, a notebook) stays.

@@ -177,6 +177,7 @@ EARLY_CASES = {
     "empty valid split": (["--split", "100,0,0", "--eval-iters", "1"], ["valid split empty", "--eval-iters 0"]),
     "empty train split": (["--split", "0,50,50"], ["train split empty"]),
     "malformed split": (["--split", "a,b"], ["--split 'a,b'"]),
+    "full recompute without a method": (["--recompute-granularity", "full"], ["--recompute-method uniform or block"]),
     "missing init-from": (["--init-from", "{missing}"], ["foo.pth", "does not exist"]),
     "release init-from": (["--init-from", "{release_with_config}"], ["--init-from", "'release'"]),
 }
