@@ -104,7 +104,7 @@ def test_flags_parse_and_count_is_bounded_by_the_stage():
         "full", "block", 2)
     with pytest.raises(RecomputeError):
         parse_args(base + ["--recompute-granularity", "full"], world_size=1)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ArgumentError, match="invalid choice: 'some'"):  # one line, not argparse's exit
         parse_args(base + ["--recompute-granularity", "some"], world_size=1)
     with pytest.raises(RecomputeError, match="exceeds the 2 layers"):
         check_recompute("full", "uniform", 3, layers_per_chunk=2)

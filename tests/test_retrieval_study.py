@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,7 @@ def test_passkey_hit_rate_records(byte_model):
 def test_study_driver_test_form(tmp_path):
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
     study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study  # its dataclasses resolve their annotations through the module
     spec.loader.exec_module(study)
     out = tmp_path / "study"
     assert study.main(["--output", str(out), "--size", "test"]) == 0

@@ -98,8 +98,8 @@ def test_unknown_id_is_a_clear_error(tok):
 def test_build_tokenizer_errors(tmp_path):
     from megatron_rwkvx.data.tokenizers import TokenizerError
 
-    with pytest.raises(TokenizerError, match="unknown tokenizer type 'GPT2BPETokenizer'"):
-        build_tokenizer("GPT2BPETokenizer")
+    with pytest.raises(TokenizerError, match="unknown tokenizer type 'BertWordPieceLowerCase'"):
+        build_tokenizer("BertWordPieceLowerCase")
     with pytest.raises(TokenizerError, match="does not exist"):
         build_tokenizer("RWKVWorldTokenizer", str(tmp_path / "missing.txt"))
     bad = tmp_path / "vocab.txt"
