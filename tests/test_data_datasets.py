@@ -9,6 +9,7 @@ from megatron_rwkvx.data.datasets import (
     DataConfigError,
     DataParallelBatches,
     build_gpt_datasets,
+    build_mock_gpt_datasets,
     check_data_vocab,
     parse_data_path,
 )
@@ -76,6 +77,20 @@ def test_single_and_blended_splits_are_seeded_and_cached(prefixes, tmp_path):
     assert blend[1] is None and blend[2] is None
     ids = np.array([blend[0][i]["dataset_id"] for i in range(400)])
     assert abs((ids == 0).mean() - 0.75) < 0.02
+
+
+def test_mock_and_real_samples_have_one_layout(prefixes, tmp_path):
+    """--mock-data stands in for a dataset in smoke runs: its samples must be shaped like real ones."""
+    real = build_gpt_datasets([prefixes[0]], "90,10,0", SEQ, 1234, [8, 2, None], str(tmp_path / "c"), _Tok())
+    mock = build_mock_gpt_datasets("90,10,0", SEQ, 1234, [8, 2, None], _Tok())
+    assert real[2] is None and mock[2] is None
+    for r, m in zip(real[:2], mock[:2]):
+        a, b = r[0], m[0]
+        assert sorted(a) == sorted(b) and "attention_mask" not in b
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert a[key].shape == b[key].shape == (SEQ,) and a[key].dtype == b[key].dtype, key
+        assert torch.equal(a["position_ids"], b["position_ids"])
+        assert torch.equal(b["tokens"][1:], b["labels"][:-1])
 
 
 def test_batches_are_resumable_and_partition_data_parallel_ranks(prefixes, tmp_path):

@@ -71,6 +71,26 @@ def parse_split(split: str) -> List[float]:
     return values + [0.0] * (3 - len(values))
 
 
+def _gpt_dataset_config(seed: int, seq_length: int, shares: Sequence[float], tokenizer,
+                        eod_mask_loss: bool, **source):
+    """The one ``GPTDatasetConfig`` of real and mock data: the sample layout our batches assume
+    (plain position ids, no attention mask: the model is causal by construction) and ``source``,
+    where the documents come from (``blend``, ``path_to_cache``, ...; none for mock data)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        split=",".join(str(s) for s in shares),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,
+        **source,
+    )
+
+
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Sequence[Optional[int]], cache_dir: Optional[str], tokenizer,
                        eod_mask_loss: bool = False) -> list:
@@ -81,7 +101,7 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     the first dataset.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     prefixes, weights = parse_data_path(data_path)
     shares = parse_split(split)
@@ -108,19 +128,9 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     if weights is not None and any(s is None and share > 0 for s, share in zip(sizes, shares)):
         raise DataConfigError("a weighted --data-path needs a sample count for every split with a share")
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=(prefixes, weights),
-        split=",".join(str(s) for s in shares),
-        path_to_cache=cache_dir,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=eod_mask_loss,
-        create_attention_mask=False,
-        mid_level_dataset_surplus=0.005,
-    )
+    config = _gpt_dataset_config(seed, seq_length, shares, tokenizer, eod_mask_loss,
+                                 blend=(prefixes, weights), path_to_cache=cache_dir,
+                                 mid_level_dataset_surplus=0.005)
     for i in _check_split_ranges(config, prefixes, infos, weights, sizes, seq_length, split):
         # Nobody reads this split, but megatron-core would still build it and, with no documents
         # and a sample count of 0, never finish; leaving it out changes no other split's documents.
@@ -139,19 +149,10 @@ def build_mock_gpt_datasets(split: str, seq_length: int, seed: int, num_samples:
     tokenizer's end of document) with the real sampler, splits and shapes, for smoke runs of a
     layout or a cluster without a dataset."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import MockGPTDataset
 
     shares = parse_split(split)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        split=",".join(str(s) for s in shares),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
+    config = _gpt_dataset_config(seed, seq_length, shares, tokenizer, eod_mask_loss=False)
     sizes = [int(n or 0) if share > 0 else None for n, share in zip(num_samples, shares)]
     for i, share in enumerate(shares):
         if share <= 0:
