@@ -20,7 +20,9 @@ raises ``BackendUnavailableError`` with the import error, and ``auto`` on a GPU 
   forward+backward at the run's head layout); a candidate is *exact* when every output and
   gradient is within ``tolerance(dtype)`` (rms error / rms) of the ``torch`` backend run in fp32
   on the same rounded inputs; the fastest exact candidate wins. The choice and its reason (the
-  timings, the inexact or failing candidates, the broken plug-ins) are kept for the start-up log.
+  timings, the inexact or failing candidates, the broken plug-ins) are kept for the start-up log;
+- a choice made by another process (``Operator.adopt``): the trainer probes on one rank and every
+  rank adopts its decision (``megatron_rwkvx/training/kernel_backends.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import importlib
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -312,6 +314,23 @@ class Operator:
         self._auto[key] = choice
         self._auto_fn[key] = self._backends[chosen].fn
         return choice
+
+    def adopt(self, choice: Choice, x: torch.Tensor) -> Choice:
+        """Make ``choice``, ``auto``'s decision taken elsewhere (another rank's probe), this
+        process's ``auto`` for tensors like ``x``, as if it had probed itself; refuses a backend
+        that cannot run here, since running another one would break the agreement."""
+        if choice.backend not in self._backends:
+            self.load(choice.backend)
+        backend = self._backends.get(choice.backend)
+        if backend is None or not backend.can_run(x):
+            raise BackendUnavailableError(
+                f"auto chose {choice.backend!r} elsewhere in this job ({choice.line()}), but here "
+                f"{self._unavailable(choice.backend, x)}; name a backend that every rank can run"
+            )
+        key = (str(x.device), x.dtype)
+        self._auto[key] = replace(choice, device=str(x.device))
+        self._auto_fn[key] = backend.fn
+        return self._auto[key]
 
     def _race(self, candidates: Sequence[Backend], x: torch.Tensor, call: dict):
         """(fastest exact candidate, reason, {name: ms}) from one probe per candidate."""

@@ -35,3 +35,71 @@ def test_a_backend_that_cannot_run_or_does_not_exist_stops_the_start():
         kernel_backends(RWKVXConfig(hidden_size=128, layer_pattern="RA", sparse_attention_backend="triton"), 64, CPU)
     with pytest.raises(UnknownBackendError, match="sparse-attention: unknown backend 'flash'"):
         kernel_backends(RWKVXConfig(hidden_size=128, layer_pattern="RA", sparse_attention_backend="flash"), 64, CPU)
+
+
+# ------------------------------------------------------------------ one choice for all ranks
+
+
+class _Clock:
+    """The probe's clock, advanced only by the fake backends' declared costs."""
+
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _costing(fn, clock, seconds):
+    def run(*args, **kwargs):
+        clock.now += seconds
+        return fn(*args, **kwargs)
+    return run
+
+
+def _auto_on_two_ranks(rank, world, broken_on_rank_one):
+    """Each rank's probe finds a different fastest backend ('fast_on_0' on rank 0, 'fast_on_1'
+    on rank 1), as timing noise or a busier device could; the job must still run one."""
+    from megatron_rwkvx.kernels import registry
+    from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION
+    from megatron_rwkvx.kernels.sparse_attention.chunked import topk_chunk_attention_torch
+    from megatron_rwkvx.kernels.wkv7 import WKV7
+    from megatron_rwkvx.kernels.wkv7.chunked import wkv7_chunked
+
+    clock = _Clock()
+    registry._now = clock
+    for op, fn in ((WKV7, wkv7_chunked), (SPARSE_ATTENTION, topk_chunk_attention_torch)):
+        op.register("torch", _costing(fn, clock, 0.05))
+        for name in ("fast_on_0", "fast_on_1"):
+            op.register(name, _costing(fn, clock, 0.001 if name == f"fast_on_{rank}" else 0.01))
+        if broken_on_rank_one and rank == 1:  # a device where rank 0's choice cannot run
+            op.register("fast_on_0", fn, can_run=lambda x: False)
+    cfg = RWKVXConfig(hidden_size=64, head_size=16, layer_pattern="RA", sparse_chunk_size=8, sparse_top_k=2)
+    try:
+        choices = kernel_backends(cfg, 32, CPU)
+    except BackendUnavailableError as err:
+        return f"refused: {err}"
+    x = torch.zeros(1, 32, 4, 16)
+    return [(c.backend, c.reason, op.resolve("auto", x) is op._backends[c.backend].fn)
+            for c, op in zip(choices, (WKV7, SPARSE_ATTENTION))]
+
+
+@pytest.mark.distributed
+def test_auto_probes_on_rank_zero_and_every_rank_runs_its_choice():
+    from megatron_rwkvx.testing.distributed import run_distributed
+
+    zero, one = run_distributed(_auto_on_two_ranks, 2, False)
+    assert [c[0] for c in zero] == [c[0] for c in one] == ["fast_on_0", "fast_on_0"], (zero, one)
+    assert all(c[2] for c in zero + one)  # the layers' auto runs the agreed backend
+    for c in zero + one:
+        assert c[1].startswith("fastest exact at ") and c[1].endswith("probed on rank 0 for all 2 ranks")
+    assert [c[1] for c in zero] == [c[1] for c in one]  # rank 0's timings, logged by any rank
+
+
+@pytest.mark.distributed
+def test_a_rank_that_cannot_run_rank_zeros_choice_stops_with_the_fix():
+    from megatron_rwkvx.testing.distributed import run_distributed
+
+    zero, one = run_distributed(_auto_on_two_ranks, 2, True)
+    assert zero == one, (zero, one)  # both ranks stop, with one message
+    assert one.startswith("refused: --wkv-backend auto: rank 1: auto chose 'fast_on_0' elsewhere in this job")
+    assert one.endswith("name a backend that every rank can run"), one
