@@ -13,7 +13,7 @@ import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 from megatron_rwkvx.checkpointing.megatron_format import write_text_atomic
 
@@ -57,9 +57,17 @@ def has_manifest(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, MANIFEST_FILE))
 
 
-def damage(directory: str) -> Optional[str]:
+def share(names: Iterable[str], rank: int, world: int) -> List[str]:
+    """The files of ``names`` that ``rank`` of ``world`` checksums when the ranks of a job hash
+    one iteration together (at a save, and when a resume verifies it)."""
+    return sorted(names)[rank::world]
+
+
+def damage(directory: str, rank: int = 0, world: int = 1) -> Optional[str]:
     """What is wrong with the files of ``directory`` against its manifest (the first damaged file
-    named), or None when every file is as the save wrote it. Needs a manifest (``has_manifest``)."""
+    named), or None when every file is as the save wrote it. Needs a manifest (``has_manifest``).
+    With ``world`` > 1 only this rank's ``share`` of the files is checked: the other ranks check
+    the rest (``training.checkpoint_integrity.shared_damage`` combines their verdicts)."""
     path = os.path.join(directory, MANIFEST_FILE)
     try:
         with open(path) as f:
@@ -67,8 +75,9 @@ def damage(directory: str) -> Optional[str]:
         expected = {str(n): (int(e["size"]), int(e["crc32"])) for n, e in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{path} is unreadable ({err})"
-    present = {}
-    for name, (size, _) in sorted(expected.items()):
+    mine = share(expected, rank, world)
+    for name in mine:
+        size = expected[name][0]
         file = os.path.join(directory, name)
         if not os.path.isfile(file):
             return f"{file} is missing (the save wrote {size} bytes)"
@@ -76,10 +85,12 @@ def damage(directory: str) -> Optional[str]:
         if actual != size:
             how = "cut short or replaced" if actual < size else "replaced or appended to"
             return f"{file} is {actual} bytes, the save wrote {size} ({how})"
-        present[name] = size
-    actual = describe_files(directory, present, sync=False)
-    for name, (_, crc) in sorted(expected.items()):
-        if actual[name]["crc32"] != crc:
+    try:
+        actual = describe_files(directory, mine, sync=False)
+    except OSError as err:  # removed or unreadable between the look and the read
+        return f"{err.filename or directory} cannot be read ({err.strerror or err})"
+    for name in mine:
+        if actual[name]["crc32"] != expected[name][1]:
             return (f"{os.path.join(directory, name)} does not hold what the save wrote (its "
                     "checksum differs: the file was changed or damaged)")
     return None

@@ -195,7 +195,7 @@ def _write_manifest(target: str, rank: int) -> None:
     world = torch.distributed.get_world_size()
     names = manifest.manifest_candidates(target)
     parts = [None] * world
-    torch.distributed.all_gather_object(parts, manifest.describe_files(target, names[rank::world]))
+    torch.distributed.all_gather_object(parts, manifest.describe_files(target, manifest.share(names, rank, world)))
     if rank == 0:
         manifest.write_manifest(target, {n: e for part in parts for n, e in part.items()})
 

@@ -4,7 +4,8 @@ Which checkpoint a run continues, and what it refuses so that it never destroys 
 checkpoints: a --load that is a file or names a missing iteration, a --load or --save of another
 architecture, a --save holding a checkpoint newer than where the run starts (unless the run resumes
 that very directory), or a damaged iteration (``training.checkpoint_integrity``: named, with the
-newest intact one; --ckpt-step picks an iteration, --auto-fallback takes the intact one). The mechanism that writes and reads the sharded state is
+newest intact one; --ckpt-step picks an iteration, --auto-fallback takes the intact one); every
+rank reads a share of the files of the iterations checked. The mechanism that writes and reads the sharded state is
 ``training.checkpointing``; the on-disk names are ``checkpointing.megatron_format``.
 """
 from __future__ import annotations
@@ -27,10 +28,13 @@ from megatron_rwkvx.checkpointing.megatron_format import (
 )
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
 from megatron_rwkvx.training.arguments import ArgumentError
+from megatron_rwkvx.checkpointing import manifest
 from megatron_rwkvx.training.checkpoint_integrity import (
-    damaged_checkpoint_advice,
+    Verify,
+    fallback_advice,
     iteration_damage,
     newest_intact_iteration,
+    shared_damage,
 )
 
 
@@ -54,14 +58,15 @@ def _newest_checkpoint(directory: str) -> Optional[int]:
     return newest
 
 
-def _resume_intact(args, load: str, latest: int, warnings: List[str]) -> Tuple[int, Optional[str]]:
+def _resume_intact(args, load: str, latest: int, warnings: List[str],
+                   verify: Verify) -> Tuple[int, Optional[str]]:
     """Verify the iteration a resume would load: (iteration to load, error message or None)."""
-    problem, note = iteration_damage(load, latest)
+    problem, note = iteration_damage(load, latest, verify)
     if note:
         warnings.append(note)
     if problem is None:
         return latest, None
-    fallback = newest_intact_iteration(load, below=latest)
+    fallback = newest_intact_iteration(load, below=latest, verify=verify)
     if args.auto_fallback and fallback is not None:
         warnings.append(
             f"WARNING: --auto-fallback: iteration {latest} of {load} is damaged ({problem}); "
@@ -69,11 +74,12 @@ def _resume_intact(args, load: str, latest: int, warnings: List[str]) -> Tuple[i
             f"-{latest} are trained again")
         return fallback, None
     return latest, (f"--load {load}: iteration {latest} is damaged or incomplete: {problem}; "
-                    + damaged_checkpoint_advice(load, latest))
+                    + fallback_advice(load, fallback))
 
 
-def _inspect_directories(args, cfg):
-    """Rank 0's verdict on --load/--save: (plan, error message or None, warnings)."""
+def _inspect_directories(args, cfg, verify: Verify = manifest.damage):
+    """Rank 0's verdict on --load/--save: (plan, error message or None, warnings). ``verify``
+    checks an iteration's files against its manifest."""
     plan, warnings = CheckpointPlan(), []
     load = args.load
     # A run that only evaluates never writes to --save.
@@ -105,7 +111,7 @@ def _inspect_directories(args, cfg):
                 check_architecture(read_model_config(load), cfg, load)
             except (CheckpointFormatError, FileNotFoundError, ValueError) as err:  # ValueError: bad JSON
                 return plan, f"--load {load}: {err}", warnings
-            latest, error = _resume_intact(args, load, latest, warnings)
+            latest, error = _resume_intact(args, load, latest, warnings, verify)
             if error:
                 return plan, error, warnings
             plan.resume_iteration = latest
@@ -148,23 +154,45 @@ def plan_checkpoints(args, cfg) -> CheckpointPlan:
     """Check --load and --save before any training work (raises ``ArgumentError``).
 
     Rank 0 looks at the directories and every rank acts on its verdict, so that all resume, warn
-    or refuse alike even where they see the filesystem at different moments."""
-    rank = torch.distributed.get_rank()
-    verdict, failure = None, None
-    if rank == 0:
+    or refuse alike even where they see the filesystem at different moments. Only reading the
+    files of an iteration against its manifest is shared: whenever rank 0 needs an iteration
+    checked it sends the others its directory and each rank reads a share of the files
+    (``shared_damage``), so a resume does not wait for one process to read the whole checkpoint.
+    (Checking exactly the files each rank loads is not possible here: which ranges of which
+    shard files a rank reads is known only from its sharded state dict, after the model and the
+    optimizer are built, and a changed layout reads parts of files whose checksums cover whole
+    files; the choice of iteration, --auto-fallback's included, is needed before.)"""
+    rank, failure = torch.distributed.get_rank(), None
+    if rank != 0:
+        while True:  # serve rank 0's requests until its verdict comes
+            box = [None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            kind, payload = box[0]
+            if kind == _VERDICT:
+                break
+            shared_damage(payload)
+    else:
+        def verify(path: str) -> Optional[str]:
+            torch.distributed.broadcast_object_list([(_CHECK, path)], src=0)
+            return shared_damage(path)
+
         try:
-            verdict = _inspect_directories(args, cfg)
+            payload = _inspect_directories(args, cfg, verify)
         except Exception as err:  # the other ranks wait in the broadcast: tell them, then raise
             failure = err
-            verdict = (None, f"rank 0 could not inspect --load/--save: {err!r}", [])
-    box = [verdict]
-    torch.distributed.broadcast_object_list(box, src=0)
+            payload = (None, f"rank 0 could not inspect --load/--save: {err!r}", [])
+        torch.distributed.broadcast_object_list([(_VERDICT, payload)], src=0)
     if failure is not None:
         raise failure
-    plan, error, warnings = box[0]
+    plan, error, warnings = payload
     if rank == 0:
         for w in warnings:
             print(w, flush=True)
     if error:
         raise ArgumentError(error)
     return plan
+
+
+# What rank 0 sends the others while it inspects --load/--save: an iteration to check together,
+# then its verdict.
+_CHECK, _VERDICT = "check", "verdict"
