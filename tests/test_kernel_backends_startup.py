@@ -91,7 +91,7 @@ def test_auto_probes_on_rank_zero_and_every_rank_runs_its_choice():
     assert [c[0] for c in zero] == [c[0] for c in one] == ["fast_on_0", "fast_on_0"], (zero, one)
     assert all(c[2] for c in zero + one)  # the layers' auto runs the agreed backend
     for c in zero + one:
-        assert c[1].startswith("fastest exact at ") and c[1].endswith("probed on rank 0 for all 2 ranks")
+        assert c[1].startswith("fastest exact at ") and c[1].endswith("decided on rank 0 for all 2 ranks")
     assert [c[1] for c in zero] == [c[1] for c in one]  # rank 0's timings, logged by any rank
 
 

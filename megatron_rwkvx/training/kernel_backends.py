@@ -55,7 +55,7 @@ def _decided_on_rank_zero(op: Operator, flag: str, x: torch.Tensor, call) -> Cho
     if isinstance(decided, Exception):
         raise RuntimeError(f"{flag} auto: rank 0 failed to choose the {op.name} backend: "
                            f"{type(decided).__name__}: {decided}") from decided
-    decided = replace(decided, reason=f"{decided.reason}; probed on rank 0 for all {dist.get_world_size()} ranks")
+    decided = replace(decided, reason=f"{decided.reason}; decided on rank 0 for all {dist.get_world_size()} ranks")
     adopted, refusal = None, None
     try:
         adopted = op.adopt(decided, x)
