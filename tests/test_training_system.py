@@ -211,6 +211,41 @@ def test_distributed_optimizer_resumes_exactly(data, tmp_path):
     assert plain.returncode == 2 and "with --use-distributed-optimizer" in plain.stderr
 
 
+def _saved_tensors(iteration_dir):
+    """Every tensor of a dist_checkpointing save (weights and optimizer state), read without a model."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = iteration_dir.parent / f"{iteration_dir.name}.pt"
+    dcp_to_torch_save(str(iteration_dir), str(flat))
+    return {k: v for k, v in torch.load(flat, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.distributed
+def test_overlapped_param_gather_trains_as_the_plain_all_gather(data, tmp_path):
+    """DP2 with the distributed optimizer: --overlap-param-gather (the all-gather of the updated
+    parameter shards started by the next forward's pre-hooks, and forced before evaluations and
+    saves) gives the same losses, validation losses and saved weights and optimizer state, bit for
+    bit, as the all-gather at the end of each step. Two micro-batches per step, a sparse block."""
+    args = [*_base(data, 4, "--lr", "3e-3", "--eval-iters", "1", "--eval-interval", "2",
+                   "--save-interval", "2"), "--layer-pattern", "RRA", "--sparse-chunk-size", "16",
+            "--sparse-top-k", "2", "--global-batch-size", "8", "--use-distributed-optimizer",
+            "--overlap-grad-reduce"]
+    outs = {}
+    for port, extra in ((29652, ()), (29653, ("--overlap-param-gather",))):
+        ckpt = tmp_path / ("overlapped" if extra else "plain")
+        out = _run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+                    "-m", "megatron_rwkvx.pretrain", *map(str, args), "--save", str(ckpt), *extra])
+        outs[bool(extra)] = (_losses(out.stdout), re.findall(r"validation at iteration \d+ \| loss \S+", out.stdout),
+                             {it: _saved_tensors(ckpt / f"iter_{it:07d}") for it in (2, 4)})
+    (plain_losses, plain_val, plain_saved), (losses, val, saved) = outs[False], outs[True]
+    assert sorted(losses) == [1, 2, 3, 4] and losses == plain_losses
+    assert len(val) == 2 and val == plain_val
+    for it in (2, 4):
+        assert saved[it].keys() == plain_saved[it].keys() and len(saved[it]) > 50
+        different = [k for k in saved[it] if not torch.equal(saved[it][k], plain_saved[it][k])]
+        assert not different, (it, different[:5])
+
+
 @pytest.mark.distributed
 def test_two_node_launch_simulated_on_loopback(data):
     """Two torchrun agents with --nnodes 2, as the sbatch script's torchrun mode starts them."""
