@@ -3,8 +3,9 @@
 With ``auto`` this is where the choice is made (``kernels/registry.py``: the probe on a GPU runs
 at the ranks' head layout and sequence length, and the layers reuse the cached choice). In a job
 of several ranks one rank probes and the others adopt its decision (``_decided_on_rank_zero``),
-so that every rank runs the same backend; a forced backend that cannot run here (``--wkv-backend triton`` without working Triton) ends the
-run now with one ``error:`` line naming why, instead of at the first forward pass.
+so that every rank runs the same backend. A forced backend that cannot run here
+(``--wkv-backend triton`` without working Triton) ends the run now with one ``error:`` line
+naming why, instead of at the first forward pass.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _decided_on_rank_zero(op: Operator, flag: str, x: torch.Tensor, call) -> Cho
     one tensor-parallel or context-parallel computation (different numerics inside one layer).
     One global decision, rather than one per node, also keeps data-parallel replicas and reruns
     on the same numerics; the cost is that a job mixing device kinds runs the backend chosen for
-    rank 0's, and when a rank cannot run it the job stops on every rank with an error asking
+    rank 0's device, and when a rank cannot run it the job stops on every rank with an error asking
     to name a backend (``Operator.adopt``)."""
     dist = torch.distributed
     box: List[object] = [None]
