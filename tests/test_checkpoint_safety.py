@@ -149,6 +149,31 @@ def test_refusal_is_the_same_on_every_rank(data, copy_stage1):
     assert _snapshot(ckpt) == before
 
 
+@pytest.mark.distributed
+def test_a_shard_damaged_in_rank_ones_share_is_refused_on_every_rank(data, copy_stage1):
+    """The ranks share the checksums of a resume (training.resume): damage in a file only rank 1
+    reads still stops both ranks, with the same error line and no traceback."""
+    from megatron_rwkvx.checkpointing import manifest
+
+    ckpt = copy_stage1("damaged")
+    it = ckpt / "iter_0000004"
+    shard = next(n for n in manifest.share(manifest.manifest_candidates(str(it)), 1, 2) if n.endswith(".distcp"))
+    data_bytes = bytearray((it / shard).read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF  # same size: only the checksum tells
+    (it / shard).write_bytes(bytes(data_bytes))
+    args = _args(data, 6, "--train-only", "sparse", "--load", ckpt)
+    out = system._run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29672",
+                       "-m", "megatron_rwkvx.pretrain", *map(str, args)], timeout=180, check=False)
+    # Each rank exits 2 with its error line; the only traceback is the launcher's, of the failure.
+    assert out.returncode != 0 and "exitcode: 2" in out.stderr, out.stderr[-3000:]
+    assert not re.search(r'File ".*megatron_rwkvx', out.stderr), out.stderr[-3000:]
+    refusals = re.findall(r"error: --load .*", out.stderr)
+    assert len(refusals) == 2 and refusals[0] == refusals[1], out.stderr[-3000:]
+    assert f"{shard} does not hold what the save wrote" in refusals[0]
+    assert "newest intact earlier iteration is 2: pass --ckpt-step 2" in refusals[0]
+    assert not re.search(r"iteration\s+\d+/", out.stdout)  # before any training
+
+
 def test_keep_last_deletes_only_this_runs_checkpoints(runs):
     # The pointer was rolled back by hand: the newer iter_0000004 is kept (Megatron-LM keeps it).
     ckpt = runs.paths["rolled back"]
