@@ -24,8 +24,9 @@ def test_smoke_mode_runs_the_loop_in_every_configuration(tmp_path):
     res = json.loads(out.read_text())
     check = res["loss_check"]
     assert check["passed"] and len(check["reference_losses"]) == 3
-    # Same weights, same batches, both fp32 on the CPU here: the same losses.
-    assert check["device_losses"] == pytest.approx(check["reference_losses"], rel=1e-6)
+    # Same weights, same batches; the device side trains in bf16 (on the CPU here): close, not equal.
+    assert check["device_type"] == "cpu" and check["rtol"] == 2e-2
+    assert 0 < max(check["relative_difference"]) <= 2e-2
     rows = {(r["attention"], r["recompute"]): r for r in res["cases"]}
     assert set(rows) == {("sparse", "none"), ("dense", "none"), ("sparse", "full"), ("sparse", "selective")}
     for r in rows.values():
@@ -45,7 +46,7 @@ def test_smoke_mode_runs_the_loop_in_every_configuration(tmp_path):
     # Recompute keeps less for the backward, as the planner says.
     planned = {k: r["planner"]["activations_gib"] for k, r in rows.items()}
     assert planned[("sparse", "full")] < planned[("sparse", "selective")] < planned[("sparse", "none")]
-    assert "| tiny | 64 | dense | none | ok |" in proc.stdout and "loss check (fp32 device" in proc.stdout
+    assert "| tiny | 64 | dense | none | ok |" in proc.stdout and "loss check (bf16 on cpu vs fp32 on cpu" in proc.stdout
     assert res["skipped"] == [] and "MFU = 3 x model_flops_per_token" in res["meta"]["flop_formula"]
 
 
@@ -54,7 +55,7 @@ class _InstantChild:
 
     started = []
 
-    def __init__(self, bench, name, argv, warmup, work, timeout, threads):
+    def __init__(self, bench, name, device, argv, warmup, work, timeout, threads):
         self.name, self.argv = name, argv
         _InstantChild.started.append(name)
 

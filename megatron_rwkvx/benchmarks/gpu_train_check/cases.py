@@ -9,7 +9,7 @@ the shortest length) if the budget allows.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import Dict, List
 
 from megatron_rwkvx.config import DENSE_MODE, SPARSE_MODE
 from megatron_rwkvx.models.recompute import MODE_FLAGS
@@ -60,10 +60,16 @@ class Device:
     device: str
     precision: List[str] = field(default_factory=list)
     backends: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)  # for the configuration's process
 
 
 GPU = Device("cuda", ["--bf16"], ["--wkv-backend", "triton", "--sparse-attention-backend", "triton"])
-CPU = Device("cpu", [], ["--wkv-backend", "torch", "--sparse-attention-backend", "torch"])
+# A CPU run on the GPU machine sees no GPU, as on a machine without one (the CPU runtime shim
+# redirects torch.cuda; nothing else may then reach the real device).
+CPU = Device("cpu", [], ["--wkv-backend", "torch", "--sparse-attention-backend", "torch"],
+             {"CUDA_VISIBLE_DEVICES": ""})
+# The smoke mode's stand-in for the GPU side of the loss check: bf16 training on the CPU.
+CPU_BF16 = Device("cpu", ["--bf16"], CPU.backends, CPU.env)
 
 
 def pretrain_argv(shape: Shape, seq_length: int, device: Device, steps: int, seed: int,
