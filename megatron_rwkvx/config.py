@@ -21,6 +21,14 @@ PATTERN_SYMBOLS = {
 }
 
 
+# What an ``A`` block computes: the top-k chunk attention of RWKV-X, or dense causal attention
+# (SDPA; the flash kernel on a GPU in half precision) with the same parameters: the baseline a
+# sparse model of the same size is timed against.
+SPARSE_MODE = "sparse"
+DENSE_MODE = "dense"
+ATTENTION_MODES = (SPARSE_MODE, DENSE_MODE)
+
+
 class ConfigError(UsageError):
     """A configuration that cannot describe a valid model or parallel layout."""
 
@@ -80,6 +88,7 @@ class RWKVXConfig(TransformerConfig):
     # Sparse attention (MoBA semantics).
     sparse_chunk_size: int = 2048
     sparse_top_k: int = 3
+    attention_mode: str = SPARSE_MODE
 
     # Operator backends: "auto" picks Triton on CUDA and PyTorch on the CPU.
     wkv_backend: str = "auto"
@@ -167,6 +176,17 @@ class RWKVXConfig(TransformerConfig):
         if self.sparse_top_k < 1:
             raise ConfigError(
                 f"sparse_top_k must be >= 1 (the own chunk counts as one), got {self.sparse_top_k}"
+            )
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ConfigError(
+                f"attention_mode {self.attention_mode!r} is unknown; choose one of {list(ATTENTION_MODES)}"
+            )
+        if self.attention_mode == DENSE_MODE and self.context_parallel_size > 1:
+            raise ConfigError(
+                f"attention_mode 'dense' (the dense-attention baseline) runs on whole sequences; "
+                f"with context_parallel_size {self.context_parallel_size} each rank holds a shard "
+                "and no dense path attends across shards: use context_parallel_size 1 for the "
+                "baseline, or attention_mode 'sparse'"
             )
 
         for field, kind in (

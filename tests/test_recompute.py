@@ -1,5 +1,5 @@
 """Activation recomputation: Megatron-LM's flags, and gradients equal to those without it on the
-TP2, PP2 and CP2 layouts (fp32, 1e-6)."""
+TP2, PP2 and CP2 layouts and with the distributed optimizer at DP2 (fp32, 1e-6)."""
 import pytest
 import torch
 
@@ -59,6 +59,9 @@ LAYOUTS = {
     "tp2-sp": ({"tp": 2, "sp": True}, 2),
     "pp2-vpp2": ({"pp": 2, "vpp": 2}, 2),
     "cp2": ({"cp": 2}, 2),
+    # The distributed optimizer shards the step over DP ranks and takes only Adam: with eps = 1
+    # its first step is lr x g / (|g| + 1) per element, so equal steps mean equal gradients.
+    "dp2-distopt": ({"dist_opt": True, "optimizer": "adam"}, 2),
 }
 
 

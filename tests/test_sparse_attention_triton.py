@@ -333,7 +333,8 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     assert layers["sparse"] == layers["dense"] == ("megatron_rwkvx.layers.rwkvx_layer.RWKVXLayer"
                                                    "(megatron_rwkvx.layers.sparse_attention_block.SparseAttentionMixer)")
     notes = {r["case"]: r.get("note", "") for r in res["timing"]}
-    assert notes["block_sparse"].endswith("(backend=triton)") and notes["block_dense"].endswith("(backend=sdpa_dense)")
+    assert notes["block_sparse"].endswith("(sparse, backend=triton)")
+    assert notes["block_dense"].endswith("(dense, backend=sdpa)")
     # auto on the CPU: one candidate per operator, no probe.
     assert [(a["T"], a["operator"], a["backend"]) for a in res["auto"]] == [
         (32, "wkv7", "torch"), (32, "sparse-attention", "torch")]

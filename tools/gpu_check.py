@@ -17,7 +17,6 @@ project's own blocks and need megatron-core; without it they are recorded as una
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -26,21 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _make_kernels_importable() -> None:
-    """``kernels/`` is installed as ``megatron_rwkvx.kernels``; in a bare checkout map it here."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import megatron_rwkvx
+    from megatron_rwkvx.benchmarks.checkout import make_kernels_importable
 
-    if importlib.util.find_spec("megatron_rwkvx.kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "megatron_rwkvx.kernels", REPO / "kernels" / "__init__.py",
-        submodule_search_locations=[str(REPO / "kernels")],
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["megatron_rwkvx.kernels"] = module
-    spec.loader.exec_module(module)
-    megatron_rwkvx.kernels = module
+    make_kernels_importable(REPO)
 
 
 def main(argv=None) -> int:

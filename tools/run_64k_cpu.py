@@ -28,14 +28,10 @@ from typing import Dict, List, Optional
 
 import psutil
 
+from megatron_rwkvx.models.recompute import MODE_FLAGS
 from megatron_rwkvx.testing.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-RECOMPUTE_FLAGS = {
-    "none": [],
-    "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
-    "selective": ["--recompute-granularity", "selective"],
-}
 ITERATION = re.compile(r"^iteration\s+(\d+)/\d+ \| loss (\S+) ")
 
 
@@ -43,7 +39,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
-    p.add_argument("--recompute", nargs="*", choices=sorted(RECOMPUTE_FLAGS), default=["none", "full", "selective"],
+    p.add_argument("--recompute", nargs="*", choices=sorted(MODE_FLAGS), default=["none", "full", "selective"],
                    help="recompute modes run at every length (none given: only the LongCE run)")
     p.add_argument("--longce-window", type=int, default=8192,
                    help="one LongCE run (full recompute) at the longest length with this window; 0: none")
@@ -108,7 +104,7 @@ def run_once(args, data: str, seq_length: int, recompute: str, loss: str = "ce")
             "--sparse-top-k", str(args.top_k), "--context-parallel-size", str(args.cp),
             "--seq-length", str(seq_length), "--micro-batch-size", "1", "--global-batch-size", "1",
             "--train-iters", str(args.iters), "--log-interval", "1", "--lr", "1e-3",
-            *RECOMPUTE_FLAGS[recompute]]
+            *MODE_FLAGS[recompute]]
     if loss == "longce":
         argv += ["--loss", "longce", "--longce-window", str(args.longce_window),
                  "--longce-stride", str(args.longce_stride)]

@@ -12,6 +12,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from megatron_rwkvx.config import DENSE_MODE
+from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.inference.attention_cache import ChunkedKVCache
 
 
@@ -58,6 +60,13 @@ def new_state(model, batch_size: int, max_cached_chunks: Optional[int] = None,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.config
+    if cfg.attention_mode == DENSE_MODE:
+        raise UsageError(
+            "the incremental decoder caches keys by chunk and attends to the selected chunks, as "
+            "the sparse blocks do; this model's A blocks run attention_mode 'dense' (the timing "
+            "baseline): build it with attention_mode 'sparse' to decode, or score it with full "
+            "forward passes"
+        )
     param = next(model.parameters())
     device = device or param.device
     dtype = param.dtype

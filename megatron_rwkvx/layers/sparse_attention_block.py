@@ -4,6 +4,8 @@ Four bias-free projections (query, key, value, output), heads of ``head_size`` s
 tensor-parallel ranks, softmax scale 1/sqrt(head_size) and no positional encoding: position comes
 from the RWKV blocks. ``v_first`` passes through untouched. Grouped-query attention (fewer
 key/value heads) is available through ``num_query_groups``; the default is plain multi-head.
+With ``attention_mode="dense"`` the block computes dense causal attention instead (the baseline of
+the same size; the config refuses it with context parallelism).
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from typing import Optional
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_rwkvx.config import RWKVXConfig
-from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
+from megatron_rwkvx.config import DENSE_MODE, RWKVXConfig
+from megatron_rwkvx.kernels.sparse_attention import dense_causal_attention, topk_chunk_attention
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
     ProjectionSubmodules,
@@ -62,7 +64,9 @@ class SparseAttentionMixer(MegatronModule):
         k = self.key(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
         v = self.value(x)[0].view(s, b, self.local_kv_heads, n).transpose(0, 1)
         cp_group = context_parallel_group()
-        if cp_group is not None:
+        if self.config.attention_mode == DENSE_MODE:
+            out = dense_causal_attention(q, k, v, scale=n**-0.5)
+        elif cp_group is not None:
             # Queries of this shard against the keys of all earlier shards (chunk-aligned).
             out = topk_chunk_attention_context_parallel(
                 q, k, v,

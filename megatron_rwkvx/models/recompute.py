@@ -35,6 +35,13 @@ from megatron_rwkvx.errors import UsageError
 
 GRANULARITIES = ("full", "selective")
 METHODS = ("uniform", "block")
+# The trainer's flags of each recompute mode the tools compare: none, whole blocks (one block per
+# unit, the measured figures' unit) and selective.
+MODE_FLAGS = {
+    "none": [],
+    "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+    "selective": ["--recompute-granularity", "selective"],
+}
 
 # The ops through which a kept projection computes its output (bias-free linears).
 _MATMULS = {

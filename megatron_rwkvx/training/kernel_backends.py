@@ -14,10 +14,11 @@ from typing import Callable, List
 
 import torch
 
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import ATTENTION_SYMBOL, DENSE_MODE, RWKV_SYMBOL, RWKVXConfig
 from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.kernels.registry import AUTO, BackendUnavailableError, Choice, Operator
 from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION
+from megatron_rwkvx.kernels.sparse_attention.dense import uses_flash
 from megatron_rwkvx.kernels.wkv7 import WKV7
 
 
@@ -88,7 +89,13 @@ def kernel_backends(cfg: RWKVXConfig, seq_length: int, device: torch.device) -> 
     if RWKV_SYMBOL in cfg.layer_pattern:
         x = _like(T, heads, n, device, cfg.params_dtype)
         choices.append(_choose(WKV7, "--wkv-backend", cfg.wkv_backend, x))
-    if ATTENTION_SYMBOL in cfg.layer_pattern:
+    if ATTENTION_SYMBOL in cfg.layer_pattern and cfg.attention_mode == DENSE_MODE:
+        # The top-k operator is not used: say what runs instead (--sparse-attention-backend is moot).
+        path = "flash" if uses_flash(device, cfg.params_dtype) else "any"
+        choices.append(Choice("dense-attention", DENSE_MODE, "sdpa",
+                              f"--attention-mode dense: causal SDPA ({path} kernel) in every A block",
+                              str(device), str(cfg.params_dtype).replace("torch.", "")))
+    elif ATTENTION_SYMBOL in cfg.layer_pattern:
         call = dict(chunk_size=cfg.sparse_chunk_size, top_k=cfg.sparse_top_k, scale=n ** -0.5,
                     kv_heads=(cfg.num_query_groups or cfg.num_attention_heads) // tp)
         q = _like(T, heads, n, device, cfg.params_dtype)

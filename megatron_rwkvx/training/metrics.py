@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import ATTENTION_SYMBOL, DENSE_MODE, RWKV_SYMBOL, RWKVXConfig
 
 
 def model_flops_per_token(cfg: RWKVXConfig, seq_length: int) -> float:
@@ -16,7 +16,7 @@ def model_flops_per_token(cfg: RWKVXConfig, seq_length: int) -> float:
     Matrix products: every projection once; RWKV-7 recurrence: about 8 N^2 per head per token
     (state decay + rank-one update + readout) in its chunked form; sparse attention: scores and
     values against the keys a query attends, min(position, top_k x chunk) on average over the
-    sequence.
+    sequence (with ``attention_mode="dense"``: the causal ramp over the whole sequence, T/2).
     """
     c, f, n = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_size
     h = cfg.num_attention_heads
@@ -24,7 +24,7 @@ def model_flops_per_token(cfg: RWKVXConfig, seq_length: int) -> float:
     kv = (cfg.num_query_groups or h) * n
     channel_mix = 2 * (2 * c * f)
     rwkv_block = 2 * 4 * c * c + lora + 8 * n * n * h + channel_mix
-    window = min(seq_length, cfg.sparse_top_k * cfg.sparse_chunk_size)
+    window = seq_length if cfg.attention_mode == DENSE_MODE else min(seq_length, cfg.sparse_top_k * cfg.sparse_chunk_size)
     # Average attended keys: the causal ramp up to the window, then the full window.
     attended = window / 2 if seq_length <= window else window - window * window / (2 * seq_length)
     attn_block = 2 * (2 * c * c + 2 * c * kv) + 2 * 2 * c * attended + channel_mix

@@ -111,6 +111,7 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         batch_p2p_comm=args.device != "cpu",
         sparse_chunk_size=args.sparse_chunk_size,
         sparse_top_k=args.sparse_top_k,
+        attention_mode=args.attention_mode,
         wkv_backend=args.wkv_backend,
         sparse_attention_backend=args.sparse_attention_backend,
         l2wrap_factor=1e-4 if args.l2wrap else 0.0,

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_rwkvx.kernels.wkv7.probe import model_like_inputs
 
@@ -114,17 +112,3 @@ def grad_step(fn, inputs, params=()):
 
     step.forward = forward
     return step
-
-
-def sdpa_causal(q, k, v, **unused):
-    """Dense causal attention on [B, T, H, D] (kv heads may be fewer) through SDPA's flash backend
-    on a GPU (any backend on the CPU): the baseline of the sparse operator and of the sparse
-    block (``layers.py``); the top-k options are ignored."""
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    gqa = qt.shape[1] != kt.shape[1]
-    if q.is_cuda:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-    return out.transpose(1, 2)

@@ -1,8 +1,9 @@
 """The layers the GPU check times: the project's own blocks (``megatron_rwkvx.layers``), so that
 the layers timed are the layers trained. An RWKV-7 block (LayerNorm, TimeMix with WKV-7,
 LayerNorm, ChannelMix), a sparse-attention block (LayerNorm, q/k/v/o, top-k chunk attention,
-LayerNorm, ChannelMix), and the dense baseline: the same attention block with causal SDPA (the
-flash backend on a GPU) in place of the top-k chunk operator. Needs megatron-core.
+LayerNorm, ChannelMix), and the dense baseline: the same attention block with
+``attention_mode="dense"`` (causal SDPA, the flash kernel on a GPU, in place of the top-k
+operator). Needs megatron-core.
 """
 from __future__ import annotations
 
@@ -11,44 +12,33 @@ from typing import Dict
 import torch
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
-from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION
+from megatron_rwkvx.config import ATTENTION_SYMBOL, DENSE_MODE, RWKV_SYMBOL, SPARSE_MODE, RWKVXConfig
 from megatron_rwkvx.layers.specs import layer_specs
 from megatron_rwkvx.pretrained import prepare_runtime
 
-from .bench import sdpa_causal
-
-# The dense baseline's attention operator, registered for this process only (never ``auto``).
-DENSE_BACKEND = "sdpa_dense"
 # The timed RWKV block is a later one of the stack (it mixes v_first in, as all but the first do).
 PATTERN = RWKV_SYMBOL * 2 + ATTENTION_SYMBOL
 RWKV_LAYER, ATTENTION_LAYER = 2, 3
 
 
-def _prepare_runtime(device: torch.device) -> None:
-    prepare_runtime(device)
-    if DENSE_BACKEND not in SPARSE_ATTENTION.available():
-        SPARSE_ATTENTION.register(DENSE_BACKEND, sdpa_causal, auto=lambda q: False)
-
-
 def build_blocks(device, dtype, hidden, head_size, chunk, top_k, wkv_backend, sparse_backend) -> Dict[str, torch.nn.Module]:
     """{"rwkv7", "sparse", "dense"}: one block each, on ``device`` in ``dtype``, seeded."""
-    _prepare_runtime(device)
+    prepare_runtime(device)
     torch.manual_seed(0)
 
-    def config(attention_backend):
+    def config(mode):
         return RWKVXConfig(
             hidden_size=hidden, head_size=head_size, layer_pattern=PATTERN,
             params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
             sparse_chunk_size=chunk, sparse_top_k=top_k,
-            wkv_backend=wkv_backend, sparse_attention_backend=attention_backend,
+            wkv_backend=wkv_backend, sparse_attention_backend=sparse_backend, attention_mode=mode,
         )
 
     specs = layer_specs()
     blocks = {
-        "rwkv7": build_module(specs[RWKV_SYMBOL], config=config(sparse_backend), layer_number=RWKV_LAYER),
-        "sparse": build_module(specs[ATTENTION_SYMBOL], config=config(sparse_backend), layer_number=ATTENTION_LAYER),
-        "dense": build_module(specs[ATTENTION_SYMBOL], config=config(DENSE_BACKEND), layer_number=ATTENTION_LAYER),
+        "rwkv7": build_module(specs[RWKV_SYMBOL], config=config(SPARSE_MODE), layer_number=RWKV_LAYER),
+        "sparse": build_module(specs[ATTENTION_SYMBOL], config=config(SPARSE_MODE), layer_number=ATTENTION_LAYER),
+        "dense": build_module(specs[ATTENTION_SYMBOL], config=config(DENSE_MODE), layer_number=ATTENTION_LAYER),
     }
     return {name: block.to(device=device, dtype=dtype) for name, block in blocks.items()}
 

@@ -8,10 +8,10 @@ import traceback
 
 import torch
 
-from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION, topk_chunk_attention
+from megatron_rwkvx.kernels.sparse_attention import SPARSE_ATTENTION, dense_causal_attention, topk_chunk_attention
 from megatron_rwkvx.kernels.wkv7 import WKV7, wkv7
 
-from .bench import Bench, Unavailable, error_status, grad_step, is_oom, sdpa_causal
+from .bench import Bench, Unavailable, error_status, grad_step, is_oom
 
 
 def timing_plan(bench: Bench, lengths, cfg):
@@ -40,7 +40,7 @@ def timing_plan(bench: Bench, lengths, cfg):
                     q, k, v, chunk_size=chunk, top_k=top_k, backend=sparse_ours)
                 return grad_step(fn, (q, k, v)), f"backend={sparse_ours} chunk={chunk} top_k={top_k}"
             note = "SDPA is_causal, flash backend" if bench.cuda else "SDPA (CPU)"
-            return grad_step(sdpa_causal, (q, k, v)), note
+            return grad_step(dense_causal_attention, (q, k, v)), note
         return build
 
     def layer_case(T, kind):
@@ -58,8 +58,9 @@ def timing_plan(bench: Bench, lengths, cfg):
             if kind == "rwkv7":  # a later RWKV block: v_first comes from the first one
                 v_first = (bench.randn(T, 1, C, seed=T + 1) * 0.5).to(bench.dtype).requires_grad_(True)
                 return grad_step(block, (x, v_first), params), f"{type(block.mixer).__name__} block width {C}"
-            backend = block.mixer.config.sparse_attention_backend
-            return grad_step(block, (x,), params), f"{type(block.mixer).__name__} block width {C} (backend={backend})"
+            mode = block.mixer.config.attention_mode
+            backend = "sdpa" if mode == "dense" else block.mixer.config.sparse_attention_backend
+            return grad_step(block, (x,), params), f"{type(block.mixer).__name__} block width {C} ({mode}, backend={backend})"
         return build
 
     plan = []
