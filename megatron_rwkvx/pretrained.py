@@ -9,7 +9,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from megatron_rwkvx.checkpointing.megatron_format import ARCH_FIELDS, save_model_checkpoint
+from megatron_rwkvx.checkpointing.megatron_format import ARCH_FIELDS, save_model_checkpoint, with_later_fields
 from megatron_rwkvx.checkpointing.official_format import (
     OFFICIAL_RWKV7,
     REFERENCE_RWKVX,
@@ -34,8 +34,8 @@ def prepare_runtime(device: torch.device) -> None:
 
 
 # The official .pth layouts hold tensors only; what the tensors cannot tell (the position of the
-# sparse blocks, grouped-query heads, chunk size, top-k) travels in a JSON file beside the .pth,
-# written by tools/export_checkpoint.py, so that other RWKV loaders still read the .pth unchanged.
+# sparse blocks, grouped-query heads, chunk size, top-k, attention mode) travels in a JSON file
+# beside the .pth, written by tools/export_checkpoint.py, so that other RWKV loaders still read the .pth unchanged.
 FILE_CONFIG_SUFFIX = ".json"
 _FILE_CONFIG_TAG = "megatron_rwkvx_file_config"
 
@@ -70,7 +70,7 @@ def read_file_config(path: str) -> Optional[dict]:
             f"{target} sits beside {path} but is not a megatron-rwkvx file config (no "
             f"{_FILE_CONFIG_TAG!r} entry); move it away or re-export the checkpoint"
         )
-    return {k: v for k, v in data.items() if k in ARCH_FIELDS}
+    return with_later_fields({k: v for k, v in data.items() if k in ARCH_FIELDS})
 
 
 def config_from_file_state_dict(sd, file_config: Optional[dict] = None, **overrides) -> tuple:
@@ -136,7 +136,7 @@ def load_pretrained(
     The file is read with ``torch.load(weights_only=True)``. On a machine without a GPU the CPU
     runtime shim is switched on, and a one-process gloo group is created if none exists.
     The architecture fields the tensors cannot tell (layer pattern, grouped-query heads, sparse
-    chunk size and top-k) are read from ``<path>.json`` when it exists (``tools/export_checkpoint.py``
+    chunk size and top-k, attention mode) are read from ``<path>.json`` when it exists (``tools/export_checkpoint.py``
     writes it); without it an RWKV-X file is taken as the reference interleaving.
     ``config_overrides`` set other config fields (e.g. ``sparse_chunk_size``, ``wkv_backend``;
     ``layer_pattern`` for an RWKV-X file whose sparse blocks are not interleaved as the reference).

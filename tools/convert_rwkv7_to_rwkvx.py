@@ -35,6 +35,9 @@ def parse_args(argv=None):
                         "directory the trainer loads with any tensor/pipeline layout")
     p.add_argument("--sparse-chunk-size", type=int, default=2048)
     p.add_argument("--sparse-top-k", type=int, default=3)
+    p.add_argument("--attention-mode", choices=("sparse", "dense"), default="sparse",
+                   help="what the new A blocks compute (recorded in the megatron checkpoint): dense "
+                        "starts the dense-attention baseline from the same weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the new blocks' random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
                     "training checkpoint directory becomes a .pth with tools/export_checkpoint.py)")
     if not os.path.isfile(args.input):
         return fail(f"--input {args.input} does not exist; give the RWKV-7 .pth file to expand")
+    if args.attention_mode != "sparse" and args.output_format == "pth":
+        return fail(f"--attention-mode {args.attention_mode} is recorded only by --output-format "
+                    "megatron (a reference-layout .pth is read as sparse): add --output-format megatron")
     parent = os.path.dirname(os.path.abspath(args.output))
     if args.output_format == "pth" and not os.path.isdir(parent):
         return fail(f"the folder of --output {args.output} does not exist; create {parent} first")
@@ -103,6 +109,7 @@ def main(argv=None) -> int:
                 args.output,
                 sparse_chunk_size=args.sparse_chunk_size,
                 sparse_top_k=args.sparse_top_k,
+                attention_mode=args.attention_mode,
             )
     except INPUT_ERRORS as err:
         return fail(err)

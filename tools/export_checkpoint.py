@@ -2,7 +2,7 @@
 """Export a megatron-rwkvx checkpoint directory (any tensor/pipeline layout it was saved with) to a
 single .pth in the official RWKV-7 layout (pure R models) or the RWKV-X reference layout, plus
 ``<output>.json`` with what the tensors cannot tell (layer pattern, grouped-query heads, sparse
-chunk size and top-k), which ``load_pretrained`` and the inference tools read back.
+chunk size and top-k, attention mode), which ``load_pretrained`` and the inference tools read back.
 
   python tools/export_checkpoint.py --load checkpoints/stage2 --output rwkvx.pth [--dtype bf16]
 """
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     tmp = args.output + ".partial"
     torch.save(sd, tmp)
     os.replace(tmp, args.output)
-    # The .pth layout holds tensors only: the pattern, GQA heads, chunk size and top-k go beside it.
+    # The .pth layout holds tensors only: the pattern, GQA heads, chunk size, top-k and mode go beside it.
     config_path = write_file_config(args.output, architecture_of(cfg))
     print(json.dumps({"output": args.output, "config": config_path, "iteration": iteration,
                       "format": fmt, "pattern": cfg.layer_pattern}))

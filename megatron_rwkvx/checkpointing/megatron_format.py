@@ -17,6 +17,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
+from megatron_rwkvx.config import SPARSE_MODE
 
 MODEL_CONFIG_FILE = "model_config.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -35,7 +36,19 @@ ARCH_FIELDS = (
     "num_query_groups",
     "sparse_chunk_size",
     "sparse_top_k",
+    # The same weights compute another function with dense attention (the baseline).
+    "attention_mode",
 )
+
+# Architecture fields newer than some saved configs, with the value those configs were written
+# under: before attention_mode existed every A block ran top-k chunk attention.
+FIELDS_ADDED_LATER = {"attention_mode": SPARSE_MODE}
+
+
+def with_later_fields(saved: Dict) -> Dict:
+    """A saved architecture (model_config.json, a .pth's file config) with the fields its writer
+    did not know yet, as that writer's model had them."""
+    return {**FIELDS_ADDED_LATER, **saved}
 
 
 def iteration_dir(directory: str, iteration: int) -> str:
@@ -69,9 +82,10 @@ def read_model_config(directory: str) -> Dict:
         )
     try:
         with open(path) as f:
-            return json.load(f)
+            saved = json.load(f)
     except json.JSONDecodeError as exc:
         raise CheckpointFormatError(f"{path} is not valid JSON ({exc}); the checkpoint directory is damaged") from exc
+    return with_later_fields(saved)
 
 
 def read_latest_iteration(directory: str) -> Optional[int]:
@@ -95,6 +109,8 @@ def check_architecture(saved: Dict, cfg, directory: str) -> None:
     current = architecture_of(cfg)
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs model {current[k]!r}"
+        # A resume that forgets --attention-mode gets the default: name the flag that fixes it.
+        + (f" (pass --attention-mode {saved[k]})" if k == "attention_mode" else "")
         for k in ARCH_FIELDS
         if k in saved and saved.get(k) != current[k]
         and k not in ("sparse_chunk_size", "sparse_top_k")  # attention hyper-parameters may change

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Dict
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -56,9 +57,15 @@ def engine_from_args(args):
     from megatron_rwkvx.inference import InferenceEngine
     from megatron_rwkvx.inference.loading import load_model
 
+    from megatron_rwkvx.errors import INPUT_ERRORS
+
     dtype = getattr(torch, DTYPES[args.dtype])
-    model = load_model(args.model, device=args.device, dtype=dtype, **parse_overrides(args.set))
-    return InferenceEngine(model, max_cached_chunks=args.max_cached_chunks)
+    try:
+        model = load_model(args.model, device=args.device, dtype=dtype, **parse_overrides(args.set))
+        return InferenceEngine(model, max_cached_chunks=args.max_cached_chunks)
+    except INPUT_ERRORS as err:  # the tools' one-line refusal (errors.py), not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def tokenizer_from_args(args):

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_rwkvx.inference.state import InferenceState, RWKVLayerState, new_state
+from megatron_rwkvx.inference.state import InferenceState, RWKVLayerState, check_decodable, new_state
 
 
 class InferenceEngine:
@@ -32,6 +32,7 @@ class InferenceEngine:
             raise ValueError("inference does not run under context parallelism; use context_parallel_size=1")
         if not (model.pre_process and model.post_process):
             raise ValueError("the model must own the embedding and the head (a single pipeline stage)")
+        check_decodable(cfg)  # before a tool reads its inputs, not at its first sequence
         self.model = model
         self.max_cached_chunks = max_cached_chunks
         # One-token steps: the chunked WKV kernel pays ~10 ms of per-call setup on the CPU for a

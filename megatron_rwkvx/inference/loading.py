@@ -7,7 +7,7 @@ from typing import Union
 import torch
 
 from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint, read_model_config
-from megatron_rwkvx.config import RWKVXConfig
+from megatron_rwkvx.config import ConfigError, RWKVXConfig
 from megatron_rwkvx.models.rwkvx_model import RWKVXModel
 from megatron_rwkvx.pretrained import load_pretrained, prepare_runtime
 
@@ -27,7 +27,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch
         arch = read_model_config(path)
         clash = sorted(k for k in config_overrides if k in arch and config_overrides[k] != arch[k])
         if clash:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot override architecture field(s) {clash} of the checkpoint in {path}; "
                 "they must match the saved model_config.json"
             )

@@ -54,19 +54,24 @@ class InferenceState:
         return total
 
 
+def check_decodable(cfg) -> None:
+    """Refuse a model whose function the incremental decoder does not compute."""
+    if cfg.attention_mode == DENSE_MODE:
+        raise UsageError(
+            "the incremental decoder caches keys by chunk and attends to the selected chunks, as "
+            "the sparse blocks do; this model's A blocks run attention_mode 'dense' (the timing "
+            "baseline), which it cannot reproduce: decode and evaluate a model with attention_mode "
+            "'sparse', or score this one with full forward passes (model(tokens))"
+        )
+
+
 def new_state(model, batch_size: int, max_cached_chunks: Optional[int] = None,
               device: Optional[torch.device] = None) -> InferenceState:
     """Empty state for ``batch_size`` sequences of ``model`` (an ``RWKVXModel``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.config
-    if cfg.attention_mode == DENSE_MODE:
-        raise UsageError(
-            "the incremental decoder caches keys by chunk and attends to the selected chunks, as "
-            "the sparse blocks do; this model's A blocks run attention_mode 'dense' (the timing "
-            "baseline): build it with attention_mode 'sparse' to decode, or score it with full "
-            "forward passes"
-        )
+    check_decodable(cfg)
     param = next(model.parameters())
     device = device or param.device
     dtype = param.dtype

@@ -7,7 +7,7 @@ import math
 import os
 from typing import List, Optional
 
-from megatron_rwkvx.config import ATTENTION_MODES, SPARSE_MODE
+from megatron_rwkvx.config import ATTENTION_MODES, DENSE_MODE
 from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES
 from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, check_recompute
@@ -52,10 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "| reference; old names: chunked = torch, naive = reference")
     m.add_argument("--sparse-attention-backend", default="auto",
                    help="auto (the fastest exact one on a GPU, torch on the CPU) | torch | triton | reference")
-    m.add_argument("--attention-mode", choices=ATTENTION_MODES, default=SPARSE_MODE,
+    m.add_argument("--attention-mode", choices=ATTENTION_MODES, default=None,
                    help="what the A blocks compute: sparse = top-k chunk attention (RWKV-X); dense = "
                         "dense causal attention through SDPA (flash on a GPU in bf16), the baseline "
-                        "of the same size (no context parallelism)")
+                        "of the same size (no context parallelism). Saved with the checkpoint; "
+                        "default: the --init-from checkpoint's, else sparse")
     m.add_argument("--init-from", default=None,
                    help="start weights: an official RWKV-7/RWKV-X .pth or a megatron checkpoint "
                         "directory (model shape is read from it); ignored when --load resumes")
@@ -448,7 +449,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("give the model shape (--layer-pattern or --num-layers, --hidden-size) or --init-from")
     if not shape_from_checkpoint and args.hidden_size is None:
         fail("--hidden-size is required unless --init-from gives the model shape")
-    if args.attention_mode != SPARSE_MODE and cp > 1:
+    if args.attention_mode == DENSE_MODE and cp > 1:
         fail(f"--attention-mode {args.attention_mode} (the dense-attention baseline) attends over whole "
              f"sequences; with --context-parallel-size {cp} each rank holds a shard: use "
              "--context-parallel-size 1 for the baseline, or --attention-mode sparse")

@@ -25,6 +25,7 @@ _SHAPE_ARGS = {
     "layer_pattern": "--layer-pattern",
     "ffn_hidden_size": "--ffn-hidden-size",
     "vocab_size": "--vocab-size",
+    "attention_mode": "--attention-mode",
 }
 
 
@@ -69,6 +70,8 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         "ffn_hidden_size": args.ffn_hidden_size,
         # For the NullTokenizer --vocab-size is the tokenizer's (Megatron-LM): the rows follow from it.
         "vocab_size": args.vocab_size if args.tokenizer_type != "NullTokenizer" else None,
+        # Not given: the start checkpoint's, else the config's default (sparse).
+        "attention_mode": args.attention_mode,
     }
     for field, value in given.items():
         if value is None or (args.use_checkpoint_args and field in shape):
@@ -111,7 +114,6 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         batch_p2p_comm=args.device != "cpu",
         sparse_chunk_size=args.sparse_chunk_size,
         sparse_top_k=args.sparse_top_k,
-        attention_mode=args.attention_mode,
         wkv_backend=args.wkv_backend,
         sparse_attention_backend=args.sparse_attention_backend,
         l2wrap_factor=1e-4 if args.l2wrap else 0.0,
