@@ -129,6 +129,17 @@ def test_the_tools_load_it_dense_and_the_decoder_refuses_it_in_one_line(dense_di
     assert "cannot override architecture field(s) ['attention_mode']" in capsys.readouterr().err
 
 
+def test_lm_eval_refuses_it_in_one_line(dense_dir, capsys, monkeypatch):
+    from megatron_rwkvx.evaluation import lm_eval_cli
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "rwkvx", "--model_args",
+                                      f"pretrained={dense_dir[0]}", "--device", "cpu", "--tasks", "arc_easy"])
+    assert lm_eval_cli.main() == 2
+    assert "error: the incremental decoder" in capsys.readouterr().err
+
+
 def test_export_writes_the_mode_beside_the_pth(dense_dir, tmp_path):
     directory, before, _ = dense_dir
     export = _tool("export_checkpoint")

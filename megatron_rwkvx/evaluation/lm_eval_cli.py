@@ -14,8 +14,13 @@ def main() -> int:
               file=sys.stderr)
         return 2
     import megatron_rwkvx.evaluation.lm_eval_adapter  # noqa: F401  (registers --model rwkvx)
+    from megatron_rwkvx.errors import INPUT_ERRORS
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except INPUT_ERRORS as err:  # the model the adapter was asked for (errors.py): one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
