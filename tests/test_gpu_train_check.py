@@ -1,6 +1,6 @@
 """tools/gpu_train_check.py: the smoke mode runs every code path of the trainer check for real (the
-pretrain loop in child processes: the loss comparison, sparse and dense, each recompute mode, the
-planner); the time budget skips what it cannot fit and says so."""
+pretrain loop: the loss comparison with its reference in a child process as on the GPU, sparse and
+dense, each recompute mode, the planner); the time budget skips what it cannot fit and says so."""
 from __future__ import annotations
 
 import json
@@ -27,6 +27,9 @@ def test_smoke_mode_runs_the_loop_in_every_configuration(tmp_path):
     # Same weights, same batches; the device side trains in bf16 (on the CPU here): close, not equal.
     assert check["device_type"] == "cpu" and check["rtol"] == 2e-2
     assert 0 < max(check["relative_difference"]) <= 2e-2
+    # The reference ran in a child (--worker, the GPU path), the rest in the tool's own process.
+    assert check["reference"]["peak_kind"] == "peak RSS (CPU)"
+    assert check["device"]["peak_kind"].endswith("of the smoke process so far")
     rows = {(r["attention"], r["recompute"]): r for r in res["cases"]}
     assert set(rows) == {("sparse", "none"), ("dense", "none"), ("sparse", "full"), ("sparse", "selective")}
     for r in rows.values():
@@ -66,6 +69,7 @@ class _InstantChild:
 
 def test_the_budget_skips_the_remaining_configurations_and_names_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "_Child", _InstantChild)
+    monkeypatch.setattr(run, "_InProcess", _InstantChild)
     clock = iter(range(0, 1000, 50))  # each look at the clock: 50 s later
     monkeypatch.setattr(run.Bench, "elapsed", lambda self: next(clock))
     parser = cli.build_parser()

@@ -1,6 +1,6 @@
 """The trainer on a GPU (run as ``tools/gpu_train_check.py``): the real ``megatron_rwkvx.pretrain``
 loop (``training.loop.set_up`` and ``train_step``) in bf16 with the Triton kernels, one process per
-configuration.
+configuration (``--smoke``: the fp32 reference in a process of its own, the rest in one).
 
 Modules, none doing work at import: ``cli`` (arguments), ``cases`` (the configurations in the order
 they run, and the trainer arguments of each), ``worker`` (one configuration through the loop in this

@@ -1,11 +1,16 @@
 """The trainer check in order: the loss comparison (small model: fp32 CPU vs the device, same
 initial weights and batches), then the timed configurations of ``cases`` while the budget lasts;
-then the JSON and the markdown table. Every configuration runs in its own process
-(``tools/gpu_train_check.py --worker``): a clean allocator peak, an out-of-memory that ends only its
-own configuration, and a CPU reference that never shares a process with the CUDA run (the CPU
-runtime shim patches torch.cuda for the whole process)."""
+then the JSON and the markdown table. On the GPU every configuration runs in its own process
+(``tools/gpu_train_check.py --worker``): a clean allocator peak, an out-of-memory (or a stuck
+kernel, --case-timeout-s) that ends only its own configuration, and a CPU reference that never
+shares a process with the CUDA run (the CPU runtime shim patches torch.cuda for the whole process).
+``--smoke`` has none of these to fear (all on the CPU, tiny): the fp32 reference still runs as a
+child, beside the rest, which runs in this process one configuration after another (each process
+start costs seconds of imports: the test's time)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -35,8 +40,43 @@ FLOP_FORMULA = ("MFU = 3 x model_flops_per_token(cfg, T) x tokens/s / peak bf16 
                 "multiply-add = 2 FLOPs; forward + backward = 3 x forward)")
 
 
+def _recorded(bench: Bench, name: str, result: dict, text: str, start: float) -> dict:
+    """A configuration's result with what its output tells (the kernels it ran; the tail when it
+    failed) and its wall time; one progress line."""
+    if result["status"] != "ok":
+        result["output_tail"] = text[-3000:]
+    result["backends"] = [ln for ln in text.splitlines() if ln.startswith(_BACKEND_PREFIXES)]
+    result["wall_s"] = round(time.time() - start, 1)
+    print(f"[{bench.elapsed():6.1f}s] {name}: {result['status']} ({result['wall_s']} s)", flush=True)
+    return result
+
+
+class _InProcess:
+    """--smoke: one configuration in this process, run at once; ``result`` hands it over. No
+    timeout, and the peak RSS is the process's so far (a smoke run checks paths, not figures)."""
+
+    def __init__(self, bench: Bench, name: str, device: Device, argv: List[str], warmup: int, work: Path,
+                 timeout: float, threads: Optional[int]):
+        from .worker import recorded_case, tear_down
+
+        os.environ.update(device.env)  # before anything starts CUDA here: see CPU
+        if threads:
+            torch.set_num_threads(threads)
+        start, out = time.time(), io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = recorded_case(argv, warmup)
+            tear_down()
+        if "peak_kind" in result:
+            result["peak_kind"] += ", of the smoke process so far"
+        self._result = _recorded(bench, name, result, out.getvalue(), start)
+
+    def result(self) -> dict:
+        return self._result
+
+
 class _Child:
-    """One configuration in a child process (``tools/gpu_train_check.py --worker``)."""
+    """One configuration in a child process (``tools/gpu_train_check.py --worker``), started at once;
+    ``result`` waits for it."""
 
     def __init__(self, bench: Bench, name: str, device: Device, argv: List[str], warmup: int, work: Path,
                  timeout: float, threads: Optional[int]):
@@ -69,12 +109,12 @@ class _Child:
             result = {"status": f"timeout: stopped after {self.timeout:.0f} s (--case-timeout-s)"}
         else:
             result = {"status": f"error: the process exited with status {code}"}
-        if result["status"] != "ok":
-            result["output_tail"] = text[-3000:]
-        result["backends"] = [ln for ln in text.splitlines() if ln.startswith(_BACKEND_PREFIXES)]
-        result["wall_s"] = round(time.time() - self.start, 1)
-        print(f"[{self.bench.elapsed():6.1f}s] {self.name}: {result['status']} ({result['wall_s']} s)", flush=True)
-        return result
+        return _recorded(self.bench, self.name, result, text, self.start)
+
+
+def _runner(smoke: bool):
+    """How the configurations other than the loss check's reference run (module docstring)."""
+    return _InProcess if smoke else _Child
 
 
 def _initial_weights(shape, work: Path) -> Path:
@@ -106,11 +146,12 @@ def loss_check(args, bench: Bench, work: Path) -> dict:
         return pretrain_argv(shape, T, device, args.loss_steps, seed=5, extra=extra, with_shape=False)
 
     device = CPU_BF16 if args.smoke else GPU
-    # Side by side: the reference keeps the CPU busy while the device run keeps the GPU busy.
+    # Side by side: the reference keeps the CPU busy while the device run keeps the GPU busy
+    # (--smoke: the other CPU core). The child starts first, so that an in-process run overlaps it.
     children = {
         "reference": _Child(bench, "loss check: fp32 CPU", CPU, argv(CPU), 0, work, args.case_timeout_s, args.threads),
-        "device": _Child(bench, f"loss check: {'bf16 CPU (smoke)' if args.smoke else 'bf16 GPU'}", device, argv(device),
-                         0, work, args.case_timeout_s, args.threads),
+        "device": _runner(args.smoke)(bench, f"loss check: {'bf16 CPU (smoke)' if args.smoke else 'bf16 GPU'}",
+                                      device, argv(device), 0, work, args.case_timeout_s, args.threads),
     }
     runs = {k: child.result() for k, child in children.items()}
     out = {"shape": as_dict(shape), "T": T, "steps": args.loss_steps, "rtol": args.loss_rtol,
@@ -172,7 +213,7 @@ def loss_table(check: dict) -> str:
 
 def _meta(args, bench: Bench) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": "smoke" if args.smoke else "gpu",
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke
+            "device": torch.cuda.get_device_name() if not args.smoke and torch.cuda.is_available()
             else f"CPU ({platform.processor() or 'unknown'})",
             "torch": torch.__version__, "python": platform.python_version(),
             "budget_s": args.budget_s, "steps": args.steps, "warmup": args.warmup,
@@ -182,6 +223,8 @@ def _meta(args, bench: Bench) -> dict:
 def run(args) -> int:
     """Exit status 1 when the loss check failed, else 0 (a configuration that fails or runs out of
     memory is recorded in the table and the JSON)."""
+    if args.smoke:  # this process trains too (_InProcess): it must never see the GPU (see CPU)
+        os.environ.update(CPU.env)
     bench = Bench(smoke=args.smoke)
     meta = _meta(args, bench)
     print(f"gpu_train_check: {meta['mode']} on {meta['device']}, budget {args.budget_s:g} s", flush=True)
@@ -198,7 +241,8 @@ def run(args) -> int:
                 rows.append({**case.record(), "status": bench.skipped(args.budget_s)})
                 continue
             argv = case_argv(case, device, args.steps, seed=1234, lr=TIMED_LR, extra=extra)
-            child = _Child(bench, case.name, device, argv, args.warmup, work, args.case_timeout_s, args.threads)
+            child = _runner(args.smoke)(bench, case.name, device, argv, args.warmup, work, args.case_timeout_s,
+                                        args.threads)
             rows.append({**case.record(), **child.result()})
     _ratios(rows)
     meta["total_s"] = round(bench.elapsed(), 1)
@@ -211,7 +255,7 @@ def run(args) -> int:
     print(loss_table(check))
     print()
     print(table(rows))
-    print(f"\n{FLOP_FORMULA}; peak GiB: {'peak RSS of the process (CPU)' if args.smoke else 'torch.cuda.max_memory_allocated'}; "
+    print(f"\n{FLOP_FORMULA}; peak GiB: {'peak RSS of the smoke process so far (CPU)' if args.smoke else 'torch.cuda.max_memory_allocated'}; "
           "planner: parallel.memory_model.estimate at one GPU (weights, gradients, Adam state, activations, logits)")
     if skipped:
         print(f"skipped (--budget-s {args.budget_s:g} spent): " + "; ".join(skipped))

@@ -93,15 +93,33 @@ def run_case(argv, warmup: int) -> dict:
     }
 
 
+def recorded_case(argv, warmup: int) -> dict:
+    """``run_case``, an error (out of memory included) recorded as its status for the table: the
+    run goes on with the next configuration."""
+    try:
+        return run_case(argv, warmup)
+    except Exception as exc:
+        return {"status": error_status(exc), "traceback": traceback.format_exc()[-3000:]}
+
+
+def tear_down() -> None:
+    """Undo what ``set_up`` made process-wide (the process group, megatron's parallel groups and
+    micro-batch calculator), so that the next configuration can set up in the same process."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    destroy_num_microbatches_calculator()
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(spec_path: str, out_path: str) -> int:
     """``spec``: {"argv": trainer arguments, "warmup": untimed steps}; the result goes to ``out``
-    as JSON, an error (out of memory included) as its status."""
+    as JSON."""
     with open(spec_path) as f:
         spec = json.load(f)
-    try:
-        result = run_case(spec["argv"], spec["warmup"])
-    except Exception as exc:  # recorded for the table; the run goes on with the next configuration
-        result = {"status": error_status(exc), "traceback": traceback.format_exc()[-3000:]}
+    result = recorded_case(spec["argv"], spec["warmup"])
     with open(out_path, "w") as f:
         json.dump(result, f)
     sys.stdout.flush()
