@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import megatron_rwkvx
-from megatron_rwkvx.data.retrieval_tasks import TRAIN_SEED_BASE, mqar_document, training_documents
+from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, copy_document, mqar_document, shortest_length,
+                                                 training_documents)
 from megatron_rwkvx.data.sample_corpus import passkey_document
 from megatron_rwkvx.data.tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
 from megatron_rwkvx.evaluation import passkey, retrieval
@@ -68,6 +69,37 @@ def test_documents_fit_and_training_seeds_differ_from_evaluation():
     assert not {d.rstrip("\n") for d in train} & evaluation and TRAIN_SEED_BASE > 20
 
 
+def test_copy_documents_repeat_each_string_once():
+    doc = copy_document(200, seed=3, count_tokens=count, chars=(4, 9))
+    assert count(doc) <= 200
+    lines = doc.splitlines()
+    assert len(lines) >= 3 and count(doc + lines[0]) > 200 - 40  # as many lines as fit
+    for line in lines:
+        first, again = line[len("Copy: "):].split(". Again: ")
+        assert again == first + "." and 4 <= len(first) <= 9
+    with pytest.raises(ValueError, match="does not fit"):
+        copy_document(20, seed=0, count_tokens=count, chars=(30, 30))
+    with pytest.raises(ValueError, match="min <= max"):
+        copy_document(200, seed=0, count_tokens=count, chars=(9, 4))
+
+
+def test_training_mix_and_varied_lengths():
+    docs = training_documents(6, 511, 80, 32, count, mix=("copy", "passkey", "mqar"))
+    assert [d.startswith("Copy:") for d in docs] == [True, False, False] * 2
+    assert docs[2].startswith("Remember these pairs:") and all(count(d) == 511 for d in docs)
+    # The default (every document as long as fits) is what earlier corpora held.
+    assert training_documents(2, 511, 80, 32, count)[0] == training_documents(2, 511, 80, 32, count, mix=("passkey",))[0]
+    varied = training_documents(40, 511, 80, 32, count, mix=("passkey", "copy"), min_length=128)
+    own = [count(d.rstrip("\n")) for d in varied]
+    assert all(count(d) == 511 for d in varied) and min(own) < 300 and max(own) > 450
+    least_passkey = shortest_length(lambda n: passkey_document(n, 0.5, 0, count), 511)
+    assert all(n >= least_passkey for n in own[0::2]) and 200 < least_passkey < 511
+    with pytest.raises(ValueError, match="document kinds"):
+        training_documents(2, 511, 80, 32, count, mix=("poems",))
+    with pytest.raises(ValueError, match="too short"):
+        shortest_length(lambda n: mqar_document(n, 80, 32, 0, count), 300)
+
+
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory):
     from megatron_rwkvx.checkpointing.official_format import REFERENCE_RWKVX
@@ -105,6 +137,10 @@ def test_mqar_scores_right_and_wrong_answers(byte_model, shift, expected):
     assert stats["accuracy"] == (1.0 if expected else 0.0) and stats["count"] == 12
     assert "| 300 | 12 |" in retrieval.format_table(records)
     assert 0 < stats["hit_chance"] <= 1 and all(0 <= r["hit_chance"] <= 1 for r in records)
+    # The pair list holds every pair: a hit on the pair is a hit on the list, never the reverse.
+    assert all(r["pair_list_hit"] or not r["hit"] for r in records)
+    assert stats["pair_list_hit_rate"] >= stats["hit_rate"] and stats["pair_list_hit_chance"] >= stats["hit_chance"]
+    assert "pair-list hit rate" in retrieval.format_table(records)
 
 
 def test_hit_rate_follows_the_selected_chunk():

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megatron_rwkvx.testing.distributed import free_port
 
@@ -50,19 +50,32 @@ class StudySize:
     head_size: int = 32
     chunk: int = 64
     top_k: int = 3
-    stage1_seq: int = 512
+    base_seq: int = 512
+    stage1_seq: int = 1024  # the paper's stage-1 context
     stage2_seq: int = 2048
     num_pairs: int = 80  # MQAR: more than the 64 keys a layer's RWKV-7 state can recall (see docs)
     num_queries: int = 32
-    base_docs: int = 3200
-    stage2_docs: int = 600
+    # Document kinds in turn (retrieval_tasks.training_documents). The base's corpus is half copy
+    # documents: it stands in for a pretraining corpus, and a base that has never had to copy does not
+    # learn to (docs/retrieval_study.md); the later stages keep some so the skill is not forgotten.
+    base_mix: Tuple[str, ...] = ("copy", "passkey", "copy", "mqar")
+    stage_mix: Tuple[str, ...] = ("passkey", "mqar", "copy")
+    copy_chars: Tuple[int, int] = (5, 40)
+    # Each training document's own length is drawn from [min_doc_fraction x context, context] (then
+    # padded): with every document as long as the context, the question always sits near the end of
+    # the window and a model can learn that position instead of reading (docs/retrieval_study.md).
+    min_doc_fraction: float = 0.25
+    base_docs: int = 12000  # one pass: base_iters x batch1
+    stage1_docs: int = 4800
+    stage2_docs: int = 1200
     batch1: int = 8
     batch2: int = 4
-    base_iters: int = 400
-    base_lr: float = 3e-3
-    stage1_iters: int = 300
+    # A tiny base learns to copy after ~600-1000 iterations (a sudden drop of the copy documents' loss)
+    base_iters: int = 1500
+    base_lr: float = 4e-3
+    stage1_iters: int = 600
     stage1_lr: float = 2e-3
-    stage2_iters: int = 150
+    stage2_iters: int = 300
     stage2_lr: float = 1e-3
     eval_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     passkey_depths: int = 5
@@ -73,29 +86,36 @@ class StudySize:
 
 SIZES: Dict[str, StudySize] = {
     "full": StudySize(),
-    "quick": StudySize(base_docs=1200, stage2_docs=160, base_iters=150, stage1_iters=100, stage2_iters=40,
+    "quick": StudySize(base_docs=8000, stage1_docs=800, stage2_docs=160, base_iters=1000, stage1_iters=100, stage2_iters=40,
                        eval_lengths=[512, 2048, 8192], passkey_depths=3, passkey_seeds=1, mqar_seeds=2),
     # Plumbing only: every entry point runs, nothing is expected to be learned.
     # (the reference passkey prompt needs ~250 bytes, hence no shorter context)
-    "test": StudySize(width=32, head_size=16, chunk=32, top_k=2, stage1_seq=256, stage2_seq=512, num_pairs=6,
-                      num_queries=2, base_docs=24, stage2_docs=8, batch1=2, batch2=2, base_iters=2,
+    "test": StudySize(width=32, head_size=16, chunk=32, top_k=2, base_seq=256, stage1_seq=256, stage2_seq=512, num_pairs=6,
+                      num_queries=2, base_docs=24, stage1_docs=8, stage2_docs=8, batch1=2, batch2=2, base_iters=2,
                       stage1_iters=1, stage2_iters=1, eval_lengths=[256, 512], passkey_depths=2,
                       passkey_seeds=1, mqar_seeds=1, eval_iters=0),
 }
 
 
-def write_corpus(path: str, num_docs: int, seq: int, size: StudySize) -> None:
-    from megatron_rwkvx.data.retrieval_tasks import training_documents
+def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple[str, ...], part: int) -> None:
+    """``part``: which training corpus (0 base, 1 stage 1, ...): its seeds follow the previous parts',
+    so no document is seen in two stages (and none is an evaluation document)."""
+    from megatron_rwkvx.data.retrieval_tasks import TRAIN_SEED_BASE, training_documents
     from megatron_rwkvx.data.tokenizers import ByteTokenizer
 
     tok = ByteTokenizer()
     count = lambda s: len(tok.tokenize(s))  # noqa: E731
     # seq - 1 tokens + the end of document = one training window: every window starts a document.
-    docs = training_documents(num_docs, seq - 1, size.num_pairs, size.num_queries, count)
+    docs = training_documents(num_docs, seq - 1, size.num_pairs, size.num_queries, count, mix=mix,
+                              copy_chars=size.copy_chars, seed_base=TRAIN_SEED_BASE + part * CORPUS_SEEDS,
+                              min_length=int(size.min_doc_fraction * (seq - 1)) if size.min_doc_fraction else None)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
+
+
+CORPUS_SEEDS = 1_000_000  # seeds per training corpus (more than any corpus has documents)
 
 
 class Runner:
@@ -156,14 +176,15 @@ def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
 
     # 1. data
     t0 = time.time()
-    write_corpus(path("corpus", "stage1.jsonl"), s.base_docs, s.stage1_seq, s)
-    write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s)
+    write_corpus(path("corpus", "base.jsonl"), s.base_docs, s.base_seq, s, s.base_mix, 0)
+    write_corpus(path("corpus", "stage1.jsonl"), s.stage1_docs, s.stage1_seq, s, s.stage_mix, 1)
+    write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s, s.stage_mix, 2)
     run.times["corpus"] = time.time() - t0
-    for stage in ("stage1", "stage2"):
+    for stage in ("base", "stage1", "stage2"):
         run.tool(f"preprocess_{stage}", "preprocess_data.py", [
             "--input", path("corpus", f"{stage}.jsonl"), "--output-prefix", path("data", stage),
             "--tokenizer-type", "ByteTokenizer", "--append-eod", "--overwrite"])
-    data1, data2 = path("data", "stage1_text_document"), path("data", "stage2_text_document")
+    data0, data1, data2 = (path("data", f"{stage}_text_document") for stage in ("base", "stage1", "stage2"))
 
     pretrain = [sys.executable, "-m", "megatron_rwkvx.pretrain"]
     pretrain_cp2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -178,7 +199,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
     # 2. the RWKV-7 base
     run("base_rwkv7", pretrain + common + [
         "--hidden-size", str(s.width), "--head-size", str(s.head_size), "--layer-pattern", "RRRR",
-        "--data-path", data1, "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1),
+        "--data-path", data0, "--seq-length", str(s.base_seq), "--micro-batch-size", str(s.batch1),
         "--global-batch-size", str(s.batch1), "--train-iters", str(s.base_iters), "--lr", str(s.base_lr),
         "--min-lr", str(s.base_lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters", str(s.base_iters // 20),
         "--eval-interval", str(s.base_iters), "--save", ck("rwkv7")])

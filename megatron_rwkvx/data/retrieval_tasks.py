@@ -14,6 +14,16 @@ by its value (the tokens scored). Keys are letters and values digits, so which i
 separator. The parts are kept apart (``context``, ``queries``) so an evaluator can find the value
 tokens with any tokenizer.
 
+Copy document (``copy_document``, training only)::
+
+    Copy: x7k2q. Again: x7k2q.
+    Copy: 0fz9... Again: 0fz9...
+
+random strings of letters and digits, each repeated once, as many as fit: half its tokens can be
+predicted only by copying from earlier in the context. It stands in for the repetition that
+natural-text pretraining is full of (names, numbers, code): a base trained on passkey and MQAR
+documents alone never learns to copy (see docs/retrieval_study.md).
+
 Seeds: evaluation uses seeds ``0, 1, ...``; training corpora use ``TRAIN_SEED_BASE + i``, so no
 evaluation document is ever in the training data.
 """
@@ -21,13 +31,15 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER, largest_fitting, passkey_document
 
 TRAIN_SEED_BASE = 1_000_000
 MQAR_HEADER = "Remember these pairs:"
 MQAR_RECALL = "Recall:"
+COPY_ALPHABET = string.ascii_lowercase + string.digits
+TASK_KINDS = ("passkey", "mqar", "copy")
 
 
 def mqar_pairs(num_pairs: int, rng: random.Random) -> List[Tuple[str, str]]:
@@ -73,19 +85,77 @@ def padded(text: str, length_tokens: int, count_tokens: Callable[[str], int]) ->
     return text + "\n" * max(0, length_tokens - count_tokens(text))
 
 
+def copy_document(length_tokens: int, seed: int, count_tokens: Callable[[str], int],
+                  chars: Tuple[int, int] = (5, 40)) -> str:
+    """Lines ``Copy: <s>. Again: <s>.`` with random strings ``s`` of ``chars[0]..chars[1]`` letters and
+    digits, as many lines as fit in ``length_tokens`` tokens (at least one)."""
+    lo, hi = chars
+    if not 1 <= lo <= hi:
+        raise ValueError(f"copy string lengths must satisfy 1 <= min <= max, got {chars}")
+    rng = random.Random(f"copy/{seed}/{length_tokens}/{lo}/{hi}")
+    text = ""
+    while True:
+        s = "".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(lo, hi)))
+        line = f"Copy: {s}. Again: {s}.\n"
+        if count_tokens(text + line) > length_tokens:
+            if not text:
+                raise ValueError(f"a copy line of {len(s)} characters does not fit in {length_tokens} tokens; "
+                                 "use a longer length or shorter strings")
+            return text
+        text += line
+
+
+def shortest_length(make: Callable[[int], object], longest: int) -> int:
+    """The least length in ``1..longest`` for which ``make(length)`` does not raise ``ValueError``
+    (the document generators raise it when their fixed parts do not fit)."""
+    def fits(n: int) -> bool:
+        try:
+            make(n)
+            return True
+        except ValueError:
+            return False
+
+    if not fits(longest):
+        make(longest)  # raises the generator's own message
+    lo, hi = 1, longest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
 def training_documents(num_docs: int, length_tokens: int, num_pairs: int, num_queries: int,
-                       count_tokens: Callable[[str], int], seed_base: int = TRAIN_SEED_BASE) -> List[str]:
-    """``num_docs`` documents of ``length_tokens`` tokens, alternately passkey (depth uniform in
-    [0, 1]) and MQAR, seeds ``seed_base + i`` (never an evaluation seed)."""
+                       count_tokens: Callable[[str], int], seed_base: int = TRAIN_SEED_BASE,
+                       mix: Sequence[str] = ("passkey", "mqar"), copy_chars: Tuple[int, int] = (5, 40),
+                       min_length: Optional[int] = None) -> List[str]:
+    """``num_docs`` documents, each padded to ``length_tokens`` tokens, of the kinds in ``mix`` in
+    turn (document ``i`` is ``mix[i % len(mix)]``: passkey with depth uniform in [0, 1], MQAR, or
+    copy), seeds ``seed_base + i`` (never an evaluation seed).
+
+    ``min_length``: each document's own length (before the padding) is drawn uniformly from
+    ``min_length`` (or the least its kind needs, if more) to ``length_tokens``; by default every
+    document is as long as fits. Documents all of one length put every question at about the same
+    position, which a model can learn instead of reading the context, and then fails at other lengths.
+    """
+    unknown = sorted(set(mix) - set(TASK_KINDS))
+    if unknown or not mix:
+        raise ValueError(f"document kinds must be a non-empty list of {TASK_KINDS}, got {list(mix)}")
+    makers = {
+        "passkey": lambda n, seed: passkey_document(n, random.Random(f"depth/{seed}").random(), seed,
+                                                    count_tokens)["text"],
+        "mqar": lambda n, seed: mqar_document(n, num_pairs, num_queries, seed, count_tokens)["text"],
+        "copy": lambda n, seed: copy_document(n, seed, count_tokens, copy_chars),
+    }
+    least = {}
+    if min_length is not None:
+        least = {kind: max(min_length, shortest_length(lambda n: makers[kind](n, seed_base), length_tokens))
+                 for kind in set(mix)}
     docs = []
     for i in range(num_docs):
         seed = seed_base + i
-        if i % 2 == 0:
-            depth = random.Random(f"depth/{seed}").random()
-            text = passkey_document(length_tokens, depth, seed, count_tokens)["text"]
-        else:
-            text = mqar_document(length_tokens, num_pairs, num_queries, seed, count_tokens)["text"]
-        docs.append(padded(text, length_tokens, count_tokens))
+        kind = mix[i % len(mix)]
+        n = random.Random(f"length/{seed}").randint(least[kind], length_tokens) if least else length_tokens
+        docs.append(padded(makers[kind](n, seed), length_tokens, count_tokens))
     return docs
 
 

@@ -101,10 +101,14 @@ class SelectionRecorder:
         heads = sum(m.local_heads for m in self.mixers)
         return 1.0 - miss_one ** heads
 
-    def hits(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[bool]:
-        """Per sparse layer: does a head attend a chunk holding one of ``answer_positions``?"""
+    def hits(self, recorded: List[tuple], position: int, answer_positions: Sequence[int],
+             attended: Optional[List[set]] = None) -> List[bool]:
+        """Per sparse layer: does a head attend a chunk holding one of ``answer_positions``?
+        (``attended``: ``attended_chunks(recorded, position)`` when the caller has it already.)"""
         wanted = {p // self.chunk_size for p in answer_positions}
-        return [bool(chosen & wanted) for chosen in self.attended_chunks(recorded, position)]
+        if attended is None:
+            attended = self.attended_chunks(recorded, position)
+        return [bool(chosen & wanted) for chosen in attended]
 
 
 def token_byte_offsets(tokenizer, ids: Sequence[int]) -> List[int]:
@@ -136,6 +140,11 @@ def run_mqar(engine: InferenceEngine, tokenizer, lengths: Sequence[int], num_pai
             ids, spans = token_segments(tokenizer, doc["context"], parts)
             context_bytes = doc["context"].encode("utf-8")
             offsets = token_byte_offsets(tokenizer, ids)
+            # The whole pair list: a query whose selection lands there but not on its own pair looks in
+            # the right region without telling the pairs apart (chunk keys are means over many pairs).
+            listed = (context_bytes.find(doc["pairs"][0].encode("utf-8")),
+                      context_bytes.find(doc["pairs"][-1].encode("utf-8")) + len(doc["pairs"][-1]))
+            pair_list_tokens = tokens_covering(offsets, *listed)
             with recorder:
                 state = engine.new_state(1)
                 logits = engine.prefill(state, [ids], piece_size=piece_size, return_all=True)[0]
@@ -146,10 +155,14 @@ def run_mqar(engine: InferenceEngine, tokenizer, lengths: Sequence[int], num_pai
                 guess = [predicted[i - 1] for i in range(start, end)]
                 pair_at = context_bytes.find((key.strip() + value).encode("utf-8"))
                 pair_tokens = tokens_covering(offsets, pair_at + len(key.strip()), pair_at + len(key.strip() + value))
-                hits = recorder.hits(recorded, start - 1, pair_tokens) if recorded else []
+                attended = recorder.attended_chunks(recorded, start - 1) if recorded else []
+                hits = recorder.hits(recorded, start - 1, pair_tokens, attended)
+                in_list = recorder.hits(recorded, start - 1, pair_list_tokens, attended)
                 rec = {"length": length, "seed": seed, "prompt_tokens": len(ids), "key": key.strip(), "answer": value,
                        "generated": tokenizer.detokenize(guess), "correct": guess == ids[start:end],
-                       "hits": hits, "hit": any(hits), "hit_chance": recorder.chance(start - 1, pair_tokens)}
+                       "hits": hits, "hit": any(hits), "hit_chance": recorder.chance(start - 1, pair_tokens),
+                       "pair_list_hit": any(in_list),
+                       "pair_list_hit_chance": recorder.chance(start - 1, pair_list_tokens)}
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
@@ -182,7 +195,7 @@ def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Seque
 
 def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
     """``{length: {"accuracy", "hit_rate", "hit_chance" (None without sparse layers), "count"}}``
-    (MQAR or passkey records)."""
+    (MQAR or passkey records); MQAR records add ``pair_list_hit_rate`` and its chance."""
     out = {}
     for n in sorted({r["length"] for r in records}):
         rows = [r for r in records if r["length"] == n]
@@ -191,17 +204,25 @@ def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
                   "hit_rate": (sum(r["hit"] for r in with_hits) / len(with_hits)) if with_hits else None,
                   "hit_chance": (sum(r["hit_chance"] for r in with_hits) / len(with_hits)) if with_hits else None,
                   "count": len(rows)}
+        if with_hits and "pair_list_hit" in with_hits[0]:
+            out[n]["pair_list_hit_rate"] = sum(r["pair_list_hit"] for r in with_hits) / len(with_hits)
+            out[n]["pair_list_hit_chance"] = sum(r["pair_list_hit_chance"] for r in with_hits) / len(with_hits)
     return out
 
 
 def format_table(records: Sequence[Dict]) -> str:
     """Markdown: one row per context length, accuracy and selection hit rate."""
-    lines = ["| length | queries | accuracy | selection hit rate | hit rate of a random selection |",
-             "|---|---|---|---|---|"]
-    for n, s in accuracy_by_length(records).items():
-        hit = "-" if s["hit_rate"] is None else f"{s['hit_rate']:.0%}"
-        chance = "-" if s["hit_chance"] is None else f"{s['hit_chance']:.0%}"
-        lines.append(f"| {n} | {s['count']} | {s['accuracy']:.0%} | {hit} | {chance} |")
+    stats = accuracy_by_length(records)
+    listed = any("pair_list_hit_rate" in s for s in stats.values())
+    lines = ["| length | queries | accuracy | selection hit rate | hit rate of a random selection |"
+             + (" pair-list hit rate (random) |" if listed else ""),
+             "|---|---|---|---|---|" + ("---|" if listed else "")]
+    pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    for n, s in stats.items():
+        row = f"| {n} | {s['count']} | {s['accuracy']:.0%} | {pct(s['hit_rate'])} | {pct(s['hit_chance'])} |"
+        if listed:
+            row += f" {pct(s.get('pair_list_hit_rate'))} ({pct(s.get('pair_list_hit_chance'))}) |"
+        lines.append(row)
     return "\n".join(lines)
 
 

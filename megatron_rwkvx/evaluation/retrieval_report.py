@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 from megatron_rwkvx.evaluation import passkey
 from megatron_rwkvx.evaluation.retrieval import accuracy_by_length as by_length
+from megatron_rwkvx.evaluation.retrieval import format_table as mqar_table
 
 
 def _pct(v: Optional[float]) -> str:
@@ -113,9 +114,11 @@ def write_study_report(output: str, results: Dict[str, Dict], meta: Dict) -> Dic
         json.dump(summary, f, indent=1)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in meta["wall_seconds"].items())
     passkey_tables = "\n\n".join(f"{label}:\n\n{passkey.format_table(res['passkey'])}" for label, res in results.items())
+    mqar_tables = "\n\n".join(f"{label}:\n\n{mqar_table(res['mqar'])}" for label, res in results.items())
     md = (f"# Retrieval study ({meta['size']})\n\n![figure](retrieval_study.png)\n\n"
           f"Accuracy by context length; in parentheses the chunk-selection hit rate / that of a random selection:\n\n{results_table(results)}\n\n"
           f"Passkey accuracy by depth:\n\n{passkey_tables}\n\n"
+          f"MQAR by length (pair-list hit rate: a selected chunk lies in the pair list at all):\n\n{mqar_tables}\n\n"
           f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \nWall time: {times}\n")
     with open(os.path.join(output, "retrieval_study.md"), "w") as f:
         f.write(md)
