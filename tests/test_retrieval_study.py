@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -163,6 +164,14 @@ def test_hit_rate_follows_the_selected_chunk():
     assert recorder.hits(recorded, 13, [5]) == [True]       # answer in the selected chunk
     assert recorder.hits(recorded, 13, [1, 2]) == [False]   # answer in a chunk not selected
     assert recorder.hits(recorded, 13, [12]) == [True]      # answer in the query's own chunk
+    # The attention weight the query puts on given positions: chunk 1 (selected) holds all of it.
+    recorder.mixers = [type("Mixer", (), {"local_heads": 1, "head_size": d})()]
+    strong = [(q * 20, k)]
+    e = math.exp(20 / math.sqrt(d))  # chunk 1's keys score 20/sqrt(d); the own chunk's (12, 13) score 0
+    assert recorder.attention_mass(strong, 13, [4, 5, 6, 7]) == [pytest.approx(4 * e / (4 * e + 2))]
+    assert recorder.attention_mass(strong, 13, [5]) == [pytest.approx(e / (4 * e + 2))]
+    assert recorder.attention_mass(strong, 13, [12]) == [pytest.approx(1 / (4 * e + 2))]
+    assert recorder.attention_mass(strong, 13, [1]) == [0.0]  # chunk 0 is not selected: never read
     recorder.mixers = [type("Mixer", (), {"local_heads": 2})()]
     # 3 past chunks, 1 pick per head, 2 heads: a random selection misses with (2/3)^2
     assert recorder.chance(13, [5]) == pytest.approx(1 - (2 / 3) ** 2) and recorder.chance(13, [12]) == 1.0
@@ -172,6 +181,7 @@ def test_passkey_hit_rate_records(byte_model):
     records = passkey.run_passkey(InferenceEngine(byte_model), ByteTokenizer(), [300], [0.0, 1.0], seeds=1,
                                   max_new_tokens=2, piece_size=64, hit_rate=True)
     assert len(records) == 2 and all(len(r["hits"]) == 1 and isinstance(r["hit"], bool) for r in records)
+    assert all(len(r["key_attention"]) == 1 and 0.0 <= r["key_attention"][0] <= 1.0 for r in records)
     # Needle at the end: it lies in the query's own chunk or the one before, always attended.
     assert records[1]["hit"] is True
 

@@ -88,6 +88,34 @@ class SelectionRecorder:
             result.append(chosen)
         return result
 
+    def attention_mass(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[float]:
+        """Per sparse layer, the largest share over heads of the attention weight that ``position``
+        puts on ``answer_positions``: the softmax over the query's own chunk (causal) and its
+        selected chunks, as the layer computes it. A hit says a chunk was selected; this says whether
+        it is read."""
+        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_selection
+
+        c, own = self.chunk_size, position // self.chunk_size
+        wanted = torch.tensor(sorted(set(answer_positions)), dtype=torch.long)
+        out = []
+        for mixer, (q, k) in zip(self.mixers, recorded):
+            hq, hkv = q.shape[1], k.shape[1]
+            chosen = torch.full((hq, 0), -1, dtype=torch.long)
+            if self.top_k > 1 and own > 0:
+                _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
+                                              chunk_size=c, top_k=self.top_k, q_offset=position)
+                chosen = sel[0, :, 0].long()  # [Hq, top_k - 1], -1 where fewer past chunks exist
+            best = 0.0
+            for h in range(hq):
+                chunks = sorted({int(x) for x in chosen[h].tolist() if x >= 0})
+                keys = torch.cat([torch.arange(j * c, (j + 1) * c) for j in chunks]
+                                 + [torch.arange(own * c, position + 1)])
+                kv = k[keys, h // (hq // hkv)]
+                probs = torch.softmax((kv @ q[position, h]) * mixer.head_size ** -0.5, dim=0)
+                best = max(best, float(probs[torch.isin(keys, wanted)].sum()))
+            out.append(best)
+        return out
+
     def chance(self, position: int, answer_positions: Sequence[int]) -> float:
         """The hit rate ("in some layer") if every head of every sparse layer picked its
         ``top_k - 1`` past chunks at random: the floor that a learned selection must beat."""
@@ -190,7 +218,9 @@ def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Seque
         wanted += tokens_covering(offsets, at, at + len(key))
         at = raw.find(key, at + 1)
     hits = recorder.hits(recorded, len(ids) - 1, wanted)
-    return {"hits": hits, "hit": any(hits), "hit_chance": recorder.chance(len(ids) - 1, wanted)}
+    mass = recorder.attention_mass(recorded, len(ids) - 1, wanted)
+    return {"hits": hits, "hit": any(hits), "hit_chance": recorder.chance(len(ids) - 1, wanted),
+            "key_attention": mass}
 
 
 def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
