@@ -7,6 +7,7 @@ sequence outgrows ``chunk_size * top_k``, so ``auto`` must never meet it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -33,9 +34,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"and k {tuple(k.shape)}")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = qt.shape[1] != kt.shape[1]
-    if uses_flash(q.device, q.dtype):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
+    only_flash = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if uses_flash(q.device, q.dtype) else contextlib.nullcontext()
+    with only_flash:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)

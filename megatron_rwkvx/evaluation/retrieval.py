@@ -72,42 +72,34 @@ class SelectionRecorder:
         self.reset()
         return out
 
+    def _selected(self, q: torch.Tensor, k: torch.Tensor, position: int) -> List[List[int]]:
+        """Per query head of one layer, the past chunks the training rule selects for ``position``."""
+        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_selection
+
+        if self.top_k == 1 or position < self.chunk_size:
+            return [[] for _ in range(q.shape[1])]
+        _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
+                                      chunk_size=self.chunk_size, top_k=self.top_k, q_offset=position)
+        return [sorted({int(c) for c in head.tolist() if c >= 0}) for head in sel[0, :, 0]]
+
     def attended_chunks(self, recorded: List[tuple], position: int) -> List[set]:
         """Per sparse layer, the chunks some head attends from ``position``: its own and those
         the training rule selects."""
-        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_selection
-
         own = position // self.chunk_size
-        result = []
-        for q, k in recorded:
-            chosen = {own}
-            if self.top_k > 1 and own > 0:
-                _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
-                                              chunk_size=self.chunk_size, top_k=self.top_k, q_offset=position)
-                chosen |= {int(c) for c in sel.flatten().tolist() if c >= 0}
-            result.append(chosen)
-        return result
+        return [{own}.union(*self._selected(q, k, position)) for q, k in recorded]
 
     def attention_mass(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[float]:
         """Per sparse layer, the largest share over heads of the attention weight that ``position``
         puts on ``answer_positions``: the softmax over the query's own chunk (causal) and its
         selected chunks, as the layer computes it. A hit says a chunk was selected; this says whether
         it is read."""
-        from megatron_rwkvx.kernels.sparse_attention import topk_chunk_selection
-
         c, own = self.chunk_size, position // self.chunk_size
         wanted = torch.tensor(sorted(set(answer_positions)), dtype=torch.long)
         out = []
         for mixer, (q, k) in zip(self.mixers, recorded):
             hq, hkv = q.shape[1], k.shape[1]
-            chosen = torch.full((hq, 0), -1, dtype=torch.long)
-            if self.top_k > 1 and own > 0:
-                _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
-                                              chunk_size=c, top_k=self.top_k, q_offset=position)
-                chosen = sel[0, :, 0].long()  # [Hq, top_k - 1], -1 where fewer past chunks exist
             best = 0.0
-            for h in range(hq):
-                chunks = sorted({int(x) for x in chosen[h].tolist() if x >= 0})
+            for h, chunks in enumerate(self._selected(q, k, position)):
                 keys = torch.cat([torch.arange(j * c, (j + 1) * c) for j in chunks]
                                  + [torch.arange(own * c, position + 1)])
                 kv = k[keys, h // (hq // hkv)]
