@@ -51,7 +51,10 @@ def _check_init_from(path) -> None:
 
 
 def _report(err: BaseException) -> int:
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and its newline apart, and the ranks of one job
+    # share stderr, so their refusals would run together on one line.
+    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.flush()
     return 2
 
 

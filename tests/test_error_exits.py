@@ -435,3 +435,23 @@ def test_text_stream_prints_exactly_the_continuation(kind, sp_model, tmp_path):
         stream.push(token)
     stream.finish()
     assert out.getvalue() == text + "\n"
+
+
+def test_a_refusal_reaches_stderr_in_one_write(monkeypatch):
+    """The ranks of a job share stderr: a refusal written as text and newline apart runs into the
+    next rank's (seen in CI), so pretrain writes each error line whole."""
+    from megatron_rwkvx import pretrain
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, s):
+            self.calls.append(s)
+            return super().write(s)
+
+    stderr = Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    assert pretrain._report(ValueError("--load x: iteration 4 is damaged")) == 2
+    assert stderr.calls == ["error: --load x: iteration 4 is damaged\n"]
