@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from megatron_rwkvx.data.tokenizers import ByteTokenizer
-from megatron_rwkvx.evaluation import copy_probe, retrieval
+from megatron_rwkvx.evaluation import copy_probe
+
+from test_retrieval_study import bare_recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,15 +42,7 @@ def test_scores_right_and_wrong_copies(shift, accuracy):
 
 
 def test_induction_weight_is_the_weight_on_the_token_after_the_match():
-    class Engine:
-        class model:
-            class config:
-                sparse_chunk_size, sparse_top_k = 4, 4
-
-            class decoder:
-                layers = []
-
-    recorder = retrieval.SelectionRecorder(Engine)
+    recorder = bare_recorder(4, 4)
     recorder.mixers = [type("Mixer", (), {"local_heads": 1, "head_size": 4})()]
     t, lines = 16, [(2, 9, 3)]  # source 2..4, copy 9..11
     q, k = torch.zeros(t, 1, 4), torch.zeros(t, 1, 4)

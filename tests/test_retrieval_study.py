@@ -144,16 +144,16 @@ def test_mqar_scores_right_and_wrong_answers(byte_model, shift, expected):
     assert "pair-list hit rate" in retrieval.format_table(records)
 
 
+def bare_recorder(chunk_size: int, top_k: int) -> retrieval.SelectionRecorder:
+    """A recorder for hand-made q/k (tests set ``mixers``): an engine with no sparse layers."""
+    engine = type("Engine", (), {"model": type("Model", (), {
+        "config": type("Config", (), {"sparse_chunk_size": chunk_size, "sparse_top_k": top_k}),
+        "decoder": type("Decoder", (), {"layers": []})})})
+    return retrieval.SelectionRecorder(engine)
+
+
 def test_hit_rate_follows_the_selected_chunk():
-    class Engine:
-        class model:
-            class config:
-                sparse_chunk_size, sparse_top_k = 4, 2
-
-            class decoder:
-                layers = []
-
-    recorder = retrieval.SelectionRecorder(Engine)
+    recorder = bare_recorder(4, 2)
     d, t = 8, 16  # 4 chunks of 4; the query at position 13 (chunk 3) matches chunk 1's keys only
     k = torch.zeros(t, 1, d)
     k[4:8, 0, 0] = 1.0
