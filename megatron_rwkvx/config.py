@@ -29,6 +29,17 @@ DENSE_MODE = "dense"
 ATTENTION_MODES = (SPARSE_MODE, DENSE_MODE)
 
 
+def attention_layout_error(mode: str, context_parallel_size: int, mode_name: str = "attention_mode",
+                           cp_name: str = "context_parallel_size") -> Optional[str]:
+    """Why ``mode`` cannot run with ``context_parallel_size`` (None if it can), in the caller's names
+    for the two settings (config fields or command-line flags)."""
+    if mode == DENSE_MODE and context_parallel_size > 1:
+        return (f"{mode_name} {mode} (the dense-attention baseline) attends over whole sequences; with "
+                f"{cp_name} {context_parallel_size} each rank holds a shard and no dense path attends "
+                f"across shards: use {cp_name} 1 for the baseline, or {mode_name} {SPARSE_MODE}")
+    return None
+
+
 class ConfigError(UsageError):
     """A configuration that cannot describe a valid model or parallel layout."""
 
@@ -181,13 +192,9 @@ class RWKVXConfig(TransformerConfig):
             raise ConfigError(
                 f"attention_mode {self.attention_mode!r} is unknown; choose one of {list(ATTENTION_MODES)}"
             )
-        if self.attention_mode == DENSE_MODE and self.context_parallel_size > 1:
-            raise ConfigError(
-                f"attention_mode 'dense' (the dense-attention baseline) runs on whole sequences; "
-                f"with context_parallel_size {self.context_parallel_size} each rank holds a shard "
-                "and no dense path attends across shards: use context_parallel_size 1 for the "
-                "baseline, or attention_mode 'sparse'"
-            )
+        layout_error = attention_layout_error(self.attention_mode, self.context_parallel_size)
+        if layout_error:
+            raise ConfigError(layout_error)
 
         for field, kind in (
             ("decay_lora_dim", "decay"),

@@ -69,7 +69,7 @@ def test_dense_differs_from_sparse_once_chunks_are_left_out(models):
 
 
 def test_dense_is_refused_with_context_parallelism_and_by_the_decoder(models):
-    with pytest.raises(ConfigError, match="attention_mode 'dense'.*context_parallel_size 1"):
+    with pytest.raises(ConfigError, match="attention_mode dense.*context_parallel_size 1"):
         RWKVXConfig(attention_mode="dense", context_parallel_size=2, **CFG)
     with pytest.raises(ConfigError, match="attention_mode 'sideways' is unknown"):
         RWKVXConfig(attention_mode="sideways", **CFG)

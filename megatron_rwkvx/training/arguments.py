@@ -7,7 +7,7 @@ import math
 import os
 from typing import List, Optional
 
-from megatron_rwkvx.config import ATTENTION_MODES, DENSE_MODE
+from megatron_rwkvx.config import ATTENTION_MODES, attention_layout_error
 from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES
 from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, check_recompute
@@ -449,10 +449,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("give the model shape (--layer-pattern or --num-layers, --hidden-size) or --init-from")
     if not shape_from_checkpoint and args.hidden_size is None:
         fail("--hidden-size is required unless --init-from gives the model shape")
-    if args.attention_mode == DENSE_MODE and cp > 1:
-        fail(f"--attention-mode {args.attention_mode} (the dense-attention baseline) attends over whole "
-             f"sequences; with --context-parallel-size {cp} each rank holds a shard: use "
-             "--context-parallel-size 1 for the baseline, or --attention-mode sparse")
+    layout_error = attention_layout_error(args.attention_mode, cp, "--attention-mode", "--context-parallel-size")
+    if layout_error:  # here, before any model or data is built
+        fail(layout_error)
     if args.virtual_pipeline_model_parallel_size is not None and pp == 1:
         fail("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
     if args.dist_ckpt_optim_fully_reshardable:
