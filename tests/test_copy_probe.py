@@ -52,6 +52,8 @@ def test_induction_weight_is_the_weight_on_the_token_after_the_match():
     weights = copy_probe.induction_weight(recorder, [(q, k)], lines)
     e = math.exp(10 / 2)
     assert weights == [pytest.approx((e / (e + 9) + e / (e + 10)) / 2)]
+    # Spread evenly, the heads would give the target 1 / the keys they read: 10 at position 9, 11 at 10.
+    assert copy_probe.induction_weight(recorder, [(q, k)], lines, even=True) == [pytest.approx((1 / 10 + 1 / 11) / 2)]
 
 
 def test_tool_on_a_tiny_model(tmp_path):
@@ -71,7 +73,8 @@ def test_tool_on_a_tiny_model(tmp_path):
     table = (tmp_path / "o" / "copy.md").read_text()
     assert "| 5 |" in table and "| 20 |" in table and (tmp_path / "o" / "copy.png").stat().st_size > 0
     rows = json.loads((tmp_path / "o" / "copy.json").read_text())
-    assert len(rows) == 4 and all(len(r["induction_weight"]) == 1 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert len(rows) == 4 and all(len(r["induction_weight"]) == len(r["even_weight"]) == 1 and 0 <= r["accuracy"] <= 1
+                                  and 0 < r["even_weight"][0] <= 1 for r in rows)
     bad = subprocess.run(common + ["--string-lengths", "200", "--output-dir", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: a copy line of 200")

@@ -5,7 +5,8 @@ of one length are scored teacher-forced on the second copy: loss and accuracy by
 where the recurrent state stops holding the string. For each copied token the weight that every
 sparse layer puts on the source token to copy next (the attention an induction head gives) is
 measured with the layer's own rule (``SelectionRecorder.attention_mass``): a sparse block that copies
-puts most of its weight there; one that reads the context as a bag puts about 1/position.
+puts most of its weight there; one that reads its selected chunks as a bag puts the even-spread
+level beside it (1 / the number of keys it reads, where those hold the token).
 """
 from __future__ import annotations
 
@@ -49,20 +50,19 @@ def score_copies(logits: torch.Tensor, ids: Sequence[int], lines) -> Tuple[float
     return loss / len(rows), correct / len(rows), len(rows)
 
 
-def induction_weight(recorder, recorded, lines) -> List[float]:
+def induction_weight(recorder, recorded, lines, even: bool = False) -> List[float]:
     """Per sparse layer, the mean over copied tokens of the largest (over heads) weight that copy
-    position ``copy + i`` puts on source position ``source + i + 1``, the token to write next."""
-    totals, count = None, 0
-    for source, copy, n in lines:
-        for i in range(n - 1):
-            w = recorder.attention_mass(recorded, copy + i, [source + i + 1])
-            totals = w if totals is None else [a + b for a, b in zip(totals, w)]
-            count += 1
-    return [t / count for t in totals] if count else []
+    position ``copy + i`` puts on source position ``source + i + 1``, the token to write next.
+    ``even``: the same for heads that spread their weight evenly over the keys they read (the
+    level of reading the selected chunks as a bag, ``SelectionRecorder.attention_mass``)."""
+    per_token = [recorder.attention_mass(recorded, copy + i, [source + i + 1], even=even)
+                 for source, copy, n in lines for i in range(n - 1)]
+    return [sum(layer) / len(per_token) for layer in zip(*per_token)]
 
 
 def run_copy_probe(engine, tokenizer, context: int, string_lengths: Sequence[int], seeds: int) -> List[Dict]:
-    """One record per (string length, seed): loss, accuracy and per-layer induction weight."""
+    """One record per (string length, seed): loss, accuracy, and per sparse layer the induction
+    weight and its even-spread level."""
     from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
 
     records = []
@@ -78,38 +78,32 @@ def run_copy_probe(engine, tokenizer, context: int, string_lengths: Sequence[int
             logits = (out[0] if isinstance(out, tuple) else out).reshape(len(ids), -1)
             loss, accuracy, scored = score_copies(logits, ids, lines)
             records.append({"chars": chars, "seed": seed, "tokens": scored, "loss": loss, "accuracy": accuracy,
-                            "induction_weight": induction_weight(recorder, recorded, lines) if recorded else [],
-                            "uniform_weight": sum(1 / (c + i + 1) for _, c, n in lines for i in range(n - 1))
-                            / max(1, sum(n - 1 for *_, n in lines))})
+                            "induction_weight": induction_weight(recorder, recorded, lines),
+                            "even_weight": induction_weight(recorder, recorded, lines, even=True)})
     return records
 
 
 def summarize(records: Sequence[Dict]) -> Dict[int, Dict]:
-    """Per string length: token-weighted loss and accuracy, mean induction weight per layer."""
+    """Per string length: token-weighted loss and accuracy; per layer the mean induction weight
+    and its even-spread level over the documents."""
     out: Dict[int, Dict] = {}
-    for r in records:
-        s = out.setdefault(r["chars"], {"tokens": 0, "loss": 0.0, "correct": 0.0, "induction": [], "uniform": []})
-        s["tokens"] += r["tokens"]
-        s["loss"] += r["loss"] * r["tokens"]
-        s["correct"] += r["accuracy"] * r["tokens"]
-        s["induction"].append(r["induction_weight"])
-        s["uniform"].append(r["uniform_weight"])
-    for s in out.values():
-        layers = list(zip(*s.pop("induction")))
-        s["induction_weight"] = [sum(v) / len(v) for v in layers]
-        s["uniform_weight"] = sum(s["uniform"]) / len(s.pop("uniform"))
-        s["loss"] /= s["tokens"]
-        s["accuracy"] = s.pop("correct") / s["tokens"]
+    for chars in sorted({r["chars"] for r in records}):
+        rows = [r for r in records if r["chars"] == chars]
+        tokens = sum(r["tokens"] for r in rows)
+        layer_means = lambda key: [sum(v) / len(rows) for v in zip(*(r[key] for r in rows))]  # noqa: E731
+        out[chars] = {"tokens": tokens, "loss": sum(r["loss"] * r["tokens"] for r in rows) / tokens,
+                      "accuracy": sum(r["accuracy"] * r["tokens"] for r in rows) / tokens,
+                      "induction_weight": layer_means("induction_weight"), "even_weight": layer_means("even_weight")}
     return out
 
 
 def format_copy_table(records: Sequence[Dict]) -> str:
-    lines = ["| string length | tokens scored | loss (nats) | accuracy | induction weight per sparse layer (uniform) |",
-             "|---|---|---|---|---|"]
+    lines = ["| string length | tokens scored | loss (nats) | accuracy | induction weight per sparse layer "
+             "(even spread over the keys read) |", "|---|---|---|---|---|"]
+    layers = lambda ws: " / ".join(f"{w:.3f}" for w in ws)  # noqa: E731
     for chars, s in summarize(records).items():
-        weights = " / ".join(f"{w:.3f}" for w in s["induction_weight"]) or "-"
-        lines.append(f"| {chars} | {s['tokens']} | {s['loss']:.3f} | {s['accuracy']:.0%} | {weights} "
-                     f"({s['uniform_weight']:.3f}) |")
+        weights = f"{layers(s['induction_weight'])} ({layers(s['even_weight'])})" if s["induction_weight"] else "-"
+        lines.append(f"| {chars} | {s['tokens']} | {s['loss']:.3f} | {s['accuracy']:.0%} | {weights} |")
     return "\n".join(lines)
 
 

@@ -88,22 +88,30 @@ class SelectionRecorder:
         own = position // self.chunk_size
         return [{own}.union(*self._selected(q, k, position)) for q, k in recorded]
 
-    def attention_mass(self, recorded: List[tuple], position: int, answer_positions: Sequence[int]) -> List[float]:
+    def _read_keys(self, q: torch.Tensor, k: torch.Tensor, position: int) -> List[torch.Tensor]:
+        """Per query head, the key positions it reads from ``position``: its selected chunks and its
+        own chunk up to itself."""
+        c, own = self.chunk_size, position // self.chunk_size
+        return [torch.cat([torch.arange(j * c, (j + 1) * c) for j in chunks] + [torch.arange(own * c, position + 1)])
+                for chunks in self._selected(q, k, position)]
+
+    def attention_mass(self, recorded: List[tuple], position: int, answer_positions: Sequence[int],
+                       even: bool = False) -> List[float]:
         """Per sparse layer, the largest share over heads of the attention weight that ``position``
         puts on ``answer_positions``: the softmax over the query's own chunk (causal) and its
         selected chunks, as the layer computes it. A hit says a chunk was selected; this says whether
-        it is read."""
-        c, own = self.chunk_size, position // self.chunk_size
+        it is read. ``even``: the share if each head spread its weight evenly over the keys it reads
+        (the same selection): the level of a head that reads what it selects as a bag."""
         wanted = torch.tensor(sorted(set(answer_positions)), dtype=torch.long)
         out = []
         for mixer, (q, k) in zip(self.mixers, recorded):
             hq, hkv = q.shape[1], k.shape[1]
             best = 0.0
-            for h, chunks in enumerate(self._selected(q, k, position)):
-                keys = torch.cat([torch.arange(j * c, (j + 1) * c) for j in chunks]
-                                 + [torch.arange(own * c, position + 1)])
-                kv = k[keys, h // (hq // hkv)]
-                probs = torch.softmax((kv @ q[position, h]) * mixer.head_size ** -0.5, dim=0)
+            for h, keys in enumerate(self._read_keys(q, k, position)):
+                if even:
+                    probs = torch.full((len(keys),), 1.0 / len(keys))
+                else:
+                    probs = torch.softmax((k[keys, h // (hq // hkv)] @ q[position, h]) * mixer.head_size ** -0.5, dim=0)
                 best = max(best, float(probs[torch.isin(keys, wanted)].sum()))
             out.append(best)
         return out
