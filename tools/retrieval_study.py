@@ -97,6 +97,9 @@ SIZES: Dict[str, StudySize] = {
 }
 
 
+CORPUS_SEEDS = 1_000_000  # seeds per training corpus (more than any corpus has documents)
+
+
 def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple[str, ...], part: int) -> None:
     """``part``: which training corpus (0 base, 1 stage 1, ...): its seeds follow the previous parts',
     so no document is seen in two stages (and none is an evaluation document)."""
@@ -113,9 +116,6 @@ def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
-
-
-CORPUS_SEEDS = 1_000_000  # seeds per training corpus (more than any corpus has documents)
 
 
 class Runner:
