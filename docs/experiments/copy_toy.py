@@ -7,7 +7,7 @@ documents every 100 steps. Architectures: gpt-pos (learned absolute positions), 
 (no positional information), and the package's RWKVXModel as rwkvx:PATTERN (sparse attention) or
 rwkvx-dense:PATTERN (the same blocks with dense causal attention). Width 64, heads of 32, AdamW,
 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
-import argparse, json, math, sys, time
+import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 p = argparse.ArgumentParser()
@@ -70,7 +70,6 @@ class GPT(nn.Module):
 
 if a.arch.startswith("gpt"):
     model = GPT(a.arch == "gpt-pos")
-    fwd = model
 else:
     kind, pattern = a.arch.split(":")
     from megatron_rwkvx.pretrained import prepare_runtime
@@ -82,7 +81,6 @@ else:
                       attention_mode="dense" if kind == "rwkvx-dense" else "sparse",
                       use_cpu_initialization=True, params_dtype=torch.float32)
     model = RWKVXModel(cfg, parallel_output=False)
-    fwd = lambda ids: model(ids)
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
 opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -102,12 +100,12 @@ t0 = time.time(); log = []
 for it in range(a.steps + 1):
     if it % 100 == 0 or it == a.steps:
         model.eval()
-        with torch.no_grad(): l, acc = score(evalids, fwd(evalids))
+        with torch.no_grad(): l, acc = score(evalids, model(evalids))
         model.train()
         log.append((it, l, acc)); print(f"{a.arch} A={a.alphabet} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
     if it == a.steps: break
     ids = batch(a.batch, g)
-    logits = fwd(ids)
+    logits = model(ids)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
 if a.save: torch.save(model.state_dict(), a.save)
