@@ -1,19 +1,27 @@
-"""Finding 9 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy?
+"""Findings 9-10 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
 installed). Each document is a random string s of --half symbols from an alphabet of --alphabet,
-written twice (s ++ s); loss and teacher-forced accuracy are scored on the second copy, on 64 fixed
-documents every 100 steps. Architectures: gpt-pos (learned absolute positions), gpt-rope, gpt-nope
-(no positional information), and the package's RWKVXModel as rwkvx:PATTERN (sparse attention) or
-rwkvx-dense:PATTERN (the same blocks with dense causal attention). Width 64, heads of 32, AdamW,
-100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
+written twice (s ++ s), or with --gap G separated by 0..G filler symbols (then no fixed offset
+names the source: only content does); loss and teacher-forced accuracy are scored on the second
+copy after its first symbol, on 64 fixed documents every 100 steps. Architectures: gpt-pos
+(learned absolute positions), gpt-rope, gpt-nope (no positional information), gpt-shift (no
+positions, RWKV's token shift on the attention's input), and the package's RWKVXModel as
+rwkvx:PATTERN (sparse attention) or rwkvx-dense:PATTERN (the same blocks with dense causal
+attention). --base loads an rwkvx:R...R --save file into the pattern's R blocks (the zero-init
+expansion) and --train-only sparse freezes all but the sparse blocks (stage 1, the package's
+freeze_for_stage1); --probe N prints each sparse layer's induction weight (copy_probe's measure) and where
+each head's weight goes (entropy, weight on the first copy); --ablate, the accuracy when the
+sparse blocks read less (top-k 1, chunks of 16, output zeroed).
+Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
 p = argparse.ArgumentParser()
-p.add_argument("--arch", required=True)  # gpt-pos, gpt-nope, rwkvx:PATTERN, rwkvx-dense:PATTERN
+p.add_argument("--arch", required=True)  # gpt-pos, gpt-rope, gpt-nope, gpt-shift, rwkvx:PATTERN, rwkvx-dense:PATTERN
 p.add_argument("--alphabet", type=int, default=36)
 p.add_argument("--half", type=int, default=128)
+p.add_argument("--gap", type=int, default=0)  # filler of random length 0..gap between the copies
 p.add_argument("--steps", type=int, default=1500)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--lr", type=float, default=3e-3)
@@ -26,11 +34,16 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--out", default=None)
 p.add_argument("--save", default=None)
+p.add_argument("--load", default=None)  # a --save file of the same --arch: evaluate or train on from it
+p.add_argument("--base", default=None)  # a --save file of rwkvx:R...R: its blocks fill this pattern's R blocks in order (the expansion)
+p.add_argument("--train-only", choices=["all", "sparse"], default="all")  # sparse: stage 1, the package's freeze
+p.add_argument("--ablate", action="store_true")  # after training: eval accuracy when the sparse blocks read less
+p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
-V = 64 if a.alphabet <= 64 else 256
-T = 2 * a.half
+V = 64 if a.alphabet < 64 else 256  # one spare id: the filler symbol a.alphabet
+T = 2 * a.half + a.gap
 
 class Block(nn.Module):
     def __init__(s, c, h):
@@ -38,9 +51,17 @@ class Block(nn.Module):
         s.ln1, s.ln2 = nn.LayerNorm(c), nn.LayerNorm(c)
         s.qkv = nn.Linear(c, 3 * c, bias=False); s.o = nn.Linear(c, c, bias=False)
         s.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        if SHIFT: s.mu = nn.Parameter(torch.full((3, c), 0.5))
     def forward(s, x):
         b, t, c = x.shape
-        q, k, v = s.qkv(s.ln1(x)).view(b, t, 3, c // s.h, s.h).permute(2, 0, 3, 1, 4)
+        h = s.ln1(x)
+        if SHIFT:  # RWKV's token shift on the attention's input: the previous token without a position
+            prev = F.pad(h, (0, 0, 1, -1))
+            h = torch.cat([h + s.mu[i] * (prev - h) for i in range(3)], -1)
+            w = s.qkv.weight.view(3, c, c)
+            q, k, v = torch.einsum("btjc,jdc->jbtd", h.view(b, t, 3, c), w).reshape(3, b, t, c // s.h, s.h).transpose(2, 3)
+        else:
+            q, k, v = s.qkv(h).view(b, t, 3, c // s.h, s.h).permute(2, 0, 3, 1, 4)
         if ROPE:
             q, k = rope(q), rope(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -48,6 +69,7 @@ class Block(nn.Module):
         return x + s.mlp(s.ln2(x))
 
 ROPE = a.arch == "gpt-rope"
+SHIFT = a.arch == "gpt-shift"
 def rope(x):
     d = x.shape[-1]; t = x.shape[-2]
     f = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
@@ -76,38 +98,109 @@ else:
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
     prepare_runtime(torch.device("cpu"))
-    cfg = RWKVXConfig(hidden_size=a.width, head_size=a.head, vocab_size=V, layer_pattern=pattern,
-                      num_layers=len(pattern), sparse_chunk_size=a.chunk, sparse_top_k=a.topk,
-                      attention_mode="dense" if kind == "rwkvx-dense" else "sparse",
-                      use_cpu_initialization=True, params_dtype=torch.float32)
-    model = RWKVXModel(cfg, parallel_output=False)
+    def build(chunk=a.chunk, top_k=a.topk):
+        cfg = RWKVXConfig(hidden_size=a.width, head_size=a.head, vocab_size=V, layer_pattern=pattern,
+                          num_layers=len(pattern), sparse_chunk_size=chunk, sparse_top_k=top_k,
+                          attention_mode="dense" if kind == "rwkvx-dense" else "sparse",
+                          use_cpu_initialization=True, params_dtype=torch.float32)
+        return RWKVXModel(cfg, parallel_output=False)
+    model = build()
+if a.load:
+    model.load_state_dict(torch.load(a.load))
+if a.base:
+    base, mine = torch.load(a.base), model.state_dict()
+    r_layers = [i for i, sym in enumerate(pattern) if sym == "R"]
+    def rename(k):
+        if not k.startswith("decoder.layers."): return k
+        j, rest = k[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{r_layers[int(j)]}.{rest}"
+    mapped = {rename(k): v for k, v in base.items()}
+    assert set(mapped) <= set(mine) and len(base) == len(mapped), "the base's blocks do not fit this pattern"
+    mine.update(mapped); model.load_state_dict(mine)
+if a.train_only == "sparse":
+    from megatron_rwkvx.training.model_builder import freeze_for_stage1
+    freeze_for_stage1([model])
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
-opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
 warm = 100
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / a.steps))))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / max(a.steps, 1)))))
 g = torch.Generator().manual_seed(1000 + a.seed)
 def batch(n, gen):
+    """ids [n, T] and the mask of the targets scored: the second copy after its first symbol."""
     s = torch.randint(0, a.alphabet, (n, a.half), generator=gen)
-    return torch.cat([s, s], 1)
-def score(ids, logits):
-    pred = logits[:, a.half:-1].argmax(-1); tgt = ids[:, a.half + 1:]
-    loss = F.cross_entropy(logits[:, a.half:-1].reshape(-1, V), tgt.reshape(-1))
-    return loss.item(), (pred == tgt).float().mean().item()
+    if not a.gap:
+        ids = torch.cat([s, s], 1)
+        mask = torch.zeros(n, T - 1, dtype=torch.bool); mask[:, a.half:] = True
+        return ids, mask
+    gaps = torch.randint(0, a.gap + 1, (n,), generator=gen)
+    ids = torch.full((n, T), a.alphabet); mask = torch.zeros(n, T - 1, dtype=torch.bool)
+    for i, gi in enumerate(gaps.tolist()):
+        ids[i, : a.half] = s[i]; ids[i, a.half + gi : 2 * a.half + gi] = s[i]
+        mask[i, a.half + gi : 2 * a.half + gi - 1] = True  # target t+1 predicted at t
+    return ids, mask
+def score(ids, mask, logits):
+    lg, tgt = logits[:, :-1][mask], ids[:, 1:][mask]
+    return F.cross_entropy(lg, tgt).item(), (lg.argmax(-1) == tgt).float().mean().item()
 evalg = torch.Generator().manual_seed(999)
-evalids = batch(64, evalg)
+evalids, evalmask = batch(64, evalg)
 t0 = time.time(); log = []
 for it in range(a.steps + 1):
     if it % 100 == 0 or it == a.steps:
         model.eval()
-        with torch.no_grad(): l, acc = score(evalids, model(evalids))
+        with torch.no_grad(): l, acc = score(evalids, evalmask, model(evalids))
         model.train()
-        log.append((it, l, acc)); print(f"{a.arch} A={a.alphabet} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
+        log.append((it, l, acc)); print(f"{a.arch} A={a.alphabet} gap={a.gap} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
     if it == a.steps: break
-    ids = batch(a.batch, g)
+    ids, _ = batch(a.batch, g)
     logits = model(ids)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
+def probe(n):
+    """Per sparse layer, over the second copies of n eval documents: the weight put on the source of
+    the token to write next (the induction weight), and that weight if each head spread its weight
+    evenly over the keys it reads (copy_probe's measure, with the layer's own selection)."""
+    import types
+    from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
+    from megatron_rwkvx.evaluation.copy_probe import induction_weight
+    iw, ev, spread, count = [], [], {}, n
+    for r in range(n):
+        ids = evalids[r : r + 1]
+        with SelectionRecorder(types.SimpleNamespace(model=model)) as rec, torch.no_grad():
+            model(ids); recd = rec.take(ids.shape[1])
+        start = int(evalmask[r].nonzero()[0])  # second copy's first symbol
+        lines = [(0, start, a.half)]
+        iw.append(induction_weight(rec, recd, lines)); ev.append(induction_weight(rec, recd, lines, even=True))
+        for layer, (q, k) in enumerate(recd):  # where each head's weight goes instead
+            for h in range(q.shape[1]):
+                for i in range(a.half - 1):
+                    t = start + i; keys = rec._read_keys(q, k, t)[h]
+                    w = torch.softmax(k[keys, h] @ q[t, h] * a.head ** -0.5, 0)
+                    row = spread.setdefault((layer, h), [0.0] * 4)
+                    row[0] += float(-(w * w.clamp_min(1e-30).log()).sum()); row[1] += math.log(len(keys))
+                    row[2] += float(w[keys < a.half].sum()); row[3] += abs(int(keys[w.argmax()]) - (i + 1))
+    for (layer, h), row in sorted(spread.items()):
+        n = (a.half - 1) * count
+        print(f"sparse layer {layer} head {h}: entropy {row[0]/n:.2f} (even {row[1]/n:.2f}), weight on the "
+              f"first copy {row[2]/n:.2f}, |argmax key - source| {row[3]/n:.1f}", flush=True)
+    mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
+    return mean(iw), mean(ev)
+probed = None
+if a.probe and not a.arch.startswith(("gpt", "rwkvx-dense")):
+    model.eval(); probed = probe(a.probe)
+    print(f"induction weight per sparse layer {probed[0]} (even level {probed[1]})", flush=True)
+ablated = None
+if a.ablate and a.arch.startswith("rwkvx:"):
+    # top-k 1: each query reads its own chunk only, so nothing of the first copy beyond it
+    ablated = {}
+    for name, chunk, top_k in [("own chunk only (top-k 1)", a.chunk, 1), ("chunk 16, top-k 1", 16, 1),
+                               ("chunk 16, top-k 3", 16, 3), ("sparse output zeroed", a.chunk, a.topk)]:
+        other = build(chunk, top_k); other.load_state_dict(model.state_dict()); other.eval()
+        if name == "sparse output zeroed":
+            for layer in other.decoder.layers:
+                if layer.symbol == "A": layer.mixer.output.weight.data.zero_()
+        with torch.no_grad(): ablated[name] = score(evalids, evalmask, other(evalids))
+        print(f"ablation {name}: loss2 {ablated[name][0]:.3f} acc2 {ablated[name][1]:.3f}", flush=True)
 if a.save: torch.save(model.state_dict(), a.save)
-res = dict(vars(a), params=nparam, log=log, wall=time.time() - t0)
+res = dict(vars(a), params=nparam, log=log, induction=probed, ablation=ablated, wall=time.time() - t0)
 if a.out: json.dump(res, open(a.out, "w"))
