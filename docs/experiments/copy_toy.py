@@ -8,8 +8,9 @@ copy after its first symbol, on 64 fixed documents every 100 steps. Architecture
 (learned absolute positions), gpt-rope, gpt-nope (no positional information), gpt-shift (no
 positions, RWKV's token shift on the attention's input), and the package's RWKVXModel as
 rwkvx:PATTERN (sparse attention) or rwkvx-dense:PATTERN (the same blocks with dense causal
-attention). --base loads an rwkvx:R...R --save file into the pattern's R blocks (the zero-init
-expansion) and --train-only sparse freezes all but the sparse blocks (stage 1, the package's
+attention). --base loads an rwkvx:R...R --save file into the pattern's R blocks in order, the
+sparse blocks keeping the model's own init (zero output, so the start is the base, as after the
+package's zero-init expansion, which works on the reference file layout instead) and --train-only sparse freezes all but the sparse blocks (stage 1, the package's
 freeze_for_stage1); --probe N prints each sparse layer's induction weight (copy_probe's measure) and where
 each head's weight goes (entropy, weight on the first copy); --ablate, the accuracy when the
 sparse blocks read less (top-k 1, chunks of 16, output zeroed).
@@ -163,7 +164,7 @@ def probe(n):
     import types
     from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
     from megatron_rwkvx.evaluation.copy_probe import induction_weight
-    iw, ev, spread, count = [], [], {}, n
+    iw, ev, spread = [], [], {}
     for r in range(n):
         ids = evalids[r : r + 1]
         with SelectionRecorder(types.SimpleNamespace(model=model)) as rec, torch.no_grad():
@@ -171,18 +172,16 @@ def probe(n):
         start = int(evalmask[r].nonzero()[0])  # second copy's first symbol
         lines = [(0, start, a.half)]
         iw.append(induction_weight(rec, recd, lines)); ev.append(induction_weight(rec, recd, lines, even=True))
-        for layer, (q, k) in enumerate(recd):  # where each head's weight goes instead
-            for h in range(q.shape[1]):
-                for i in range(a.half - 1):
-                    t = start + i; keys = rec._read_keys(q, k, t)[h]
-                    w = torch.softmax(k[keys, h] @ q[t, h] * a.head ** -0.5, 0)
+        for i in range(a.half - 1):  # where each head's weight goes instead
+            for layer, heads in enumerate(rec.attention_weights(recd, start + i)):
+                for h, (keys, w) in enumerate(heads):
                     row = spread.setdefault((layer, h), [0.0] * 4)
                     row[0] += float(-(w * w.clamp_min(1e-30).log()).sum()); row[1] += math.log(len(keys))
                     row[2] += float(w[keys < a.half].sum()); row[3] += abs(int(keys[w.argmax()]) - (i + 1))
+    queries = (a.half - 1) * n
     for (layer, h), row in sorted(spread.items()):
-        n = (a.half - 1) * count
-        print(f"sparse layer {layer} head {h}: entropy {row[0]/n:.2f} (even {row[1]/n:.2f}), weight on the "
-              f"first copy {row[2]/n:.2f}, |argmax key - source| {row[3]/n:.1f}", flush=True)
+        print(f"sparse layer {layer} head {h}: entropy {row[0]/queries:.2f} (even {row[1]/queries:.2f}), weight on "
+              f"the first copy {row[2]/queries:.2f}, |argmax key - source| {row[3]/queries:.1f}", flush=True)
     mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
     return mean(iw), mean(ev)
 probed = None
@@ -193,10 +192,10 @@ ablated = None
 if a.ablate and a.arch.startswith("rwkvx:"):
     # top-k 1: each query reads its own chunk only, so nothing of the first copy beyond it
     ablated = {}
-    for name, chunk, top_k in [("own chunk only (top-k 1)", a.chunk, 1), ("chunk 16, top-k 1", 16, 1),
-                               ("chunk 16, top-k 3", 16, 3), ("sparse output zeroed", a.chunk, a.topk)]:
+    for name, chunk, top_k, silenced in [("own chunk only (top-k 1)", a.chunk, 1, False), ("chunk 16, top-k 1", 16, 1, False),
+                                         ("chunk 16, top-k 3", 16, 3, False), ("sparse output zeroed", a.chunk, a.topk, True)]:
         other = build(chunk, top_k); other.load_state_dict(model.state_dict()); other.eval()
-        if name == "sparse output zeroed":
+        if silenced:
             for layer in other.decoder.layers:
                 if layer.symbol == "A": layer.mixer.output.weight.data.zero_()
         with torch.no_grad(): ablated[name] = score(evalids, evalmask, other(evalids))

@@ -95,26 +95,32 @@ class SelectionRecorder:
         return [torch.cat([torch.arange(j * c, (j + 1) * c) for j in chunks] + [torch.arange(own * c, position + 1)])
                 for chunks in self._selected(q, k, position)]
 
+    def attention_weights(self, recorded: List[tuple], position: int, even: bool = False) -> List[List[tuple]]:
+        """Per sparse layer, per query head, ``(keys, weights)``: the key positions that ``position``
+        reads (own chunk causally plus the selected chunks) and the softmax over them, as the layer
+        computes it. ``even``: the weights of a head that spread evenly over the same keys."""
+        out = []
+        for mixer, (q, k) in zip(self.mixers, recorded):
+            group = q.shape[1] // k.shape[1]
+            heads = []
+            for h, keys in enumerate(self._read_keys(q, k, position)):
+                if even:
+                    weights = torch.full((len(keys),), 1.0 / len(keys))
+                else:
+                    weights = torch.softmax((k[keys, h // group] @ q[position, h]) * mixer.head_size ** -0.5, dim=0)
+                heads.append((keys, weights))
+            out.append(heads)
+        return out
+
     def attention_mass(self, recorded: List[tuple], position: int, answer_positions: Sequence[int],
                        even: bool = False) -> List[float]:
         """Per sparse layer, the largest share over heads of the attention weight that ``position``
-        puts on ``answer_positions``: the softmax over the query's own chunk (causal) and its
-        selected chunks, as the layer computes it. A hit says a chunk was selected; this says whether
-        it is read. ``even``: the share if each head spread its weight evenly over the keys it reads
-        (the same selection): the level of a head that reads what it selects as a bag."""
+        puts on ``answer_positions`` (``attention_weights``). A hit says a chunk was selected; this
+        says whether it is read. ``even``: the share if each head spread its weight evenly over the
+        keys it reads (the same selection): the level of a head that reads what it selects as a bag."""
         wanted = torch.tensor(sorted(set(answer_positions)), dtype=torch.long)
-        out = []
-        for mixer, (q, k) in zip(self.mixers, recorded):
-            hq, hkv = q.shape[1], k.shape[1]
-            best = 0.0
-            for h, keys in enumerate(self._read_keys(q, k, position)):
-                if even:
-                    probs = torch.full((len(keys),), 1.0 / len(keys))
-                else:
-                    probs = torch.softmax((k[keys, h // (hq // hkv)] @ q[position, h]) * mixer.head_size ** -0.5, dim=0)
-                best = max(best, float(probs[torch.isin(keys, wanted)].sum()))
-            out.append(best)
-        return out
+        return [max((float(w[torch.isin(keys, wanted)].sum()) for keys, w in heads), default=0.0)
+                for heads in self.attention_weights(recorded, position, even=even)]
 
     def chance(self, position: int, answer_positions: Sequence[int]) -> float:
         """The hit rate ("in some layer") if every head of every sparse layer picked its
