@@ -1,4 +1,5 @@
-"""Findings 9-10 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy?
+"""Findings 9-11 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
+or to recall by key?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
 installed). Each document is a random string s of --half symbols from an alphabet of --alphabet,
@@ -14,6 +15,14 @@ package's zero-init expansion, which works on the reference file layout instead)
 freeze_for_stage1); --probe N prints each sparse layer's induction weight (copy_probe's measure) and where
 each head's weight goes (entropy, weight on the first copy); --ablate, the accuracy when the
 sparse blocks read less (top-k 1, chunks of 16, output zeroed).
+--task mqar (finding 11) replaces the copy with multi-query associative recall: --pairs N distinct
+keys (of --keys ids) each followed by a value (of --values ids, chance 1/values), then the same N
+pairs in a random order, so T = 4N and only a key's content leads to its value; the value after each
+asked key is scored. --train-loss scored trains on those targets only (Zoology's MQAR loss; the
+default, all, trains on every next token). For mqar, --probe N prints per sparse layer the hit rate
+of the heads' selected chunks on the asked pair beside a random selection's, and the largest share
+over heads of the softmax weight on the pair's two positions beside the even level, and the share
+of the selected past chunks that lie in the pair list beside a random selection's.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -23,6 +32,11 @@ p.add_argument("--arch", required=True)  # gpt-pos, gpt-rope, gpt-nope, gpt-shif
 p.add_argument("--alphabet", type=int, default=36)
 p.add_argument("--half", type=int, default=128)
 p.add_argument("--gap", type=int, default=0)  # filler of random length 0..gap between the copies
+p.add_argument("--task", choices=["copy", "mqar"], default="copy")
+p.add_argument("--pairs", type=int, default=64)  # mqar: key-value pairs, then every key asked once in random order
+p.add_argument("--keys", type=int, default=192)  # mqar: key ids 0..keys-1, distinct within a document
+p.add_argument("--values", type=int, default=64)  # mqar: value ids keys..keys+values-1 (chance 1/values)
+p.add_argument("--train-loss", choices=["all", "scored"], default="all")  # scored: train on the scored targets only (Zoology's MQAR loss)
 p.add_argument("--steps", type=int, default=1500)
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--lr", type=float, default=3e-3)
@@ -43,8 +57,12 @@ p.add_argument("--probe", type=int, default=0)  # after training: induction weig
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
-V = 64 if a.alphabet < 64 else 256  # one spare id: the filler symbol a.alphabet
-T = 2 * a.half + a.gap
+if a.task == "mqar":
+    V, T = 256, 4 * a.pairs
+    assert a.keys + a.values <= V and a.pairs <= a.keys, "keys + values must fit 256 ids, pairs <= keys"
+else:
+    V = 64 if a.alphabet < 64 else 256  # one spare id: the filler symbol a.alphabet
+    T = 2 * a.half + a.gap
 
 class Block(nn.Module):
     def __init__(s, c, h):
@@ -127,8 +145,21 @@ opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a
 warm = 100
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / max(a.steps, 1)))))
 g = torch.Generator().manual_seed(1000 + a.seed)
+def mqar_batch(n, gen):
+    """k1 v1 .. kN vN, then the same N pairs in a random order: the value after each asked key is
+    scored, and only the key's content (not its offset, which the order makes random) leads to it."""
+    N = a.pairs
+    keys = torch.rand(n, a.keys, generator=gen).argsort(1)[:, :N]
+    vals = a.keys + torch.randint(0, a.values, (n, N), generator=gen)
+    order = torch.rand(n, N, generator=gen).argsort(1)
+    ids = torch.empty(n, T, dtype=torch.long)
+    ids[:, 0 : 2 * N : 2], ids[:, 1 : 2 * N : 2] = keys, vals
+    ids[:, 2 * N :: 2], ids[:, 2 * N + 1 :: 2] = keys.gather(1, order), vals.gather(1, order)
+    mask = torch.zeros(n, T - 1, dtype=torch.bool); mask[:, 2 * N :: 2] = True  # at the asked key, predict its value
+    return ids, mask
 def batch(n, gen):
     """ids [n, T] and the mask of the targets scored: the second copy after its first symbol."""
+    if a.task == "mqar": return mqar_batch(n, gen)
     s = torch.randint(0, a.alphabet, (n, a.half), generator=gen)
     if not a.gap:
         ids = torch.cat([s, s], 1)
@@ -151,11 +182,12 @@ for it in range(a.steps + 1):
         model.eval()
         with torch.no_grad(): l, acc = score(evalids, evalmask, model(evalids))
         model.train()
-        log.append((it, l, acc)); print(f"{a.arch} A={a.alphabet} gap={a.gap} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
+        log.append((it, l, acc)); print(f"{a.arch} {a.task} A={a.alphabet} gap={a.gap} pairs={a.pairs} loss={a.train_loss} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
     if it == a.steps: break
-    ids, _ = batch(a.batch, g)
+    ids, mask = batch(a.batch, g)
     logits = model(ids)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    if a.train_loss == "scored": loss = F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
+    else: loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
 def probe(n):
     """Per sparse layer, over the second copies of n eval documents: the weight put on the source of
@@ -184,8 +216,41 @@ def probe(n):
               f"the first copy {row[2]/queries:.2f}, |argmax key - source| {row[3]/queries:.1f}", flush=True)
     mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
     return mean(iw), mean(ev)
+def mqar_probe(n):
+    """Per sparse layer, over every asked key of n eval documents: how often a head's selected chunks
+    hold the asked pair (the hit rate, with the rate of a random selection beside it), and the largest
+    share over heads of the weight on the pair's two positions (with the even level)."""
+    import types
+    from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
+    N, rows = a.pairs, []
+    for r in range(n):
+        ids = evalids[r : r + 1]
+        with SelectionRecorder(types.SimpleNamespace(model=model)) as rec, torch.no_grad():
+            model(ids); recd = rec.take(ids.shape[1])
+        where = {int(ids[0, 2 * j]): 2 * j for j in range(N)}
+        for t in range(2 * N, T, 2):
+            pair = [where[int(ids[0, t])], where[int(ids[0, t])] + 1]
+            attended = rec.attended_chunks(recd, t)
+            hit, chance = rec.hits(recd, t, pair, attended), rec.chance(t, pair)  # chance: some head of any layer
+            L, own, listed = len(hit), t // a.chunk, 2 * N // a.chunk  # chunks 0..listed-1 hold the pair list
+            # of the past chunks some head selects, the share in the pair list; any random selection's is listed/own
+            in_list = [sum(c < listed for c in s - {own}) / max(len(s - {own}), 1) for s in attended]
+            rows.append(hit + [float(any(hit)), 1 - (1 - chance) ** (1 / L), chance] + rec.attention_mass(recd, t, pair)
+                        + rec.attention_mass(recd, t, pair, even=True) + in_list + [min(listed, own) / own])
+    mean = [sum(c) / len(c) for c in zip(*rows)]
+    out = dict(hit=mean[:L], random_hit=mean[L + 1], hit_any_layer=mean[L], random_hit_any_layer=mean[L + 2],
+               mass=mean[L + 3 : 2 * L + 3], even_mass=mean[2 * L + 3 : 3 * L + 3],
+               in_pair_list=mean[3 * L + 3 : 4 * L + 3], random_in_pair_list=mean[4 * L + 3])
+    for i in range(L):
+        print(f"sparse layer {i}: hit rate on the asked pair {out['hit'][i]:.3f} (random selection {out['random_hit']:.3f}), "
+              f"weight on the pair {out['mass'][i]:.3f} (even {out['even_mass'][i]:.3f}), "
+              f"selected chunks in the pair list {out['in_pair_list'][i]:.3f} (random {out['random_in_pair_list']:.3f})", flush=True)
+    print(f"hit rate in some sparse layer {out['hit_any_layer']:.3f} (random {out['random_hit_any_layer']:.3f})", flush=True)
+    return out
 probed = None
-if a.probe and not a.arch.startswith(("gpt", "rwkvx-dense")):
+if a.probe and a.task == "mqar" and a.arch.startswith("rwkvx:") and "A" in pattern:
+    model.eval(); probed = mqar_probe(a.probe)
+if a.probe and a.task == "copy" and not a.arch.startswith(("gpt", "rwkvx-dense")):
     model.eval(); probed = probe(a.probe)
     print(f"induction weight per sparse layer {probed[0]} (even level {probed[1]})", flush=True)
 ablated = None
