@@ -218,30 +218,34 @@ def probe(n):
     return mean(iw), mean(ev)
 def mqar_probe(n):
     """Per sparse layer, over every asked key of n eval documents: how often a head's selected chunks
-    hold the asked pair (the hit rate, with the rate of a random selection beside it), and the largest
-    share over heads of the weight on the pair's two positions (with the even level)."""
+    hold the asked pair (the hit rate, with the rate of a random selection beside it), the largest
+    share over heads of the weight on the pair's two positions (with the even level), and the share of
+    the selected past chunks that lie in the pair list (with a random selection's)."""
     import types
     from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
-    N, rows = a.pairs, []
+    N, listed = a.pairs, 2 * a.pairs // a.chunk  # chunks 0..listed-1 hold the pair list
+    per_layer = dict(hit=[], mass=[], even_mass=[], in_pair_list=[])  # one row of layer values per query
+    per_query = dict(random_hit=[], hit_any_layer=[], random_hit_any_layer=[], random_in_pair_list=[])
     for r in range(n):
         ids = evalids[r : r + 1]
         with SelectionRecorder(types.SimpleNamespace(model=model)) as rec, torch.no_grad():
             model(ids); recd = rec.take(ids.shape[1])
         where = {int(ids[0, 2 * j]): 2 * j for j in range(N)}
         for t in range(2 * N, T, 2):
-            pair = [where[int(ids[0, t])], where[int(ids[0, t])] + 1]
+            pair, own = [where[int(ids[0, t])], where[int(ids[0, t])] + 1], t // a.chunk
             attended = rec.attended_chunks(recd, t)
             hit, chance = rec.hits(recd, t, pair, attended), rec.chance(t, pair)  # chance: some head of any layer
-            L, own, listed = len(hit), t // a.chunk, 2 * N // a.chunk  # chunks 0..listed-1 hold the pair list
-            # of the past chunks some head selects, the share in the pair list; any random selection's is listed/own
-            in_list = [sum(c < listed for c in s - {own}) / max(len(s - {own}), 1) for s in attended]
-            rows.append(hit + [float(any(hit)), 1 - (1 - chance) ** (1 / L), chance] + rec.attention_mass(recd, t, pair)
-                        + rec.attention_mass(recd, t, pair, even=True) + in_list + [min(listed, own) / own])
-    mean = [sum(c) / len(c) for c in zip(*rows)]
-    out = dict(hit=mean[:L], random_hit=mean[L + 1], hit_any_layer=mean[L], random_hit_any_layer=mean[L + 2],
-               mass=mean[L + 3 : 2 * L + 3], even_mass=mean[2 * L + 3 : 3 * L + 3],
-               in_pair_list=mean[3 * L + 3 : 4 * L + 3], random_in_pair_list=mean[4 * L + 3])
-    for i in range(L):
+            per_layer["hit"].append(hit)
+            per_layer["mass"].append(rec.attention_mass(recd, t, pair))
+            per_layer["even_mass"].append(rec.attention_mass(recd, t, pair, even=True))
+            per_layer["in_pair_list"].append([sum(c < listed for c in s - {own}) / max(len(s - {own}), 1) for s in attended])
+            per_query["random_hit"].append(1 - (1 - chance) ** (1 / len(hit)))
+            per_query["hit_any_layer"].append(float(any(hit)))
+            per_query["random_hit_any_layer"].append(chance)
+            per_query["random_in_pair_list"].append(listed / own)  # any random subset of the own-1 past chunks
+    out = {k: [sum(c) / len(c) for c in zip(*rows)] for k, rows in per_layer.items()}
+    out.update({k: sum(v) / len(v) for k, v in per_query.items()})
+    for i in range(len(out["hit"])):
         print(f"sparse layer {i}: hit rate on the asked pair {out['hit'][i]:.3f} (random selection {out['random_hit']:.3f}), "
               f"weight on the pair {out['mass'][i]:.3f} (even {out['even_mass'][i]:.3f}), "
               f"selected chunks in the pair list {out['in_pair_list'][i]:.3f} (random {out['random_in_pair_list']:.3f})", flush=True)
@@ -266,5 +270,6 @@ if a.ablate and a.arch.startswith("rwkvx:"):
         with torch.no_grad(): ablated[name] = score(evalids, evalmask, other(evalids))
         print(f"ablation {name}: loss2 {ablated[name][0]:.3f} acc2 {ablated[name][1]:.3f}", flush=True)
 if a.save: torch.save(model.state_dict(), a.save)
-res = dict(vars(a), params=nparam, log=log, induction=probed, ablation=ablated, wall=time.time() - t0)
+res = dict(vars(a), params=nparam, log=log, ablation=ablated, wall=time.time() - t0,
+           **{"mqar_probe" if a.task == "mqar" else "induction": probed})
 if a.out: json.dump(res, open(a.out, "w"))
