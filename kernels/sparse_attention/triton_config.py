@@ -6,8 +6,7 @@ sets of ``tuned_configs`` (``kernels/triton_launch.py``): every configuration th
 sm_90 without register spills under triton 3.6-3.9 (``triton_compile_check``; a test checks the
 installed one). The sets lie around the first guess (``blocks_for``) and the tiles of
 flash-attention kernels for Hopper (128-query forward tiles, 128-key dk/dv blocks with 32-row
-query steps). fp32 inputs (a checking path) and head sizes
-above 128 launch the fixed blocks.
+query steps). fp32 inputs (a checking path) and head sizes above 128 launch the fixed blocks.
 """
 from __future__ import annotations
 
