@@ -40,6 +40,14 @@ def attention_layout_error(mode: str, context_parallel_size: int, mode_name: str
     return None
 
 
+# The token-shift mixes of a sparse block with ``sparse_token_shift``, in the model and in files:
+# named as the RWKV blocks' (the query is the receptance).
+SPARSE_SHIFT_MIXES = ("x_r", "x_k", "x_v")
+# Their initial value in every channel: half the previous token, half the current one, as in the
+# copy-toy runs where the sparse blocks learned to look up by content (docs/retrieval_study.md).
+SPARSE_SHIFT_INIT = 0.5
+
+
 class ConfigError(UsageError):
     """A configuration that cannot describe a valid model or parallel layout."""
 
@@ -100,6 +108,12 @@ class RWKVXConfig(TransformerConfig):
     sparse_chunk_size: int = 2048
     sparse_top_k: int = 3
     attention_mode: str = SPARSE_MODE
+    # Token shift on the sparse blocks' query/key/value inputs (x + mu * (x[t-1] - x), mu learned per
+    # channel, as RWKV's own blocks mix their inputs). Not in the reference RWKV-X, which is False:
+    # without it a key can only name the token before it through what the RWKV-7 blocks write into
+    # the residual stream, and at small scale the sparse blocks never learned to look up by content
+    # (docs/retrieval_study.md, finding 13).
+    sparse_token_shift: bool = False
 
     # Operator backends: "auto" picks Triton on CUDA and PyTorch on the CPU.
     wkv_backend: str = "auto"

@@ -15,6 +15,7 @@ from megatron_rwkvx.checkpointing.official_format import (
     REFERENCE_RWKVX,
     CheckpointFormatError,
     config_kwargs_from_state_dict,
+    has_sparse_token_shift,
     import_state_dict,
     load_state_dict_file,
 )
@@ -83,6 +84,7 @@ def config_from_file_state_dict(sd, file_config: Optional[dict] = None, **overri
         layout = REFERENCE_RWKVX
         kwargs = config_kwargs_from_state_dict(sd, layout)
         num_sparse = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("moba."))
+        kwargs["sparse_token_shift"] = has_sparse_token_shift(sd, layout)
     else:
         layout = OFFICIAL_RWKV7
         kwargs = config_kwargs_from_state_dict(sd, layout)

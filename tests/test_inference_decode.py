@@ -22,9 +22,10 @@ T = 60
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def hybrid(tmp_path_factory):
-    cfg = RWKVXConfig(layer_pattern=PATTERN, **TINY)
+@pytest.fixture(scope="module", params=[False, True], ids=["reference", "sparse-token-shift"])
+def hybrid(tmp_path_factory, request):
+    # With sparse_token_shift the decoder must carry each sparse block's last input across calls.
+    cfg = RWKVXConfig(layer_pattern=PATTERN, sparse_token_shift=request.param, **TINY)
     path = tmp_path_factory.mktemp("inference") / "hybrid.pth"
     torch.save(random_official_state_dict(cfg, seed=3, layout=REFERENCE_RWKVX), path)
     return megatron_rwkvx.load_pretrained(str(path), **SPARSE)

@@ -15,19 +15,23 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _setup(tmp_path_factory, cfg, optimizers):
     path = tmp_path_factory.mktemp("layouts") / "rand.pth"
-    torch.save(random_official_state_dict(RWKVXConfig(**CFG), seed=21), path)
+    torch.save(random_official_state_dict(RWKVXConfig(**cfg), seed=21), path)
     g = torch.Generator().manual_seed(3)
-    tokens = torch.randint(0, CFG["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
-    labels = torch.randint(0, CFG["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
+    tokens = torch.randint(0, cfg["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
+    labels = torch.randint(0, cfg["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g)
     references = {
-        opt: run_distributed(one_training_step, 1, {"optimizer": opt}, CFG, str(path), tokens,
+        opt: run_distributed(one_training_step, 1, {"optimizer": opt}, cfg, str(path), tokens,
                              labels, MICRO_BATCH)[0]
-        for opt in ("sgd", "adam")
+        for opt in optimizers
     }
     return str(path), tokens, labels, references
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _setup(tmp_path_factory, CFG, ("sgd", "adam"))
 
 
 def _check(result, reference):
@@ -64,3 +68,22 @@ def test_layout_matches_single_process(setup, name):
     layout, world = LAYOUTS[name]
     result = run_distributed(one_training_step, world, layout, CFG, path, tokens, labels, MICRO_BATCH)[0]
     _check(result, references[layout.get("optimizer", "sgd")])
+
+
+# The sparse blocks' token-shift mixes are replicated parameters fed the gathered sequence (their
+# gradients are summed over TP) and, with CP, the previous rank's last token.
+SHIFT_CFG = dict(CFG, sparse_token_shift=True)
+
+
+@pytest.fixture(scope="module")
+def shift_setup(tmp_path_factory):
+    return _setup(tmp_path_factory, SHIFT_CFG, ("sgd",))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["tp2-sp", "cp2"])
+def test_sparse_token_shift_layout_matches_single_process(shift_setup, name):
+    path, tokens, labels, references = shift_setup
+    layout, world = LAYOUTS[name]
+    result = run_distributed(one_training_step, world, layout, SHIFT_CFG, path, tokens, labels, MICRO_BATCH)[0]
+    _check(result, references["sgd"])

@@ -38,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--attention-mode", choices=("sparse", "dense"), default="sparse",
                    help="what the new A blocks compute (recorded in the megatron checkpoint): dense "
                         "starts the dense-attention baseline from the same weights")
+    p.add_argument("--sparse-token-shift", action="store_true",
+                   help="give the new blocks token-shift mixes on their query/key/value inputs (not in "
+                        "the reference RWKV-X; see docs/retrieval_study.md, finding 13): 0.5 per "
+                        "channel, or the RWKV block's x_r/x_k/x_v with --init copy")
     p.add_argument("--seed", type=int, default=0, help="seed of the new blocks' random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
         base = load_state_dict_file(args.input)
         _check_input(args, base)
         expanded, pattern = expand_rwkv7_state_dict(
-            base, args.pattern, args.num_sparse_blocks, args.init, args.seed
+            base, args.pattern, args.num_sparse_blocks, args.init, args.seed, args.sparse_token_shift
         )
         if args.output_format == "pth":
             tmp = args.output + ".partial"

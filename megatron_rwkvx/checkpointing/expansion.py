@@ -20,7 +20,14 @@ from megatron_rwkvx.checkpointing.official_format import (
     CheckpointFormatError,
     config_kwargs_from_state_dict,
 )
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, ConfigError, default_pattern
+from megatron_rwkvx.config import (
+    ATTENTION_SYMBOL,
+    RWKV_SYMBOL,
+    SPARSE_SHIFT_INIT,
+    SPARSE_SHIFT_MIXES,
+    ConfigError,
+    default_pattern,
+)
 from megatron_rwkvx.layers import rwkv7_init
 
 INIT_MODES = ("zero", "copy")
@@ -69,8 +76,13 @@ def expand_rwkv7_state_dict(
     num_sparse_blocks: Optional[int] = None,
     init: str = "zero",
     seed: int = 0,
+    token_shift: bool = False,
 ) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Return (RWKV-X reference-layout state dict, pattern)."""
+    """Return (RWKV-X reference-layout state dict, pattern).
+
+    ``token_shift``: the new blocks get token-shift mixes for their query/key/value inputs
+    (``sparse_token_shift``, not in the reference): copied from the RWKV block before with
+    ``init="copy"``, else every channel at ``SPARSE_SHIFT_INIT``."""
     if init not in INIT_MODES:
         raise ConfigError(f"init must be one of {INIT_MODES}, got {init!r}")
     if any(k.startswith(("moba.", "rwkv.")) for k in base):
@@ -104,6 +116,9 @@ def expand_rwkv7_state_dict(
                 out[prefix + f"att.{proj}.weight"] = base[src + f"att.{proj}.weight"].clone()
             for name in ("x_k", "key.weight", "value.weight"):
                 out[prefix + f"ffn.{name}"] = base[src + f"ffn.{name}"].clone()
+            if token_shift:
+                for name in SPARSE_SHIFT_MIXES:
+                    out[prefix + f"att.{name}"] = base[src + f"att.{name}"].clone()
         else:
             f = shape["ffn_hidden_size"]
 
@@ -122,6 +137,9 @@ def expand_rwkv7_state_dict(
             out[prefix + "ffn.x_k"] = x_k.reshape(1, 1, c)
             out[prefix + "ffn.key.weight"] = uniform(f, c, 0.5)
             out[prefix + "ffn.value.weight"] = torch.zeros(c, f)
+            if token_shift:
+                for name in SPARSE_SHIFT_MIXES:
+                    out[prefix + f"att.{name}"] = torch.full((1, 1, c), SPARSE_SHIFT_INIT)
         for name in list(out):
             if name.startswith(prefix):
                 out[name] = out[name].to(dtype).contiguous()

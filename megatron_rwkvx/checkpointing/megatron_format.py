@@ -38,11 +38,14 @@ ARCH_FIELDS = (
     "sparse_top_k",
     # The same weights compute another function with dense attention (the baseline).
     "attention_mode",
+    # Extra parameters (the sparse blocks' token-shift mixes) and another function.
+    "sparse_token_shift",
 )
 
 # Architecture fields newer than some saved configs, with the value those configs were written
-# under: before attention_mode existed every A block ran top-k chunk attention.
-FIELDS_ADDED_LATER = {"attention_mode": SPARSE_MODE}
+# under: before attention_mode existed every A block ran top-k chunk attention, and before
+# sparse_token_shift none had a token shift.
+FIELDS_ADDED_LATER = {"attention_mode": SPARSE_MODE, "sparse_token_shift": False}
 
 
 def with_later_fields(saved: Dict) -> Dict:
@@ -111,6 +114,8 @@ def check_architecture(saved: Dict, cfg, directory: str) -> None:
         f"{k}: checkpoint {saved.get(k)!r} vs model {current[k]!r}"
         # A resume that forgets --attention-mode gets the default: name the flag that fixes it.
         + (f" (pass --attention-mode {saved[k]})" if k == "attention_mode" else "")
+        + ((" (pass --sparse-token-shift)" if saved[k] else " (pass --no-sparse-token-shift)")
+           if k == "sparse_token_shift" else "")
         for k in ARCH_FIELDS
         if k in saved and saved.get(k) != current[k]
         and k not in ("sparse_chunk_size", "sparse_top_k")  # attention hyper-parameters may change

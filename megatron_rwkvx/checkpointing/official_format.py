@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from megatron.core import parallel_state
 
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, SPARSE_SHIFT_MIXES, RWKVXConfig
 from megatron_rwkvx.errors import UsageError
 
 
@@ -122,12 +122,20 @@ def _sparse_attention_entries(cfg: RWKVXConfig, model_prefix: str, file_prefix: 
     c = cfg.hidden_size
     kv = (cfg.num_query_groups or cfg.num_attention_heads) * cfg.head_size
     mp, fp = model_prefix + "mixer.", file_prefix + "att."
-    return [
+    entries = [
         Entry(mp + "query.weight", fp + "receptance.weight", "same", 0, (c, c)),
         Entry(mp + "key.weight", fp + "key.weight", "same", 0, (kv, c)),
         Entry(mp + "value.weight", fp + "value.weight", "same", 0, (kv, c)),
         Entry(mp + "output.weight", fp + "output.weight", "same", 1, (c, c)),
     ]
+    if cfg.sparse_token_shift:  # [1,1,C] in the file, as the RWKV blocks' x_r/x_k/x_v
+        entries += [Entry(mp + name, fp + name, "vector", None, (c,)) for name in SPARSE_SHIFT_MIXES]
+    return entries
+
+
+def has_sparse_token_shift(sd: Dict[str, torch.Tensor], layout: KeyLayout = REFERENCE_RWKVX) -> bool:
+    """Whether an RWKV-X file's sparse blocks carry token-shift mixes (not in the reference)."""
+    return layout.sparse_block_prefix.format(i=0) + "att.x_k" in sd
 
 
 def checkpoint_entries(cfg: RWKVXConfig, layout: KeyLayout = OFFICIAL_RWKV7) -> List[Entry]:

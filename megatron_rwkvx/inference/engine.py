@@ -106,7 +106,8 @@ class InferenceEngine:
                 put(st.time_shift, step.last_token)
                 put(st.wkv, step.wkv_state)
             else:
-                mixed = self._attention(layer.mixer, st.cache, x, rows)
+                mixed = self._attention(layer.mixer, st.cache, x, rows, pick(st.time_shift))
+                put(st.time_shift, x[-1])
             hidden = hidden + mixed
             x = layer.pre_mlp_norm(hidden)
             out, _ = layer.mlp(x, previous_token=pick(st.channel_shift))
@@ -115,12 +116,10 @@ class InferenceEngine:
         logits, _ = model.output_layer(model.decoder.final_norm(hidden))
         return logits.transpose(0, 1).float()
 
-    def _attention(self, mixer, cache, x: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    def _attention(self, mixer, cache, x: torch.Tensor, rows: List[int], previous_token) -> torch.Tensor:
         length, r_count, _ = x.shape
         d = mixer.head_size
-        q = mixer.query(x)[0].view(length, r_count, mixer.local_heads, d)
-        k = mixer.key(x)[0].view(length, r_count, mixer.local_kv_heads, d)
-        v = mixer.value(x)[0].view(length, r_count, mixer.local_kv_heads, d)
+        q, k, v = mixer.project(x, previous_token)
         scale = d**-0.5
         if length == 1:
             out = cache.attend_decode(rows, q[0], k[0], v[0], scale)[None]

@@ -1,7 +1,8 @@
 """What a model remembers between inference calls, per layer and per batch row.
 
 ``R`` layer: the time-mix shift token, the WKV state (fp32, [B, H, N, N]) and the channel-mix shift
-token. ``A`` layer: the chunked key/value cache and the channel-mix shift token. Everything is
+token. ``A`` layer: the chunked key/value cache, the channel-mix shift token and the attention's
+shift token (read only with ``sparse_token_shift``). Everything is
 constant-size except the attention caches, which grow by one chunk every ``chunk_size`` tokens
 unless capped (``max_chunks``).
 """
@@ -28,6 +29,7 @@ class RWKVLayerState:
 class AttentionLayerState:
     cache: ChunkedKVCache
     channel_shift: torch.Tensor  # [B, C]
+    time_shift: torch.Tensor  # [B, C]: the attention input of the last token (sparse_token_shift)
 
 
 LayerState = Union[RWKVLayerState, AttentionLayerState]
@@ -49,7 +51,7 @@ class InferenceState:
                 tensors = (st.time_shift, st.wkv, st.channel_shift)
             else:
                 total += st.cache.memory_bytes()
-                tensors = (st.channel_shift,)
+                tensors = (st.channel_shift, st.time_shift)
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
@@ -90,7 +92,7 @@ def new_state(model, batch_size: int, max_cached_chunks: Optional[int] = None,
                 chunk_size=cfg.sparse_chunk_size, top_k=cfg.sparse_top_k,
                 dtype=dtype, device=device, max_chunks=max_cached_chunks,
             )
-            layers.append(AttentionLayerState(cache, shift()))
+            layers.append(AttentionLayerState(cache, shift(), shift()))
         else:
             raise ValueError(f"layer symbol {layer.symbol!r} has no inference state; expected 'R' or 'A'")
     return InferenceState(layers, [0] * batch_size)

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense causal attention through SDPA (flash on a GPU in bf16), the baseline "
                         "of the same size (no context parallelism). Saved with the checkpoint; "
                         "default: the --init-from checkpoint's, else sparse")
+    m.add_argument("--sparse-token-shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="token shift on the sparse blocks' query/key/value inputs (x + mu (x[t-1] - x), "
+                        "mu learned per channel); not in the reference RWKV-X (see "
+                        "docs/retrieval_study.md, finding 13). Saved with the checkpoint; default: the "
+                        "--init-from checkpoint's, else off")
     m.add_argument("--init-from", default=None,
                    help="start weights: an official RWKV-7/RWKV-X .pth or a megatron checkpoint "
                         "directory (model shape is read from it); ignored when --load resumes")

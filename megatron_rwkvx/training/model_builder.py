@@ -26,6 +26,7 @@ _SHAPE_ARGS = {
     "ffn_hidden_size": "--ffn-hidden-size",
     "vocab_size": "--vocab-size",
     "attention_mode": "--attention-mode",
+    "sparse_token_shift": "--sparse-token-shift",
 }
 
 
@@ -72,6 +73,7 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         "vocab_size": args.vocab_size if args.tokenizer_type != "NullTokenizer" else None,
         # Not given: the start checkpoint's, else the config's default (sparse).
         "attention_mode": args.attention_mode,
+        "sparse_token_shift": args.sparse_token_shift,
     }
     for field, value in given.items():
         if value is None or (args.use_checkpoint_args and field in shape):
