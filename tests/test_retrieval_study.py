@@ -186,13 +186,14 @@ def test_passkey_hit_rate_records(byte_model):
     assert records[1]["hit"] is True
 
 
-def test_study_driver_test_form(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense"]], ids=["reference", "shift-dense-stage1"])
+def test_study_driver_test_form(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
     study = importlib.util.module_from_spec(spec)
     sys.modules["study"] = study  # its dataclasses resolve their annotations through the module
     spec.loader.exec_module(study)
     out = tmp_path / "study"
-    assert study.main(["--output", str(out), "--size", "test"]) == 0
+    assert study.main(["--output", str(out), "--size", "test", *flags]) == 0
     summary = json.loads((out / "retrieval_study.json").read_text())
     assert set(summary["by_length"]) == {"RWKV-7", "RWKV-X"}
     assert set(summary["by_length"]["RWKV-X"]["mqar"]) == {"256", "512"}
@@ -201,3 +202,9 @@ def test_study_driver_test_form(tmp_path):
     assert "| RWKV-X | mqar |" in (out / "retrieval_study.md").read_text()
     assert (out / "retrieval_study.png").stat().st_size > 10_000
     assert os.path.isfile(out / "logs" / "stage2.log")
+    rwkvx = torch.load(out / "models" / "rwkvx.pth")
+    assert ("moba.0.att.x_k" in rwkvx) == bool(flags)  # the expansion's mixes reach the final model
+    # Stage 1 of the test size (context 256, chunks of 32) reads all 8 chunks with --stage1-dense.
+    stage1 = json.loads((out / "checkpoints" / "stage1" / "model_config.json").read_text())
+    assert stage1["sparse_top_k"] == (8 if flags else 2)
+    assert json.loads((out / "checkpoints" / "stage2" / "model_config.json").read_text())["sparse_top_k"] == 2

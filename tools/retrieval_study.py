@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from megatron_rwkvx.testing.distributed import free_port
@@ -73,6 +73,9 @@ class StudySize:
     # A tiny base learns to copy after ~600-1000 iterations (a sudden drop of the copy documents' loss)
     base_iters: int = 1500
     base_lr: float = 4e-3
+    # Stage 1 reads every chunk (top-k = the number of chunks: exact dense causal attention), as the
+    # paper's does (context 1024 < chunk 2048 x top-k 3); stage 2 and the evaluation select top_k.
+    stage1_dense: bool = False
     stage1_iters: int = 600
     stage1_lr: float = 2e-3
     stage2_iters: int = 300
@@ -167,8 +170,14 @@ class Runner:
         print(f"    {self.times[name]:.0f} s", flush=True)
 
 
-def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
+def run_study(output: str, size_name: str, port: Optional[int] = None, token_shift: bool = False,
+              stage1_dense: Optional[bool] = None) -> Dict:
+    """``token_shift``: the expansion gives the sparse blocks token-shift mixes (``--sparse-token-shift``,
+    not in the reference RWKV-X; docs/retrieval_study.md, finding 13); the stages inherit it.
+    ``stage1_dense``: overrides the size's ``stage1_dense``."""
     size = SIZES[size_name]
+    if stage1_dense is not None:
+        size = replace(size, stage1_dense=stage1_dense)
     s = size
     run = Runner(output, port)
     path = lambda *p: os.path.join(output, *p)  # noqa: E731
@@ -209,10 +218,12 @@ def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
     shutil.rmtree(ck("rwkvx-expanded"), ignore_errors=True)
     run.tool("expand", "convert_rwkv7_to_rwkvx.py", ["--input", path("models", "rwkv7-base.pth"), "--output",
                                                       ck("rwkvx-expanded"), "--num-sparse-blocks", "2",
-                                                      "--output-format", "megatron"])
+                                                      "--output-format", "megatron"]
+             + (["--sparse-token-shift"] if token_shift else []))
     # 4. stage 1: the sparse blocks only, short context
     run("stage1", pretrain + common + [
         "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
+        *(["--sparse-top-k", str(-(-s.stage1_seq // s.chunk))] if s.stage1_dense else []),
         "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
         "--train-iters", str(s.stage1_iters), "--lr", str(s.stage1_lr), "--lr-warmup-iters", str(s.stage1_iters // 20),
         "--eval-interval", str(s.stage1_iters), "--save", ck("stage1")])
@@ -253,7 +264,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None) -> Dict:
             mqar = json.load(f)
         results[label] = {"passkey": passkey, "mqar": mqar}
     run.times["total"] = time.time() - started
-    meta = {"size": size_name, "settings": asdict(size), "wall_seconds": run.times,
+    meta = {"size": size_name, "settings": asdict(size), "sparse_token_shift": token_shift, "wall_seconds": run.times,
             "command": " ".join(["python", "tools/retrieval_study.py"] + sys.argv[1:]),
             "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"Python {platform.python_version()}",
@@ -269,12 +280,19 @@ def main(argv=None) -> int:
                    help="shorter training and fewer evaluation lengths (minutes)")
     g.add_argument("--size", choices=sorted(SIZES))
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port of each step (default: a free one)")
+    p.add_argument("--sparse-token-shift", action="store_true",
+                   help="expand with token-shift mixes on the sparse blocks' query/key/value inputs (not "
+                        "in the reference RWKV-X; docs/retrieval_study.md, finding 13)")
+    p.add_argument("--stage1-dense", action="store_true", default=None,
+                   help="stage 1 selects every chunk (exact dense attention), as the paper's stage 1 does "
+                        "(context 1024 < chunk 2048 x top-k 3); stage 2 and the evaluation select top-k")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)  # the in-process tools (evaluation); training steps set their own
-    summary = run_study(os.path.abspath(args.output), args.size, args.master_port)
+    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, args.sparse_token_shift,
+                        args.stage1_dense)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
     return 0
