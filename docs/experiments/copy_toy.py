@@ -1,4 +1,4 @@
-"""Findings 9-11 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
+"""Findings 9-13 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
 or to recall by key?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
@@ -23,6 +23,9 @@ default, all, trains on every next token). For mqar, --probe N prints per sparse
 of the heads' selected chunks on the asked pair beside a random selection's, and the largest share
 over heads of the softmax weight on the pair's two positions beside the even level, and the share
 of the selected past chunks that lie in the pair list beside a random selection's.
+--attn-shift (finding 13) builds the rwkvx/rwkvx-dense model with the package's sparse_token_shift:
+RWKV's token shift on the sparse blocks' query/key/value inputs. --load of a dense-trained file
+into the sparse arch of the same pattern continues it with the top-k selection.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -53,6 +56,7 @@ p.add_argument("--load", default=None)  # a --save file of the same --arch: eval
 p.add_argument("--base", default=None)  # a --save file of rwkvx:R...R: its blocks fill this pattern's R blocks in order (the expansion)
 p.add_argument("--train-only", choices=["all", "sparse"], default="all")  # sparse: stage 1, the package's freeze
 p.add_argument("--ablate", action="store_true")  # after training: eval accuracy when the sparse blocks read less
+p.add_argument("--attn-shift", action="store_true")  # rwkvx: token shift on the sparse blocks' q/k/v inputs (not the reference)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -117,10 +121,10 @@ else:
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
     prepare_runtime(torch.device("cpu"))
-    def build(chunk=a.chunk, top_k=a.topk):
+    def build(chunk=a.chunk, top_k=a.topk, mode="dense" if kind == "rwkvx-dense" else "sparse"):
         cfg = RWKVXConfig(hidden_size=a.width, head_size=a.head, vocab_size=V, layer_pattern=pattern,
                           num_layers=len(pattern), sparse_chunk_size=chunk, sparse_top_k=top_k,
-                          attention_mode="dense" if kind == "rwkvx-dense" else "sparse",
+                          attention_mode=mode, sparse_token_shift=a.attn_shift,
                           use_cpu_initialization=True, params_dtype=torch.float32)
         return RWKVXModel(cfg, parallel_output=False)
     model = build()
@@ -216,7 +220,7 @@ def probe(n):
               f"the first copy {row[2]/queries:.2f}, |argmax key - source| {row[3]/queries:.1f}", flush=True)
     mean = lambda rows: [round(sum(c) / len(c), 4) for c in zip(*rows)]
     return mean(iw), mean(ev)
-def mqar_probe(n):
+def mqar_probe(n, model=model):
     """Per sparse layer, over every asked key of n eval documents: how often a head's selected chunks
     hold the asked pair (the hit rate, with the rate of a random selection beside it), the largest
     share over heads of the weight on the pair's two positions (with the even level), and the share of
@@ -252,18 +256,26 @@ def mqar_probe(n):
     print(f"hit rate in some sparse layer {out['hit_any_layer']:.3f} (random {out['random_hit_any_layer']:.3f})", flush=True)
     return out
 probed = None
-if a.probe and a.task == "mqar" and a.arch.startswith("rwkvx:") and "A" in pattern:
-    model.eval(); probed = mqar_probe(a.probe)
+if a.probe and a.task == "mqar" and a.arch.startswith("rwkvx") and "A" in pattern:
+    # a dense-trained model is probed as it reads with --chunk/--topk (the same weights, sparse)
+    read = model
+    if kind == "rwkvx-dense":
+        read = build(mode="sparse"); read.load_state_dict(model.state_dict())
+    model.eval(); read.eval(); probed = mqar_probe(a.probe, read)
 if a.probe and a.task == "copy" and not a.arch.startswith(("gpt", "rwkvx-dense")):
     model.eval(); probed = probe(a.probe)
     print(f"induction weight per sparse layer {probed[0]} (even level {probed[1]})", flush=True)
 ablated = None
-if a.ablate and a.arch.startswith("rwkvx:"):
+if a.ablate and a.arch.startswith("rwkvx"):
     # top-k 1: each query reads its own chunk only, so nothing of the first copy beyond it
     ablated = {}
-    for name, chunk, top_k, silenced in [("own chunk only (top-k 1)", a.chunk, 1, False), ("chunk 16, top-k 1", 16, 1, False),
-                                         ("chunk 16, top-k 3", 16, 3, False), ("sparse output zeroed", a.chunk, a.topk, True)]:
-        other = build(chunk, top_k); other.load_state_dict(model.state_dict()); other.eval()
+    readings = [("own chunk only (top-k 1)", a.chunk, 1, False), ("chunk 16, top-k 1", 16, 1, False),
+                ("chunk 16, top-k 3", 16, 3, False), ("sparse output zeroed", a.chunk, a.topk, True)]
+    if kind == "rwkvx-dense":  # the dense-trained weights read sparsely (no retraining), and silenced
+        readings = [(f"read sparse, chunk {c}, top-k {k}", c, k, False) for c, k in
+                    [(16, 1), (16, 3), (8, 6), (4, 12), (16, T // 16)]] + [("attention output zeroed", a.chunk, a.topk, True)]
+    for name, chunk, top_k, silenced in readings:
+        other = build(chunk, top_k, mode="sparse"); other.load_state_dict(model.state_dict()); other.eval()
         if silenced:
             for layer in other.decoder.layers:
                 if layer.symbol == "A": layer.mixer.output.weight.data.zero_()
