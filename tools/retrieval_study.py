@@ -4,6 +4,7 @@
   python tools/retrieval_study.py --output study            # the full study (docs/retrieval_study.md)
   python tools/retrieval_study.py --output study --quick    # the same recipe, less training, fewer lengths
   python tools/retrieval_study.py --output study --size test  # seconds-long plumbing check (tests)
+  ... --sparse-token-shift --stage1-dense  # the variants of finding 14 (not the reference recipe)
 
 The paper's recipe at tiny scale, every step through the real entry points:
   1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
