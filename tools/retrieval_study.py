@@ -77,6 +77,9 @@ class StudySize:
     # Stage 1 reads every chunk (top-k = the number of chunks: exact dense causal attention), as the
     # paper's does (context 1024 < chunk 2048 x top-k 3); stage 2 and the evaluation select top_k.
     stage1_dense: bool = False
+    # The expansion gives the sparse blocks token-shift mixes (not in the reference RWKV-X;
+    # docs/retrieval_study.md, finding 13); the stages inherit them from the checkpoint.
+    sparse_token_shift: bool = False
     stage1_iters: int = 600
     stage1_lr: float = 2e-3
     stage2_iters: int = 300
@@ -171,14 +174,9 @@ class Runner:
         print(f"    {self.times[name]:.0f} s", flush=True)
 
 
-def run_study(output: str, size_name: str, port: Optional[int] = None, token_shift: bool = False,
-              stage1_dense: Optional[bool] = None) -> Dict:
-    """``token_shift``: the expansion gives the sparse blocks token-shift mixes (``--sparse-token-shift``,
-    not in the reference RWKV-X; docs/retrieval_study.md, finding 13); the stages inherit it.
-    ``stage1_dense``: overrides the size's ``stage1_dense``."""
-    size = SIZES[size_name]
-    if stage1_dense is not None:
-        size = replace(size, stage1_dense=stage1_dense)
+def run_study(output: str, size_name: str, port: Optional[int] = None, **variant) -> Dict:
+    """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``)."""
+    size = replace(SIZES[size_name], **variant)
     s = size
     run = Runner(output, port)
     path = lambda *p: os.path.join(output, *p)  # noqa: E731
@@ -220,7 +218,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, token_shi
     run.tool("expand", "convert_rwkv7_to_rwkvx.py", ["--input", path("models", "rwkv7-base.pth"), "--output",
                                                       ck("rwkvx-expanded"), "--num-sparse-blocks", "2",
                                                       "--output-format", "megatron"]
-             + (["--sparse-token-shift"] if token_shift else []))
+             + (["--sparse-token-shift"] if s.sparse_token_shift else []))
     # 4. stage 1: the sparse blocks only, short context
     run("stage1", pretrain + common + [
         "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
@@ -265,7 +263,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, token_shi
             mqar = json.load(f)
         results[label] = {"passkey": passkey, "mqar": mqar}
     run.times["total"] = time.time() - started
-    meta = {"size": size_name, "settings": asdict(size), "sparse_token_shift": token_shift, "wall_seconds": run.times,
+    meta = {"size": size_name, "settings": asdict(size), "wall_seconds": run.times,
             "command": " ".join(["python", "tools/retrieval_study.py"] + sys.argv[1:]),
             "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"Python {platform.python_version()}",
@@ -284,7 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparse-token-shift", action="store_true",
                    help="expand with token-shift mixes on the sparse blocks' query/key/value inputs (not "
                         "in the reference RWKV-X; docs/retrieval_study.md, finding 13)")
-    p.add_argument("--stage1-dense", action="store_true", default=None,
+    p.add_argument("--stage1-dense", action="store_true",
                    help="stage 1 selects every chunk (exact dense attention), as the paper's stage 1 does "
                         "(context 1024 < chunk 2048 x top-k 3); stage 2 and the evaluation select top-k")
     p.set_defaults(size="full")
@@ -292,8 +290,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(2)  # the in-process tools (evaluation); training steps set their own
-    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, args.sparse_token_shift,
-                        args.stage1_dense)
+    variant = {name: True for name in ("sparse_token_shift", "stage1_dense") if getattr(args, name)}
+    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, **variant)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
     return 0
