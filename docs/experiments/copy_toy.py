@@ -26,6 +26,11 @@ of the selected past chunks that lie in the pair list beside a random selection'
 --attn-shift (finding 13) builds the rwkvx/rwkvx-dense model with the package's sparse_token_shift:
 RWKV's token shift on the sparse blocks' query/key/value inputs. --load of a dense-trained file
 into the sparse arch of the same pattern continues it with the top-k selection.
+Finding 15 (not in the package): --select-score scores each past chunk by Quest's bound (per channel
+the larger of q*max and q*min over its keys) or by its best key (max of q.k over the chunk, exact but
+as costly as dense scores) instead of MoBA's mean key, in training, probe and ablation alike;
+--select-loss W adds W x the KL from the dense attention's mass on each past chunk (detached) to a
+softmax of the mean-key scores, averaged over queries with two or more past chunks and over layers.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -57,6 +62,8 @@ p.add_argument("--base", default=None)  # a --save file of rwkvx:R...R: its bloc
 p.add_argument("--train-only", choices=["all", "sparse"], default="all")  # sparse: stage 1, the package's freeze
 p.add_argument("--ablate", action="store_true")  # after training: eval accuracy when the sparse blocks read less
 p.add_argument("--attn-shift", action="store_true")  # rwkvx: token shift on the sparse blocks' q/k/v inputs (not the reference)
+p.add_argument("--select-score", choices=["mean", "quest", "max"], default="mean")  # rwkvx: the chunk score (mean: MoBA's, the package's)
+p.add_argument("--select-loss", type=float, default=0.0)  # rwkvx: weight of the selection loss (finding 15)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -128,6 +135,61 @@ else:
                           use_cpu_initialization=True, params_dtype=torch.float32)
         return RWKVXModel(cfg, parallel_output=False)
     model = build()
+    if a.select_score != "mean":
+        # finding 15: another chunk score, patched into the one selection function every backend,
+        # the probe and the ablation call (the package offers only the mean)
+        import megatron_rwkvx.kernels.sparse_attention.selection as selection
+        def scored_selection(q, k, *, chunk_size, top_k, q_offset=0):
+            with torch.no_grad():
+                b, tq, hq, d = q.shape; hkv = k.shape[2]
+                n = (q_offset + tq - 1) // chunk_size
+                kc = k[:, : n * chunk_size].float().reshape(b, n, chunk_size, hkv, d).repeat_interleave(hq // hkv, 3)
+                if a.select_score == "max":  # the best single key of the chunk: exact, costs all of q.k
+                    s = torch.einsum("bthd,bnchd->bhtnc", q.float(), kc).amax(-1)
+                else:  # Quest's bound: per channel the larger of q*max and q*min over the chunk's keys
+                    qe = q.float().permute(0, 2, 1, 3)[:, :, :, None]  # [b, h, t, 1, d]
+                    s = torch.maximum(qe * kc.amax(2).permute(0, 2, 1, 3)[:, :, None], qe * kc.amin(2).permute(0, 2, 1, 3)[:, :, None]).sum(-1)
+                past = (q_offset + torch.arange(tq)) // chunk_size
+                s = s.masked_fill(torch.arange(n)[None, :] >= past[:, None], float("-inf"))
+                out = torch.full((b, hq, tq, top_k - 1), -1, dtype=torch.long)
+                for slot in range(min(top_k - 1, n)):
+                    best = s.argmax(-1)
+                    out[..., slot] = torch.where(slot < past, best, -1)
+                    s.scatter_(-1, best.unsqueeze(-1), float("-inf"))
+            return None, out
+        selection.topk_chunk_selection = scored_selection
+    if a.select_loss:
+        # finding 15: train each chunk's mean-key score towards the dense attention's mass on that
+        # chunk (a KL over the query's complete past chunks, the target detached, NSA-style), so the
+        # selection gets a gradient; MoBA's has none
+        from megatron_rwkvx.layers.sparse_attention_block import SparseAttentionMixer
+        captured = []
+        plain_project = SparseAttentionMixer.project
+        def capturing_project(self, x, previous_token=None):
+            q, k, v = plain_project(self, x, previous_token)
+            if self.training: captured.append((q.transpose(0, 1), k.transpose(0, 1)))
+            return q, k, v
+        SparseAttentionMixer.project = capturing_project
+        def selection_loss():
+            total, C, layers = 0.0, a.chunk, len(captured)
+            for q, k in captured:  # [b, t, h, d]
+                b, t, h, d = q.shape; n = t // C
+                qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # [b, h, t, d]
+                past = torch.arange(t) // C
+                keep = past >= 2  # a choice exists only among two or more past chunks
+                allowed = torch.arange(n)[None, :] < past[:, None]  # [t, n]
+                with torch.no_grad():
+                    sc = (qh @ kh[:, :, : n * C].transpose(-1, -2)) * d ** -0.5  # [b, h, t, n*C]
+                    target = sc.view(b, h, t, n, C).logsumexp(-1).masked_fill(~allowed, float("-inf"))
+                    target = target[:, :, keep].softmax(-1)
+                mean_k = kh[:, :, : n * C].reshape(b, h, n, C, d).mean(3)
+                pred = ((qh @ mean_k.transpose(-1, -2)) * d ** -0.5).masked_fill(~allowed, float("-inf"))
+                logp = pred[:, :, keep].log_softmax(-1)
+                # the KL (cross-entropy less the target's entropy, which has no gradient)
+                logt = target.clamp_min(1e-30).log()
+                total = total + (target * (logt - logp).masked_fill(~allowed[keep], 0.0)).sum(-1).mean()
+            captured.clear()
+            return total / layers
 if a.load:
     model.load_state_dict(torch.load(a.load))
 if a.base:
@@ -192,6 +254,9 @@ for it in range(a.steps + 1):
     logits = model(ids)
     if a.train_loss == "scored": loss = F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
     else: loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    if a.select_loss:
+        aux = selection_loss(); loss = loss + a.select_loss * aux
+        if it % 100 == 0: print(f"it {it} selection KL {aux.item():.3f}", flush=True)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
 def probe(n):
     """Per sparse layer, over the second copies of n eval documents: the weight put on the source of
