@@ -159,6 +159,7 @@ else:
             return None, out
         selection.topk_chunk_selection = scored_selection
     if a.select_loss:
+        assert "A" in pattern, "--select-loss trains the sparse blocks' selection: the pattern has none"
         # finding 15: train each chunk's mean-key score towards the dense attention's mass on that
         # chunk (a KL over the query's complete past chunks, the target detached, NSA-style), so the
         # selection gets a gradient; MoBA's has none
