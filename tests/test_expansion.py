@@ -47,6 +47,32 @@ def test_zero_init_expansion_reproduces_base(base_path, tmp_path):
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
 
 
+def test_new_blocks_draw_query_and_key_at_the_attention_scale(base_path):
+    # Finding 16 of docs/retrieval_study.md: the scale of the query/key draw decides whether the
+    # toy's lookup forms. The expansion and a model built from scratch must draw at the same one.
+    from megatron_rwkvx.config import SPARSE_QK_INIT_SCALE, SPARSE_VALUE_INIT_SCALE
+    from megatron_rwkvx.models.rwkvx_model import RWKVXModel
+
+    def std_ratio(weight, scale):  # U(+-scale/sqrt(fan_in)) has std scale/sqrt(3 fan_in)
+        return weight.float().std().item() / (scale / (3 * weight.shape[1]) ** 0.5)
+
+    expanded, _ = expand_rwkv7_state_dict(torch.load(base_path, weights_only=True), num_sparse_blocks=2)
+    cfg = RWKVXConfig(num_layers=6, layer_pattern="RRARRA", hidden_size=128, head_size=32, vocab_size=64,
+                      use_cpu_initialization=True, params_dtype=torch.float32)
+    mixer = RWKVXModel(cfg, parallel_output=False).decoder.layers[2].mixer
+    drawn = {
+        "expansion": [expanded["moba.0.att.receptance.weight"], expanded["moba.0.att.key.weight"],
+                      expanded["moba.0.att.value.weight"]],
+        "model": [mixer.query.weight, mixer.key.weight, mixer.value.weight],
+    }
+    for where, (query, key, value) in drawn.items():
+        for name, weight, scale in (("query", query, SPARSE_QK_INIT_SCALE), ("key", key, SPARSE_QK_INIT_SCALE),
+                                    ("value", value, SPARSE_VALUE_INIT_SCALE)):
+            assert abs(std_ratio(weight, scale) - 1) < 0.1, (where, name, std_ratio(weight, scale))
+    # equal scales would let a query drawn at the value's scale pass
+    assert SPARSE_QK_INIT_SCALE != SPARSE_VALUE_INIT_SCALE
+
+
 def test_explicit_pattern_and_bad_patterns(base_path):
     sd = torch.load(base_path, weights_only=True)
     expanded, pattern = expand_rwkv7_state_dict(sd, pattern="RARRRA")

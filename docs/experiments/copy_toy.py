@@ -31,6 +31,14 @@ the larger of q*max and q*min over its keys) or by its best key (max of q.k over
 as costly as dense scores) instead of MoBA's mean key, in training, probe and ablation alike;
 --select-loss W adds W x the KL from the dense attention's mass on each past chunk (detached) to a
 softmax of the mean-key scores, averaged over queries with two or more past chunks and over layers.
+Finding 16: --shift-init rwkv starts the --attn-shift mixes as an RWKV-7 first block's x_r/x_k/x_v
+(a per-channel ramp from the previous token to the current one) instead of 0.5; --qk-scale S
+redraws the A blocks' query/key weights from U(+-S/sqrt(width)). The package drew them at 0.5 for
+findings 9-15 and at 1.0 since finding 16 (SPARSE_QK_INIT_SCALE): --qk-scale 0.5 gives the earlier
+scale (a fresh draw, so not the earlier runs' exact weights); --train-only not-rwkv freezes only
+the R blocks (at init they are the identity: their outputs start at zero); --probe-tokens prints, per block, how well a linear classifier names each
+position's token from the block's mixer input (held out) and the share of that input's variance the
+token explains.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -59,11 +67,14 @@ p.add_argument("--out", default=None)
 p.add_argument("--save", default=None)
 p.add_argument("--load", default=None)  # a --save file of the same --arch: evaluate or train on from it
 p.add_argument("--base", default=None)  # a --save file of rwkvx:R...R: its blocks fill this pattern's R blocks in order (the expansion)
-p.add_argument("--train-only", choices=["all", "sparse"], default="all")  # sparse: stage 1, the package's freeze
+p.add_argument("--train-only", choices=["all", "sparse", "not-rwkv"], default="all")  # sparse: stage 1, the package's freeze; not-rwkv: all but the R blocks (finding 16)
 p.add_argument("--ablate", action="store_true")  # after training: eval accuracy when the sparse blocks read less
 p.add_argument("--attn-shift", action="store_true")  # rwkvx: token shift on the sparse blocks' q/k/v inputs (not the reference)
+p.add_argument("--shift-init", choices=["half", "rwkv"], default="half")  # rwkvx --attn-shift: mixes at 0.5 (the package's) or RWKV-7's per-channel ramp (finding 16)
+p.add_argument("--qk-scale", type=float, default=None)  # rwkvx: redraw the A blocks' query/key weights U(+-s/sqrt(width)) (finding 16; the package's SPARSE_QK_INIT_SCALE otherwise)
 p.add_argument("--select-score", choices=["mean", "quest", "max"], default="mean")  # rwkvx: the chunk score (mean: MoBA's, the package's)
 p.add_argument("--select-loss", type=float, default=0.0)  # rwkvx: weight of the selection loss (finding 15)
+p.add_argument("--probe-tokens", action="store_true")  # after training: how well each block's mixer input names its token (finding 16)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -135,6 +146,23 @@ else:
                           use_cpu_initialization=True, params_dtype=torch.float32)
         return RWKVXModel(cfg, parallel_output=False)
     model = build()
+    if a.qk_scale is not None:
+        # finding 16: the package drew query and key U(+-0.5/sqrt(C)) until then (RWKV-7's receptance
+        # scale) and draws them at SPARSE_QK_INIT_SCALE = 1.0 since
+        for layer in model.decoder.layers:
+            if layer.symbol == "A":
+                for proj in (layer.mixer.query, layer.mixer.key):
+                    with torch.no_grad(): proj.weight.uniform_(-a.qk_scale / a.width ** 0.5, a.qk_scale / a.width ** 0.5)
+    if a.shift_init == "rwkv":
+        # finding 16: the sparse blocks' shift mixes start as an RWKV-7 first block's x_r, x_k, x_v
+        # (per channel from fully the previous token to almost fully the current one) instead of 0.5 in
+        # every channel, so some channels of a key already name the token before it
+        assert a.attn_shift, "--shift-init rwkv sets the mixes of --attn-shift"
+        from megatron_rwkvx.layers.rwkv7_init import time_mix_vectors
+        start = time_mix_vectors(a.width, a.head, 0, pattern.count("R") or 1)
+        for layer in model.decoder.layers:
+            if layer.symbol == "A":
+                for name in ("x_r", "x_k", "x_v"): getattr(layer.mixer, name).data.copy_(start[name])
     if a.select_score != "mean":
         # finding 15: another chunk score, patched into the one selection function every backend,
         # the probe and the ablation call (the package offers only the mean)
@@ -206,6 +234,10 @@ if a.base:
 if a.train_only == "sparse":
     from megatron_rwkvx.training.model_builder import freeze_for_stage1
     freeze_for_stage1([model])
+elif a.train_only == "not-rwkv":
+    assert a.arch.startswith("rwkvx"), "--train-only not-rwkv freezes the R blocks of an rwkvx pattern"
+    for layer in model.decoder.layers:
+        if layer.symbol == "R": layer.requires_grad_(False)
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -347,7 +379,36 @@ if a.ablate and a.arch.startswith("rwkvx"):
                 if layer.symbol == "A": layer.mixer.output.weight.data.zero_()
         with torch.no_grad(): ablated[name] = score(evalids, evalmask, other(evalids))
         print(f"ablation {name}: loss2 {ablated[name][0]:.3f} acc2 {ablated[name][1]:.3f}", flush=True)
+token_probe = None
+if a.probe_tokens and a.arch.startswith("rwkvx"):
+    # finding 16: a content lookup needs each position's own token in what the attention reads. Per
+    # block, a linear softmax classifier is fitted from the mixer's (normed) input to the position's
+    # token id on 48 documents and scored on 16 others (the eval documents; at T=256, 12K / 4K rows)
+    feats = {}
+    hooks = [layer.mixer.register_forward_pre_hook(lambda mod, args, i=i: feats.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(model.decoder.layers)]
+    model.eval()
+    with torch.no_grad(): model(evalids)
+    for h in hooks: h.remove()
+    token_probe = []
+    for i, layer in enumerate(model.decoder.layers):
+        x = feats[i].transpose(0, 1)  # [b, t, c]
+        xtr, xte = x[:48].reshape(-1, x.shape[-1]), x[48:].reshape(-1, x.shape[-1])
+        ytr, yte = evalids[:48].reshape(-1), evalids[48:].reshape(-1)
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+        torch.manual_seed(0)
+        clf = nn.Linear(x.shape[-1], V); o = torch.optim.Adam(clf.parameters(), lr=1e-2)
+        for _ in range(500):
+            o.zero_grad(); F.cross_entropy(clf((xtr - mu) / sd), ytr).backward(); o.step()
+        with torch.no_grad(): acc = (clf((xte - mu) / sd).argmax(-1) == yte).float().mean().item()
+        # the share of the input's variance that the token alone explains (1: the input is a function of the token)
+        flat, ids = x.reshape(-1, x.shape[-1]), evalids.reshape(-1)
+        means = torch.zeros(V, flat.shape[-1]).index_add_(0, ids, flat) / torch.bincount(ids, minlength=V).clamp_min(1)[:, None]
+        explained = 1 - ((flat - means[ids]) ** 2).sum().item() / ((flat - flat.mean(0)) ** 2).sum().item()
+        token_probe.append((acc, explained))
+        print(f"block {i} ({layer.symbol}): its token read linearly from the mixer input, held out: {acc:.3f}; "
+              f"variance explained by the token: {explained:.3f}", flush=True)
 if a.save: torch.save(model.state_dict(), a.save)
 res = dict(vars(a), params=nparam, log=log, ablation=ablated, wall=time.time() - t0,
-           **{"mqar_probe" if a.task == "mqar" else "induction": probed})
+           token_probe=token_probe, **{"mqar_probe" if a.task == "mqar" else "induction": probed})
 if a.out: json.dump(res, open(a.out, "w"))

@@ -23,8 +23,10 @@ from megatron_rwkvx.checkpointing.official_format import (
 from megatron_rwkvx.config import (
     ATTENTION_SYMBOL,
     RWKV_SYMBOL,
+    SPARSE_QK_INIT_SCALE,
     SPARSE_SHIFT_INIT,
     SPARSE_SHIFT_MIXES,
+    SPARSE_VALUE_INIT_SCALE,
     ConfigError,
     default_pattern,
 )
@@ -130,8 +132,9 @@ def expand_rwkv7_state_dict(
             out[prefix + "ln1.bias"] = torch.zeros(c)
             out[prefix + "ln2.weight"] = torch.ones(c)
             out[prefix + "ln2.bias"] = torch.zeros(c)
-            for proj in ("receptance", "key", "value"):
-                out[prefix + f"att.{proj}.weight"] = uniform(c, c, 0.5)
+            for proj in ("receptance", "key"):
+                out[prefix + f"att.{proj}.weight"] = uniform(c, c, SPARSE_QK_INIT_SCALE)
+            out[prefix + "att.value.weight"] = uniform(c, c, SPARSE_VALUE_INIT_SCALE)
             out[prefix + "att.output.weight"] = torch.zeros(c, c)
             x_k = rwkv7_init.channel_mix_vector(c, max(before, 0), num_rwkv)
             out[prefix + "ffn.x_k"] = x_k.reshape(1, 1, c)

@@ -16,7 +16,14 @@ from typing import Optional, Tuple
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_rwkvx.config import DENSE_MODE, SPARSE_SHIFT_INIT, SPARSE_SHIFT_MIXES, RWKVXConfig
+from megatron_rwkvx.config import (
+    DENSE_MODE,
+    SPARSE_QK_INIT_SCALE,
+    SPARSE_SHIFT_INIT,
+    SPARSE_SHIFT_MIXES,
+    SPARSE_VALUE_INIT_SCALE,
+    RWKVXConfig,
+)
 from megatron_rwkvx.kernels.sparse_attention import dense_causal_attention, topk_chunk_attention
 from megatron_rwkvx.layers import rwkv7_init
 from megatron_rwkvx.layers.tensor_parallel_utils import (
@@ -55,9 +62,9 @@ class SparseAttentionMixer(MegatronModule):
                 submodules, config, c, out_size, rwkv7_init.uniform_init(scale)
             )
 
-        self.query = column(c, 0.5)
-        self.key = column(kv_heads * n, 0.5)
-        self.value = column(kv_heads * n, 0.5)
+        self.query = column(c, SPARSE_QK_INIT_SCALE)
+        self.key = column(kv_heads * n, SPARSE_QK_INIT_SCALE)
+        self.value = column(kv_heads * n, SPARSE_VALUE_INIT_SCALE)
         # Zero output: a freshly inserted block starts as the identity.
         self.output = build_row_projection(submodules, config, c, c, rwkv7_init.zero_init)
         if config.sparse_token_shift:
