@@ -48,11 +48,10 @@ SPARSE_SHIFT_MIXES = ("x_r", "x_k", "x_v")
 SPARSE_SHIFT_INIT = 0.5
 # The sparse blocks' query and key weights start U(+-scale/sqrt(C)). On the LayerNorm's unit-variance
 # input their scaled scores then have a standard deviation of scale**2 / 3 at any width: 0.33 at 1.0,
-# as a transformer's usual init gives
-# (nn.Linear's default; megatron's N(0, 0.02) at C=768 gives 0.31). At 0.5 (RWKV-7's receptance scale,
-# this package's value until finding 16 of docs/retrieval_study.md) they are 4x flatter: the copy
-# toy's attention learned its MQAR lookup in 2 of 12 dense runs, and at 1.0 in both seeds that had
-# missed.
+# as a transformer's usual init gives (nn.Linear's default; megatron's N(0, 0.02) at C=768 gives
+# 0.31). At 0.5 (RWKV-7's receptance scale, this package's value until finding 16 of
+# docs/retrieval_study.md) they are 4x flatter: the copy toy's attention learned its MQAR lookup in
+# 2 of 12 dense runs, and at 1.0 in both seeds that had missed.
 SPARSE_QK_INIT_SCALE = 1.0
 # Their value weights keep RWKV-7's value scale.
 SPARSE_VALUE_INIT_SCALE = 0.5

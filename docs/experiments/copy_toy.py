@@ -36,9 +36,9 @@ Finding 16: --shift-init rwkv starts the --attn-shift mixes as an RWKV-7 first b
 redraws the A blocks' query/key weights from U(+-S/sqrt(width)). The package drew them at 0.5 for
 findings 9-15 and at 1.0 since finding 16 (SPARSE_QK_INIT_SCALE): --qk-scale 0.5 gives the earlier
 scale (a fresh draw, so not the earlier runs' exact weights); --train-only not-rwkv freezes only
-the R blocks (at init they are the identity: their outputs start at zero); --probe-tokens prints, per block, how well a linear classifier names each
-position's token from the block's mixer input (held out) and the share of that input's variance the
-token explains.
+the R blocks (at init they are the identity: their outputs start at zero); --probe-tokens prints,
+per block, how well a linear classifier names each position's token from the block's mixer input
+(held out) and the share of that input's variance the token explains.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -147,12 +147,12 @@ else:
         return RWKVXModel(cfg, parallel_output=False)
     model = build()
     if a.qk_scale is not None:
+        from megatron_rwkvx.layers.rwkv7_init import uniform_init
         # finding 16: the package drew query and key U(+-0.5/sqrt(C)) until then (RWKV-7's receptance
         # scale) and draws them at SPARSE_QK_INIT_SCALE = 1.0 since
         for layer in model.decoder.layers:
             if layer.symbol == "A":
-                for proj in (layer.mixer.query, layer.mixer.key):
-                    with torch.no_grad(): proj.weight.uniform_(-a.qk_scale / a.width ** 0.5, a.qk_scale / a.width ** 0.5)
+                for proj in (layer.mixer.query, layer.mixer.key): uniform_init(a.qk_scale)(proj.weight)
     if a.shift_init == "rwkv":
         # finding 16: the sparse blocks' shift mixes start as an RWKV-7 first block's x_r, x_k, x_v
         # (per channel from fully the previous token to almost fully the current one) instead of 0.5 in
@@ -180,10 +180,7 @@ else:
                 past = (q_offset + torch.arange(tq)) // chunk_size
                 s = s.masked_fill(torch.arange(n)[None, :] >= past[:, None], float("-inf"))
                 out = torch.full((b, hq, tq, top_k - 1), -1, dtype=torch.long)
-                for slot in range(min(top_k - 1, n)):
-                    best = s.argmax(-1)
-                    out[..., slot] = torch.where(slot < past, best, -1)
-                    s.scatter_(-1, best.unsqueeze(-1), float("-inf"))
+                out[..., : min(top_k - 1, n)] = selection.best_chunk_slots(s, past, top_k - 1)
             return None, out
         selection.topk_chunk_selection = scored_selection
     if a.select_loss:

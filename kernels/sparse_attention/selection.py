@@ -50,6 +50,20 @@ def chunk_mean_keys(k: torch.Tensor, chunk_size: int, num_chunks: int | None = N
 
 
 @torch.no_grad()
+def best_chunk_slots(scores: torch.Tensor, n_past: torch.Tensor, slots: int) -> torch.Tensor:
+    """The ``min(slots, n)`` best chunks of ``scores [..., n]`` (``-inf`` where not selectable), in
+    slots of descending score, ties to the lower chunk index; slot ``s`` holds ``-1`` where
+    ``n_past <= s`` (``n_past`` broadcasts against ``scores.shape[:-1]``). ``scores`` is consumed:
+    each chunk taken is set to ``-inf`` in place."""
+    chosen = []
+    for slot in range(min(slots, scores.shape[-1])):
+        best = scores.argmax(dim=-1)  # first maximum: ties go to the lower chunk index
+        chosen.append(torch.where(slot < n_past, best, -1))
+        scores.scatter_(-1, best.unsqueeze(-1), float("-inf"))
+    return torch.stack(chosen, dim=-1)
+
+
+@torch.no_grad()
 def select_chunks(
     q: torch.Tensor,
     chunk_keys: torch.Tensor,
@@ -115,10 +129,7 @@ def select_chunks(
         scores = torch.matmul(qf[:, :, :, start:stop], keys_t)  # [B, Hkv, G, rows, n]
         n_past = past[start:stop]
         scores.masked_fill_(chunk_ids[None, :] >= n_past[:, None], float("-inf"))
-        for slot in range(min(slots, n)):
-            best = scores.argmax(dim=-1)  # first maximum: ties go to the lower chunk index
-            out_view[:, :, :, start:stop, slot] = torch.where(slot < n_past, best, -1)
-            scores.scatter_(-1, best.unsqueeze(-1), float("-inf"))
+        out_view[:, :, :, start:stop, : min(slots, n)] = best_chunk_slots(scores, n_past, slots)
     return out
 
 

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_rwkvx.kernels.sparse_attention import (
+    best_chunk_slots,
     chunk_mean_keys,
     topk_chunk_attention,
     topk_chunk_selection,
@@ -210,12 +211,7 @@ class ChunkedKVCache:
             scores = torch.matmul(qf.unsqueeze(3), keys_t).squeeze(3)  # [R, Hkv, G, n]
             slot_ids = torch.arange(n, device=device)
             scores.masked_fill_((slot_ids[None, :] >= n_past[:, None])[:, None, None, :], float("-inf"))
-            chosen = []
-            for s in range(min(slots_sel, n)):
-                best = scores.argmax(dim=-1)  # first maximum: ties to the lower chunk
-                chosen.append(torch.where((s < n_past)[:, None, None], best, -1))
-                scores.scatter_(-1, best.unsqueeze(-1), float("-inf"))
-            sel = torch.stack(chosen, dim=-1)  # [R, Hkv, G, S]
+            sel = best_chunk_slots(scores, n_past[:, None, None], slots_sel)  # [R, Hkv, G, S]
             if self.max_chunks is not None:
                 valid = sel >= 0
                 rr = ridx[:, None, None, None].expand_as(sel)
