@@ -1,4 +1,4 @@
-"""Findings 9-13 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
+"""Findings 9-17 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
 or to recall by key?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
@@ -39,6 +39,8 @@ scale (a fresh draw, so not the earlier runs' exact weights); --train-only not-r
 the R blocks (at init they are the identity: their outputs start at zero); --probe-tokens prints,
 per block, how well a linear classifier names each position's token from the block's mixer input
 (held out) and the share of that input's variance the token explains.
+Finding 17: --rwkv-lr-scale X trains the R blocks at X times --lr; --select-score shortlist keeps
+the --shortlist past chunks with the best mean-key scores and among them picks by the best key.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -68,11 +70,13 @@ p.add_argument("--save", default=None)
 p.add_argument("--load", default=None)  # a --save file of the same --arch: evaluate or train on from it
 p.add_argument("--base", default=None)  # a --save file of rwkvx:R...R: its blocks fill this pattern's R blocks in order (the expansion)
 p.add_argument("--train-only", choices=["all", "sparse", "not-rwkv"], default="all")  # sparse: stage 1, the package's freeze; not-rwkv: all but the R blocks (finding 16)
+p.add_argument("--rwkv-lr-scale", type=float, default=1.0)  # rwkvx: the R blocks learn at this multiple of --lr (finding 17)
 p.add_argument("--ablate", action="store_true")  # after training: eval accuracy when the sparse blocks read less
 p.add_argument("--attn-shift", action="store_true")  # rwkvx: token shift on the sparse blocks' q/k/v inputs (not the reference)
 p.add_argument("--shift-init", choices=["half", "rwkv"], default="half")  # rwkvx --attn-shift: mixes at 0.5 (the package's) or RWKV-7's per-channel ramp (finding 16)
 p.add_argument("--qk-scale", type=float, default=None)  # rwkvx: redraw the A blocks' query/key weights U(+-s/sqrt(width)) (finding 16; the package's SPARSE_QK_INIT_SCALE otherwise)
-p.add_argument("--select-score", choices=["mean", "quest", "max"], default="mean")  # rwkvx: the chunk score (mean: MoBA's, the package's)
+p.add_argument("--select-score", choices=["mean", "quest", "max", "shortlist"], default="mean")  # rwkvx: the chunk score (mean: MoBA's, the package's)
+p.add_argument("--shortlist", type=int, default=8)  # --select-score shortlist: past chunks the mean keys keep for the best-key choice (finding 17)
 p.add_argument("--select-loss", type=float, default=0.0)  # rwkvx: weight of the selection loss (finding 15)
 p.add_argument("--probe-tokens", action="store_true")  # after training: how well each block's mixer input names its token (finding 16)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
@@ -172,13 +176,21 @@ else:
                 b, tq, hq, d = q.shape; hkv = k.shape[2]
                 n = (q_offset + tq - 1) // chunk_size
                 kc = k[:, : n * chunk_size].float().reshape(b, n, chunk_size, hkv, d).repeat_interleave(hq // hkv, 3)
+                past = (q_offset + torch.arange(tq)) // chunk_size  # each query's own chunk
+                future = torch.arange(n)[None, :] >= past[:, None]  # [tq, n]: not yet complete for it
                 if a.select_score == "max":  # the best single key of the chunk: exact, costs all of q.k
                     s = torch.einsum("bthd,bnchd->bhtnc", q.float(), kc).amax(-1)
+                elif a.select_score == "shortlist":
+                    # finding 17: the mean keys keep --shortlist past chunks, their best keys decide
+                    # (--shortlist x chunk extra dot products per query, whatever the context length)
+                    mean = torch.einsum("bthd,bnhd->bhtn", q.float(), kc.mean(2)).masked_fill(future, float("-inf"))
+                    keep = mean.topk(min(a.shortlist, n), -1).indices
+                    best = torch.einsum("bthd,bnchd->bhtnc", q.float(), kc).amax(-1)
+                    s = torch.full_like(best, float("-inf")).scatter(-1, keep, best.gather(-1, keep))
                 else:  # Quest's bound: per channel the larger of q*max and q*min over the chunk's keys
                     qe = q.float().permute(0, 2, 1, 3)[:, :, :, None]  # [b, h, t, 1, d]
                     s = torch.maximum(qe * kc.amax(2).permute(0, 2, 1, 3)[:, :, None], qe * kc.amin(2).permute(0, 2, 1, 3)[:, :, None]).sum(-1)
-                past = (q_offset + torch.arange(tq)) // chunk_size
-                s = s.masked_fill(torch.arange(n)[None, :] >= past[:, None], float("-inf"))
+                s = s.masked_fill(future, float("-inf"))
                 out = torch.full((b, hq, tq, top_k - 1), -1, dtype=torch.long)
                 out[..., : min(top_k - 1, n)] = selection.best_chunk_slots(s, past, top_k - 1)
             return None, out
@@ -237,7 +249,14 @@ elif a.train_only == "not-rwkv":
         if layer.symbol == "R": layer.requires_grad_(False)
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
+trainable = [p for p in model.parameters() if p.requires_grad]
+groups = [{"params": trainable}]
+if a.rwkv_lr_scale != 1.0:
+    assert a.arch.startswith("rwkvx") and "R" in pattern, "--rwkv-lr-scale scales the R blocks of an rwkvx pattern"
+    slow = {id(p) for layer in model.decoder.layers if layer.symbol == "R" for p in layer.parameters() if p.requires_grad}
+    groups = [{"params": [p for p in trainable if id(p) not in slow]},
+              {"params": [p for p in trainable if id(p) in slow], "lr": a.lr * a.rwkv_lr_scale}]
+opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
 warm = 100
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, a.steps) / max(a.steps, 1)))))
 g = torch.Generator().manual_seed(1000 + a.seed)
