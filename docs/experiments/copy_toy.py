@@ -178,15 +178,14 @@ else:
                 kc = k[:, : n * chunk_size].float().reshape(b, n, chunk_size, hkv, d).repeat_interleave(hq // hkv, 3)
                 past = (q_offset + torch.arange(tq)) // chunk_size  # each query's own chunk
                 future = torch.arange(n)[None, :] >= past[:, None]  # [tq, n]: not yet complete for it
-                if a.select_score == "max":  # the best single key of the chunk: exact, costs all of q.k
+                if a.select_score in ("max", "shortlist"):  # the best single key of the chunk: exact, costs all of q.k
                     s = torch.einsum("bthd,bnchd->bhtnc", q.float(), kc).amax(-1)
-                elif a.select_score == "shortlist":
-                    # finding 17: the mean keys keep --shortlist past chunks, their best keys decide
-                    # (--shortlist x chunk extra dot products per query, whatever the context length)
-                    mean = torch.einsum("bthd,bnhd->bhtn", q.float(), kc.mean(2)).masked_fill(future, float("-inf"))
-                    keep = mean.topk(min(a.shortlist, n), -1).indices
-                    best = torch.einsum("bthd,bnchd->bhtnc", q.float(), kc).amax(-1)
-                    s = torch.full_like(best, float("-inf")).scatter(-1, keep, best.gather(-1, keep))
+                    if a.select_score == "shortlist":
+                        # finding 17: the mean keys keep --shortlist past chunks, their best keys decide
+                        # (--shortlist x chunk extra dot products per query, whatever the context length)
+                        mean = torch.einsum("bthd,bnhd->bhtn", q.float(), kc.mean(2)).masked_fill(future, float("-inf"))
+                        keep = mean.topk(min(a.shortlist, n), -1).indices
+                        s = torch.full_like(s, float("-inf")).scatter(-1, keep, s.gather(-1, keep))
                 else:  # Quest's bound: per channel the larger of q*max and q*min over the chunk's keys
                     qe = q.float().permute(0, 2, 1, 3)[:, :, :, None]  # [b, h, t, 1, d]
                     s = torch.maximum(qe * kc.amax(2).permute(0, 2, 1, 3)[:, :, None], qe * kc.amin(2).permute(0, 2, 1, 3)[:, :, None]).sum(-1)

@@ -1,8 +1,8 @@
 """Top-k chunk sparse attention of RWKV-X (MoBA semantics): one interface, several backends.
 
 ``topk_chunk_attention`` is the operator; ``chunk_mean_keys``, ``select_chunks``,
-``best_chunk_slots`` and ``topk_chunk_selection`` expose the chunk selection that every backend shares, for inference and
-context parallelism; ``register_backend`` adds a backend to the registry (``kernels/registry.py``);
+``best_chunk_slots`` and ``topk_chunk_selection`` expose the chunk selection that every backend
+shares, for inference and context parallelism; ``register_backend`` adds a backend to the registry (``kernels/registry.py``);
 ``dense_causal_attention`` is the dense baseline (``dense.py``), not one of the operator's backends.
 """
 from .dense import dense_causal_attention

@@ -10,7 +10,6 @@ The result is a state dict in the RWKV-X reference layout (``rwkv.`` + RWKV-7 ke
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -125,8 +124,9 @@ def expand_rwkv7_state_dict(
             f = shape["ffn_hidden_size"]
 
             def uniform(rows, cols, scale):
-                bound = scale / math.sqrt(cols)
-                return (torch.rand(rows, cols, generator=gen) * 2 - 1) * bound
+                weight = torch.empty(rows, cols)
+                rwkv7_init.uniform_init(scale, generator=gen)(weight)
+                return weight
 
             out[prefix + "ln1.weight"] = torch.ones(c)
             out[prefix + "ln1.bias"] = torch.zeros(c)

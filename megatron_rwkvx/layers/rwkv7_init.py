@@ -8,7 +8,7 @@ Training normally starts from a pretrained checkpoint; these values matter for f
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -67,13 +67,14 @@ def channel_mix_vector(hidden_size: int, rwkv_index: int, num_rwkv_layers: int) 
     return 1.0 - _ramp(hidden_size).pow(ratio_1_to_almost0**4)
 
 
-def uniform_init(scale: float):
-    """An ``init_method`` for megatron linears: U(-scale/sqrt(fan_in), +scale/sqrt(fan_in))."""
+def uniform_init(scale: float, generator: Optional[torch.Generator] = None):
+    """An ``init_method`` for megatron linears: U(-scale/sqrt(fan_in), +scale/sqrt(fan_in)), drawn
+    from ``generator`` when given (the expansion's seeded draw) or the global RNG."""
 
     def init(weight: torch.Tensor) -> None:
         bound = scale / math.sqrt(weight.shape[1])
         with torch.no_grad():
-            weight.uniform_(-bound, bound)
+            weight.uniform_(-bound, bound, generator=generator)
 
     return init
 
