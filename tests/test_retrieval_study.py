@@ -186,7 +186,8 @@ def test_passkey_hit_rate_records(byte_model):
     assert records[1]["hit"] is True
 
 
-@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense"]], ids=["reference", "shift-dense-stage1"])
+@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in"]],
+                         ids=["reference", "variants"])
 def test_study_driver_test_form(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
     study = importlib.util.module_from_spec(spec)
@@ -208,3 +209,5 @@ def test_study_driver_test_form(tmp_path, flags):
     stage1 = json.loads((out / "checkpoints" / "stage1" / "model_config.json").read_text())
     assert stage1["sparse_top_k"] == (8 if flags else 2)
     assert json.loads((out / "checkpoints" / "stage2" / "model_config.json").read_text())["sparse_top_k"] == 2
+    # stage 1 of the test size is one iteration: --rwkv-fade-in 0 0, the gate already 1
+    assert ("rwkv gate 1.000" in (out / "logs" / "stage1.log").read_text()) == bool(flags)

@@ -146,7 +146,8 @@ def test_sigusr1_saves_and_exits_zero(data, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == m.group(1)
 
 
-def test_stage1_freezes_the_base_bit_for_bit(data, tmp_path):
+def _expanded_random_base(tmp_path):
+    """A random two-block RWKV-7 expanded (zero-init) to RWKV-X, as a megatron checkpoint."""
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.testing.checkpoints import random_official_state_dict
 
@@ -155,6 +156,11 @@ def test_stage1_freezes_the_base_bit_for_bit(data, tmp_path):
     expanded = tmp_path / "expanded"
     _run([PY, "tools/convert_rwkv7_to_rwkvx.py", "--input", str(base), "--output", str(expanded),
           "--num-sparse-blocks", "1", "--output-format", "megatron"])
+    return expanded
+
+
+def test_stage1_freezes_the_base_bit_for_bit(data, tmp_path):
+    expanded = _expanded_random_base(tmp_path)
     trained = tmp_path / "stage1"
     _pretrain("--init-from", expanded, "--train-only", "sparse", "--data-path", data, "--split", "90,10,0",
               "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-2",
@@ -167,6 +173,25 @@ def test_stage1_freezes_the_base_bit_for_bit(data, tmp_path):
     frozen = [k for k in a if not k.startswith("moba.")]
     assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("moba."))
+
+
+def test_rwkv_fade_in_silences_the_base_then_brings_it_back(data, tmp_path):
+    expanded = _expanded_random_base(tmp_path)
+    common = ["--init-from", expanded, "--train-only", "sparse", "--data-path", data, "--split", "90,10,0",
+              "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-2",
+              "--eval-iters", "0", "--sparse-chunk-size", "8", "--sparse-top-k", "2", "--log-interval", "1",
+              "--device", "cpu"]
+    plain = _losses(_pretrain(*common).stdout)
+    faded = _pretrain(*common, "--rwkv-fade-in", "1", "3").stdout
+    assert re.findall(r"rwkv gate (\S+)", faded) == ["0.000", "0.500", "1.000", "1.000"]
+    # the first step trains beside silenced RWKV-7 blocks: another model, another loss
+    assert _losses(faded)[1] != plain[1]
+    ckpt = tmp_path / "ckpt"
+    stopped = _pretrain(*common, "--rwkv-fade-in", "1", "3", "--save", ckpt, "--exit-interval", "2").stdout
+    assert "saved during --rwkv-fade-in (RWKV-7 gate 0.500 < 1)" in stopped
+    resumed = _pretrain(*common, "--rwkv-fade-in", "1", "3", "--save", ckpt, "--load", ckpt).stdout
+    assert {**_losses(stopped), **_losses(resumed)} == _losses(faded)  # the gate follows the iteration
+    assert "saved during --rwkv-fade-in" not in resumed
 
 
 @pytest.mark.distributed

@@ -5,6 +5,7 @@
   python tools/retrieval_study.py --output study --quick    # the same recipe, less training, fewer lengths
   python tools/retrieval_study.py --output study --size test  # seconds-long plumbing check (tests)
   ... --sparse-token-shift --stage1-dense  # the variants of finding 14 (not the reference recipe)
+  ... --stage1-rwkv-fade-in  # finding 18's variant: stage 1 with the base's RWKV-7 blocks silenced first
 
 The paper's recipe at tiny scale, every step through the real entry points:
   1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
@@ -80,6 +81,9 @@ class StudySize:
     # The expansion gives the sparse blocks token-shift mixes (not in the reference RWKV-X;
     # docs/retrieval_study.md, finding 13); the stages inherit them from the checkpoint.
     sparse_token_shift: bool = False
+    # Stage 1 with --rwkv-fade-in: the base's RWKV-7 blocks silenced for its first half and faded
+    # back in over the third quarter (not the reference recipe; docs/retrieval_study.md, finding 18)
+    stage1_rwkv_fade_in: bool = False
     stage1_iters: int = 600
     stage1_lr: float = 2e-3
     stage2_iters: int = 300
@@ -175,7 +179,8 @@ class Runner:
 
 
 def run_study(output: str, size_name: str, port: Optional[int] = None, **variant) -> Dict:
-    """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``)."""
+    """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``,
+    ``stage1_rwkv_fade_in``)."""
     size = replace(SIZES[size_name], **variant)
     s = size
     run = Runner(output, port)
@@ -223,6 +228,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
     run("stage1", pretrain + common + [
         "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
         *(["--sparse-top-k", str(-(-s.stage1_seq // s.chunk))] if s.stage1_dense else []),
+        *(["--rwkv-fade-in", str(s.stage1_iters // 2), str(3 * s.stage1_iters // 4)] if s.stage1_rwkv_fade_in else []),
         "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
         "--train-iters", str(s.stage1_iters), "--lr", str(s.stage1_lr), "--lr-warmup-iters", str(s.stage1_iters // 20),
         "--eval-interval", str(s.stage1_iters), "--save", ck("stage1")])
@@ -285,12 +291,17 @@ def main(argv=None) -> int:
     p.add_argument("--stage1-dense", action="store_true",
                    help="stage 1 selects every chunk (exact dense attention), as the paper's stage 1 does "
                         "(context 1024 < chunk 2048 x top-k 3); stage 2 and the evaluation select top-k")
+    p.add_argument("--stage1-rwkv-fade-in", action="store_true",
+                   help="stage 1 with the base's RWKV-7 blocks silenced for its first half and faded back in "
+                        "over the third quarter (pretrain --rwkv-fade-in; not the reference recipe; "
+                        "docs/retrieval_study.md, finding 18)")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(2)  # the in-process tools (evaluation); training steps set their own
-    variant = {name: True for name in ("sparse_token_shift", "stage1_dense") if getattr(args, name)}
+    variant = {name: True for name in ("sparse_token_shift", "stage1_dense", "stage1_rwkv_fade_in")
+               if getattr(args, name)}
     summary = run_study(os.path.abspath(args.output), args.size, args.master_port, **variant)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")

@@ -40,9 +40,16 @@ class RWKVXLayer(MegatronModule):
         self.mixer = build_module(submodules.mixer, config=config, layer_number=layer_number)
         self.pre_mlp_norm = build_module(submodules.pre_mlp_norm, config, c, config.layernorm_epsilon)
         self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number)
+        # --rwkv-fade-in (training only, RWKV-7 layers): the share of this block's change to the
+        # stream that is kept; 1 is the block itself
+        self.residual_gate = 1.0
 
     def forward(self, hidden_states: torch.Tensor, v_first: Optional[torch.Tensor] = None):
+        block_input = hidden_states
         (mixed, _), v_first = self.mixer(self.input_norm(hidden_states), v_first)
         hidden_states = hidden_states + mixed
         out, _ = self.mlp(self.pre_mlp_norm(hidden_states))
-        return hidden_states + out, v_first
+        hidden_states = hidden_states + out
+        if self.residual_gate != 1.0:
+            hidden_states = block_input + self.residual_gate * (hidden_states - block_input)
+        return hidden_states, v_first

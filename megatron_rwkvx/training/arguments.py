@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--train-only", choices=["all", "sparse"], default="all",
                    help="sparse: stage 1, only the sparse-attention blocks train")
+    t.add_argument("--rwkv-fade-in", type=int, nargs=2, metavar=("START", "END"), default=None,
+                   help="not the reference recipe: the RWKV-7 blocks' change to the residual stream "
+                        "is multiplied by 0 up to iteration START, rising linearly to 1 at END, so "
+                        "that new sparse blocks first learn beside no RWKV-7 answer "
+                        "(docs/retrieval_study.md, finding 18)")
     t.add_argument("--loss", choices=["ce", "longce"], default="ce")
     t.add_argument("--longce-window", type=int, default=8000, help="short-context window (tokens)")
     t.add_argument("--longce-stride", type=int, default=4000, help="stride between short windows")
@@ -415,6 +420,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                  f"({args.global_batch_size} samples)")
     if args.train_iters <= 0:
         fail(f"--train-iters must be positive, got {args.train_iters}")
+    if args.rwkv_fade_in is not None:
+        start, end = args.rwkv_fade_in
+        if not 0 <= start <= end <= args.train_iters:
+            fail(f"--rwkv-fade-in {start} {end} must satisfy 0 <= START <= END <= the run's "
+                 f"{args.train_iters} iterations, so that the model saved at the end is the full model")
     if args.skip_train and args.eval_iters <= 0:
         fail("--skip-train evaluates only: give --eval-iters > 0")
     from megatron_rwkvx.data.datasets import DataConfigError, parse_split

@@ -48,6 +48,7 @@ from megatron_rwkvx.training.losses import (
     masked_token_loss,
 )
 from megatron_rwkvx.training.iteration_hooks import IterationHooks
+from megatron_rwkvx.training.rwkv_fade_in import gate_at, set_rwkv_gate
 from megatron_rwkvx.training.metrics import (
     Logger,
     format_eta,
@@ -385,6 +386,7 @@ def _log_progress(run: Run, window: Throughput, grad_norm: Optional[float], eta_
         f"grad norm {grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
         f"tokens/s {tok_s:,.0f} | TFLOP/s/device {per_device / 1e12:.3f} | MFU {window.mfu()} | "
         f"{memory_summary(args.device)} | skipped {skipped} | "
+        + (f"rwkv gate {gate_at(it, args.rwkv_fade_in):.3f} | " if args.rwkv_fade_in else "")
         + (f"loss scale {run.optimizer.get_loss_scale().item():g} | " if args.fp16 else "")
         + f"ETA {format_eta(eta_seconds)}"
     )
@@ -444,6 +446,13 @@ def save(run: Run, reason: str) -> None:
             target = ckpt.save_checkpoint(run.args.save, run.state.iteration, run.ddp_chunks, run.optimizer,
                                           run.scheduler, run.args, run.cfg, asdict(run.state), run.plan)
         run.logger.print(f"saved checkpoint ({reason}) to {target}")
+        gate = gate_at(run.state.iteration, run.args.rwkv_fade_in)
+        if gate < 1.0:
+            run.logger.print(
+                f"warning: this checkpoint was saved during --rwkv-fade-in (RWKV-7 gate {gate:.3f} < 1): "
+                "resume it to finish the fade-in; exported or evaluated as it is, its RWKV-7 blocks "
+                "act at full strength and it is not the model that was trained"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +488,8 @@ def pretrain(args) -> int:
     exit_code = 0
     while run.state.iteration < args.train_iters:
         run.hooks.before_iteration(run.state.iteration + 1)
+        if args.rwkv_fade_in:
+            set_rwkv_gate(run.chunks, gate_at(run.state.iteration + 1, args.rwkv_fade_in))
         step = train_step(run, train_data)
         window.add(step)
         it = run.state.iteration

@@ -13,7 +13,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePred
 
 from megatron_rwkvx.checkpointing.megatron_format import read_model_config
 from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
 from megatron_rwkvx.models.recompute import check_recompute
 from megatron_rwkvx.models.rwkvx_model import RWKVXModel
 from megatron_rwkvx.pretrained import config_from_file_state_dict, read_file_config
@@ -130,6 +130,12 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         raise ArgumentError(
             "--train-only sparse trains the sparse-attention blocks, but the pattern "
             f"{pattern!r} has none; expand the model first (tools/convert_rwkv7_to_rwkvx.py)"
+        )
+    if args.rwkv_fade_in is not None and not (ATTENTION_SYMBOL in pattern and RWKV_SYMBOL in pattern):
+        raise ArgumentError(
+            f"--rwkv-fade-in silences the RWKV-7 blocks while the sparse-attention blocks learn, but "
+            f"the pattern {pattern!r} lacks one of the two; expand the model first "
+            "(tools/convert_rwkv7_to_rwkvx.py) or drop --rwkv-fade-in"
         )
     local = args.seq_length // args.context_parallel_size
     if args.context_parallel_size > 1 and ATTENTION_SYMBOL in pattern and local % cfg.sparse_chunk_size:
