@@ -1,4 +1,4 @@
-"""Findings 9-17 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
+"""Findings 9-18 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
 or to recall by key?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
@@ -41,6 +41,11 @@ per block, how well a linear classifier names each position's token from the blo
 (held out) and the share of that input's variance the token explains.
 Finding 17: --rwkv-lr-scale X trains the R blocks at X times --lr; --select-score shortlist keeps
 the --shortlist past chunks with the best mean-key scores and among them picks by the best key.
+Finding 18: --attn-out-gain G multiplies the A blocks' attention output by G; --expand-init copy
+(with --base) makes the A blocks as the package's expansion does with --init copy; --rwkv-gate S0,S1
+multiplies the R blocks' change to the stream by 0 until step S0, rising linearly to 1 at S1 (the
+package's --rwkv-fade-in, through RWKVXLayer.residual_gate; --rwkv-gate-blocks: only those pattern
+positions), and the probe and ablations read at the gate training ended with.
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -79,6 +84,10 @@ p.add_argument("--select-score", choices=["mean", "quest", "max", "shortlist"], 
 p.add_argument("--shortlist", type=int, default=8)  # --select-score shortlist: past chunks the mean keys keep for the best-key choice (finding 17)
 p.add_argument("--select-loss", type=float, default=0.0)  # rwkvx: weight of the selection loss (finding 15)
 p.add_argument("--probe-tokens", action="store_true")  # after training: how well each block's mixer input names its token (finding 16)
+p.add_argument("--expand-init", choices=["zero", "copy"], default="zero")  # --base: the A blocks' init (copy: the package's expansion --init copy, the reference code's; finding 18)
+p.add_argument("--attn-out-gain", type=float, default=1.0)  # rwkvx: the A blocks' attention output times this (finding 18)
+p.add_argument("--rwkv-gate", default=None)  # rwkvx "S0,S1": the R blocks' residual outputs times 0 until step S0, rising linearly to 1 at S1 (finding 18)
+p.add_argument("--rwkv-gate-blocks", default=None)  # --rwkv-gate: only these pattern positions (comma-separated; default every R block)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
@@ -143,12 +152,30 @@ else:
     from megatron_rwkvx.config import RWKVXConfig
     from megatron_rwkvx.models.rwkvx_model import RWKVXModel
     prepare_runtime(torch.device("cpu"))
-    def build(chunk=a.chunk, top_k=a.topk, mode="dense" if kind == "rwkvx-dense" else "sparse"):
+    gate = [1.0]
+    if a.rwkv_gate:
+        # finding 18: the base's RWKV-7 blocks silenced at first (the package's --rwkv-fade-in: each
+        # adds gate x its change to the stream), so the attention starts beside no RWKV-7 answer
+        g0, g1 = (int(v) for v in a.rwkv_gate.split(","))
+        gated_blocks = [int(v) for v in a.rwkv_gate_blocks.split(",")] if a.rwkv_gate_blocks else [i for i, sym in enumerate(pattern) if sym == "R"]
+        assert "R" in pattern and 0 <= g0 <= g1 and all(pattern[i] == "R" for i in gated_blocks), \
+            "--rwkv-gate S0,S1 gates R blocks of the pattern (--rwkv-gate-blocks: their positions)"
+    def build(chunk=a.chunk, top_k=a.topk, mode="dense" if kind == "rwkvx-dense" else "sparse", pattern=pattern):
         cfg = RWKVXConfig(hidden_size=a.width, head_size=a.head, vocab_size=V, layer_pattern=pattern,
                           num_layers=len(pattern), sparse_chunk_size=chunk, sparse_top_k=top_k,
                           attention_mode=mode, sparse_token_shift=a.attn_shift,
                           use_cpu_initialization=True, params_dtype=torch.float32)
-        return RWKVXModel(cfg, parallel_output=False)
+        m = RWKVXModel(cfg, parallel_output=False)
+        if a.rwkv_gate:  # every copy (probe, ablation) reads at the gate training has reached
+            for i in gated_blocks: m.decoder.layers[i].residual_gate = gate[0]
+        if a.attn_out_gain != 1.0:
+            # finding 18: a trained stack's residual stream is ~1000x a fresh one's (RMS 17 before the
+            # final norm, 0.02 at init), so a zero-init block's output moves the logits that much less
+            # per step; the gain scales the A blocks' output (under Adam: their output projection's lr)
+            for layer in m.decoder.layers:
+                if layer.symbol == "A":
+                    layer.mixer.output.register_forward_hook(lambda mod, inp, out: (out[0] * a.attn_out_gain, *out[1:]))
+        return m
     model = build()
     if a.qk_scale is not None:
         from megatron_rwkvx.layers.rwkv7_init import uniform_init
@@ -239,6 +266,17 @@ if a.base:
     mapped = {rename(k): v for k, v in base.items()}
     assert set(mapped) <= set(mine) and len(base) == len(mapped), "the base's blocks do not fit this pattern"
     mine.update(mapped); model.load_state_dict(mine)
+    if a.expand_init == "copy":
+        # finding 18: the A blocks as the package's expansion makes them with --init copy (norms,
+        # R/K/V/O and ChannelMix of the RWKV block before), through the real file layouts
+        from megatron_rwkvx.checkpointing.expansion import expand_rwkv7_state_dict
+        from megatron_rwkvx.checkpointing.official_format import OFFICIAL_RWKV7, REFERENCE_RWKVX, export_state_dict, import_state_dict
+        rrrr = build(pattern="R" * len(r_layers)); rrrr.load_state_dict(base)
+        official = export_state_dict(rrrr, rrrr.config, OFFICIAL_RWKV7)
+        expanded, _ = expand_rwkv7_state_dict(official, pattern=pattern, init="copy", token_shift=a.attn_shift)
+        import_state_dict(model, expanded, model.config, REFERENCE_RWKVX)
+elif a.expand_init != "zero":
+    raise SystemExit("--expand-init copy expands a --base")
 if a.train_only == "sparse":
     from megatron_rwkvx.training.model_builder import freeze_for_stage1
     freeze_for_stage1([model])
@@ -246,6 +284,8 @@ elif a.train_only == "not-rwkv":
     assert a.arch.startswith("rwkvx"), "--train-only not-rwkv freezes the R blocks of an rwkvx pattern"
     for layer in model.decoder.layers:
         if layer.symbol == "R": layer.requires_grad_(False)
+if a.rwkv_gate:
+    def gate_at(it): return min(1.0, max(0.0, (it - g0) / max(g1 - g0, 1)))
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -293,12 +333,18 @@ evalids, evalmask = batch(64, evalg)
 t0 = time.time(); log = []
 for it in range(a.steps + 1):
     if it % 100 == 0 or it == a.steps:
+        if a.rwkv_gate:
+            gate[0] = gate_at(it)
+            for i in gated_blocks: model.decoder.layers[i].residual_gate = gate[0]
         model.eval()
         with torch.no_grad(): l, acc = score(evalids, evalmask, model(evalids))
         model.train()
         log.append((it, l, acc)); print(f"{a.arch} {a.task} A={a.alphabet} gap={a.gap} pairs={a.pairs} loss={a.train_loss} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
     if it == a.steps: break
     ids, mask = batch(a.batch, g)
+    if a.rwkv_gate:
+        gate[0] = gate_at(it)
+        for i in gated_blocks: model.decoder.layers[i].residual_gate = gate[0]
     logits = model(ids)
     if a.train_loss == "scored": loss = F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
     else: loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
