@@ -284,8 +284,11 @@ elif a.train_only == "not-rwkv":
     assert a.arch.startswith("rwkvx"), "--train-only not-rwkv freezes the R blocks of an rwkvx pattern"
     for layer in model.decoder.layers:
         if layer.symbol == "R": layer.requires_grad_(False)
-if a.rwkv_gate:
-    def gate_at(it): return min(1.0, max(0.0, (it - g0) / max(g1 - g0, 1)))
+def set_gate(it):
+    """--rwkv-gate: the gated R blocks at the package's --rwkv-fade-in schedule for step ``it``."""
+    from megatron_rwkvx.training.rwkv_fade_in import gate_at
+    gate[0] = gate_at(it, (g0, g1))
+    for i in gated_blocks: model.decoder.layers[i].residual_gate = gate[0]
 model.train()
 nparam = sum(p.numel() for p in model.parameters())
 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -333,18 +336,14 @@ evalids, evalmask = batch(64, evalg)
 t0 = time.time(); log = []
 for it in range(a.steps + 1):
     if it % 100 == 0 or it == a.steps:
-        if a.rwkv_gate:
-            gate[0] = gate_at(it)
-            for i in gated_blocks: model.decoder.layers[i].residual_gate = gate[0]
+        if a.rwkv_gate: set_gate(it)
         model.eval()
         with torch.no_grad(): l, acc = score(evalids, evalmask, model(evalids))
         model.train()
         log.append((it, l, acc)); print(f"{a.arch} {a.task} A={a.alphabet} gap={a.gap} pairs={a.pairs} loss={a.train_loss} it {it} loss2 {l:.3f} acc2 {acc:.3f} t {time.time()-t0:.0f}s", flush=True)
     if it == a.steps: break
     ids, mask = batch(a.batch, g)
-    if a.rwkv_gate:
-        gate[0] = gate_at(it)
-        for i in gated_blocks: model.decoder.layers[i].residual_gate = gate[0]
+    if a.rwkv_gate: set_gate(it)
     logits = model(ids)
     if a.train_loss == "scored": loss = F.cross_entropy(logits[:, :-1][mask], ids[:, 1:][mask])
     else: loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
