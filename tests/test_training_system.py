@@ -189,6 +189,9 @@ def test_rwkv_fade_in_silences_the_base_then_brings_it_back(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     stopped = _pretrain(*common, "--rwkv-fade-in", "1", "3", "--save", ckpt, "--exit-interval", "2").stdout
     assert "saved during --rwkv-fade-in (RWKV-7 gate 0.500 < 1)" in stopped
+    other = _pretrain(*common, "--save", ckpt, "--load", ckpt, check=False)  # the schedule forgotten
+    assert other.returncode != 0 and "during --rwkv-fade-in 1 3" in other.stdout + other.stderr
+    assert "pass --rwkv-fade-in 1 3 to finish that schedule" in other.stdout + other.stderr
     resumed = _pretrain(*common, "--rwkv-fade-in", "1", "3", "--save", ckpt, "--load", ckpt).stdout
     assert {**_losses(stopped), **_losses(resumed)} == _losses(faded)  # the gate follows the iteration
     assert "saved during --rwkv-fade-in" not in resumed

@@ -73,6 +73,9 @@ def _layout(args) -> dict:
         "distributed_optimizer": bool(args.use_distributed_optimizer),
         # Stage 1 has optimizer state for the sparse blocks only: a resume must train the same set.
         "train_only": args.train_only,
+        # A run saved mid --rwkv-fade-in trained beside partly silenced RWKV-7 blocks: a resume must
+        # finish the same schedule.
+        "rwkv_fade_in": list(args.rwkv_fade_in) if args.rwkv_fade_in else None,
     }
 
 
@@ -349,6 +352,17 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
             f"pass --train-only {saved_train_only} to resume it, or --no-load-optim to load the "
             f"weights only (with a fresh optimizer); to start a new stage from its weights use "
             f"--init-from {directory} instead of --load"
+        )
+    saved_fade = saved_layout.get("rwkv_fade_in")
+    ours_fade = list(args.rwkv_fade_in) if args.rwkv_fade_in else None
+    if saved_fade and iteration < saved_fade[1] and saved_fade != ours_fade:
+        start, end = saved_fade
+        raise CheckpointFormatError(
+            f"{target}: saved at iteration {iteration}, during --rwkv-fade-in {start} {end} (its RWKV-7 "
+            f"blocks partly silenced), and this run has "
+            f"{'--rwkv-fade-in ' + ' '.join(map(str, ours_fade)) if ours_fade else 'no --rwkv-fade-in'}; "
+            f"pass --rwkv-fade-in {start} {end} to finish that schedule, or start a new stage from its "
+            f"weights with --init-from {directory} instead of --load"
         )
     saved_dist_opt = saved_layout.get("distributed_optimizer")
     if with_optim and saved_dist_opt is not None and saved_dist_opt != bool(args.use_distributed_optimizer):
