@@ -2,8 +2,8 @@
 
 ``topk_chunk_attention`` is the operator; ``chunk_mean_keys``, ``select_chunks``,
 ``best_chunk_slots`` and ``topk_chunk_selection`` expose the chunk selection that every backend
-shares, for inference and context parallelism; ``register_backend`` adds a backend to the registry (``kernels/registry.py``);
-``dense_causal_attention`` is the dense baseline (``dense.py``), not one of the operator's backends.
+shares, for inference and context parallelism; ``register_backend`` adds a backend to the registry
+(``kernels/registry.py``); ``dense_causal_attention`` is the dense baseline (``dense.py``), not one of the operator's backends.
 """
 from .dense import dense_causal_attention
 from .dispatch import SPARSE_ATTENTION, available_backends, register_backend, topk_chunk_attention

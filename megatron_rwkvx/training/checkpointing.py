@@ -354,7 +354,7 @@ def load_checkpoint(directory: str, chunks, optimizer, scheduler, args, cfg, log
             f"--init-from {directory} instead of --load"
         )
     saved_fade = saved_layout.get("rwkv_fade_in")
-    ours_fade = list(args.rwkv_fade_in) if args.rwkv_fade_in else None
+    ours_fade = _layout(args)["rwkv_fade_in"]
     if saved_fade and iteration < saved_fade[1] and saved_fade != ours_fade:
         start, end = saved_fade
         raise CheckpointFormatError(

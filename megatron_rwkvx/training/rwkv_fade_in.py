@@ -5,7 +5,8 @@ Not the reference recipe. Why it exists (docs/retrieval_study.md, finding 18): i
 zero-init sparse blocks of a stage 1 learned no content lookup beside the trained RWKV-7 blocks
 (0 of 7 runs), but learned it completely within a few hundred steps with those blocks silenced, and
 kept it while they were faded back in. The gate is a training-time schedule only: a checkpoint
-holds no gate, and a model saved before END is not the model that was trained (the run warns).
+records the schedule (a resume must keep it) but no gate, and a model saved before END is not the
+model that was trained (the run warns).
 """
 from __future__ import annotations
 
