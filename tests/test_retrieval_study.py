@@ -186,6 +186,55 @@ def test_passkey_hit_rate_records(byte_model):
     assert records[1]["hit"] is True
 
 
+def _copying_head(prompt, ids, answer, shift):
+    """Hand-made q/k of one head over ``ids`` (the prompt and its answer): the key at the needle's
+    digit i (both mentions) is direction i, and the position that predicts answer digit i queries
+    direction i + ``shift`` strongly. ``shift`` 0 is an induction head, 1 one off by a token."""
+    d = 8
+    k = torch.zeros(len(ids), 1, d)
+    q = torch.zeros(len(ids), 1, d)
+    at = prompt.find(answer)
+    while at >= 0:  # ByteTokenizer: token index = byte offset
+        for i in range(len(answer)):
+            k[at + i, 0, i] = 1.0
+        at = prompt.find(answer, at + 1)
+    for i in range(len(answer)):
+        if i + shift < len(answer):
+            q[len(prompt) + i, 0, i + shift] = 60.0  # prompt, " ", digits: position len+i predicts digit i
+    return [(q, k)]
+
+
+@pytest.mark.parametrize("shift, expected", [(0, 1.0), (1, 0.0)], ids=["induction", "off-by-one"])
+def test_passkey_read_weight_measures_the_digit_to_copy(shift, expected):
+    tok = ByteTokenizer()
+    doc = passkey_document(320, 0.0, 3, count)
+    prompt_ids = tok.tokenize(doc["prompt"])
+    continuation = tok.tokenize(" " + doc["answer"])
+    recorded = _copying_head(doc["prompt"], prompt_ids + continuation, doc["answer"], shift)
+    recorder = bare_recorder(64, 3)  # own chunk + 2 selected: the needle's mentions may straddle two
+    recorder.mixers = [type("Mixer", (), {"local_heads": 1, "head_size": 8})()]
+    out = retrieval.passkey_read_weight(recorder, tok, doc["prompt"], prompt_ids, continuation, doc["answer"], recorded)
+    assert out["read_weight"] == [pytest.approx(expected, abs=1e-3)]
+    # A bag read of the same keys: 2 of the 64 x 2 + own-chunk keys hold the digit
+    assert 0.005 < out["read_weight_even"][0] < 0.02
+    with pytest.raises(ValueError, match="must appear"):
+        retrieval.passkey_read_weight(recorder, tok, doc["prompt"], prompt_ids, tok.tokenize(" 99999"), doc["answer"],
+                                      recorded)
+
+
+def test_passkey_read_weight_records(byte_model):
+    records = passkey.run_passkey(InferenceEngine(byte_model), ByteTokenizer(), [300], [0.0, 1.0], seeds=1,
+                                  max_new_tokens=2, piece_size=64, read_weight=True)
+    assert all("hits" not in r for r in records)  # --read-weight alone does not add the hit rate
+    for r in records:
+        assert len(r["read_weight"]) == 1 and 0.0 <= r["read_weight"][0] <= 1.0
+        assert len(r["read_weight_even"]) == 1 and 0.0 < r["read_weight_even"][0] <= 1.0
+    table = passkey.format_table(records)
+    assert "Read weight" in table and "| 300 |" in table
+    assert retrieval.read_weight_by_length(records)[300]["read_weight"] == [
+        pytest.approx(sum(r["read_weight"][0] for r in records) / 2)]
+
+
 @pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in"]],
                          ids=["reference", "variants"])
 def test_study_driver_test_form(tmp_path, flags):

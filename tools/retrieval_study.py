@@ -252,7 +252,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
         slug = label.lower().replace("-", "")
         run.tool(f"passkey_{slug}", "eval_passkey.py", ["--model", model, *model_args, "--lengths", lengths,
                                                           "--depths", str(s.passkey_depths), "--seeds", str(s.passkey_seeds),
-                                                          "--hit-rate", "--output-dir", path("eval", slug, "passkey")])
+                                                          "--hit-rate", "--read-weight", "--output-dir", path("eval", slug, "passkey")])
         run.tool(f"mqar_{slug}", "eval_mqar.py", ["--model", model, *model_args, "--lengths", lengths,
                                                     "--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries),
                                                     "--seeds", str(s.mqar_seeds), "--output-dir", path("eval", slug, "mqar")])

@@ -10,10 +10,14 @@ from typing import Dict, List, Optional, Sequence
 from megatron_rwkvx.data.sample_corpus import passkey_document
 from megatron_rwkvx.evaluation.png import heatmap, short_number
 from megatron_rwkvx.inference.engine import InferenceEngine
-from megatron_rwkvx.evaluation.retrieval import SelectionRecorder, passkey_hits, split_recorded
+from megatron_rwkvx.evaluation.retrieval import (SelectionRecorder, format_read_weight_table, passkey_hits,
+                                                 passkey_read_weight, split_recorded)
 from megatron_rwkvx.inference.generation import generate
 
 _NUMBER = re.compile(r"\d+")
+READ_WEIGHT_NOTE = ("at each answer digit, the largest weight a head of the layer puts on that digit in the "
+                    "needle (the token an induction head copies); in parentheses the level of a head that spreads "
+                    "its weight evenly over the keys it reads.")
 
 
 def depth_grid(count: int) -> List[float]:
@@ -30,18 +34,21 @@ def first_number(text: str) -> Optional[str]:
 
 def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], depths: Sequence[float],
                 seeds: int = 5, max_new_tokens: int = 8, piece_size: Optional[int] = 4096,
-                progress=None, hit_rate: bool = False) -> List[Dict]:
+                progress=None, hit_rate: bool = False, read_weight: bool = False) -> List[Dict]:
     """One record per (length, depth, seed): prompt length, key, generated text, correct; with
     ``hit_rate`` also ``hits`` (per sparse layer: is a chunk holding the key attended from the
     last prompt position?), ``hit`` (in some layer) and ``hit_chance`` (the same for a random
-    selection), see ``evaluation.retrieval``."""
+    selection), see ``evaluation.retrieval``. With ``read_weight`` each prompt is also run once more
+    with its right answer appended (teacher-forced) and the record gains ``read_weight`` and
+    ``read_weight_even`` (``evaluation.retrieval.passkey_read_weight``): a selected chunk is not
+    necessarily read, and an answer can come from the RWKV-7 state without any read."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
 
     def count(text: str) -> int:
         return len(tokenizer.tokenize(text))
 
-    recorder = SelectionRecorder(engine) if hit_rate else contextlib.nullcontext()
+    recorder = SelectionRecorder(engine) if hit_rate or read_weight else contextlib.nullcontext()
     records = []
     for length in lengths:
         for depth in depths:
@@ -51,6 +58,8 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
             with recorder:
                 outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(eod,), prefill_piece=piece_size)
                 recorded = recorder.take(sum(map(len, prompts))) if hit_rate and recorder.mixers else []
+                if not hit_rate and read_weight:
+                    recorder.reset()
             per_prompt = split_recorded(recorded, [len(p) for p in prompts]) if recorded else [[]] * len(prompts)
             for doc, prompt, out, rec_qk in zip(docs, prompts, outputs, per_prompt):
                 text = tokenizer.detokenize([t for t in out if t != eod])
@@ -62,10 +71,23 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
                 if hit_rate:
                     rec.update(passkey_hits(recorder, tokenizer, doc["prompt"], prompt, doc["answer"], rec_qk)
                                if rec_qk else {"hits": [], "hit": False})
+                if read_weight and recorder.mixers:
+                    rec.update(_read_weight(engine, recorder, tokenizer, doc, prompt, piece_size))
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
     return records
+
+
+def _read_weight(engine: InferenceEngine, recorder: SelectionRecorder, tokenizer, doc: Dict,
+                 prompt: Sequence[int], piece_size: Optional[int]) -> Dict:
+    """The prompt and its right answer through the same incremental path, recorded."""
+    continuation = tokenizer.tokenize(" " + doc["answer"])  # the prompt ends "The pass key is"
+    ids = list(prompt) + list(continuation)
+    with recorder:
+        engine.prefill(engine.new_state(1), [ids], piece_size=piece_size)
+        recorded = recorder.take(len(ids))
+    return passkey_read_weight(recorder, tokenizer, doc["prompt"], prompt, continuation, doc["answer"], recorded)
 
 
 def accuracy_grid(records: Sequence[Dict]):
@@ -91,6 +113,9 @@ def format_table(records: Sequence[Dict]) -> str:
         lines.append(f"| {d:.0%} | " + " | ".join(f"{v:.0%}" for v in row) + " |")
     means = [sum(grid[j][i] for j in range(len(depths))) / len(depths) for i in range(len(lengths))]
     lines.append("| mean | " + " | ".join(f"{v:.0%}" for v in means) + " |")
+    read = format_read_weight_table(records)
+    if read:
+        lines += ["", "Read weight (teacher-forced answer): " + READ_WEIGHT_NOTE, "", read]
     return "\n".join(lines)
 
 

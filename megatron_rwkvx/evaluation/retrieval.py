@@ -229,6 +229,67 @@ def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Seque
             "key_attention": mass}
 
 
+def passkey_read_weight(recorder: SelectionRecorder, tokenizer, prompt: str, prompt_ids: Sequence[int],
+                        continuation_ids: Sequence[int], answer: str, recorded: List[tuple]) -> Dict:
+    """How much the sparse layers read the key where they answer: ``recorded`` is the record of
+    ``prompt_ids + continuation_ids`` (the prompt and the right answer, teacher-forced). For each answer
+    token that holds bytes of the key, the position that predicts it puts (per layer, the largest over
+    heads, ``SelectionRecorder.attention_mass``) this weight on the needle tokens holding the same bytes
+    of the key, in either mention: the token an induction head copies. ``read_weight`` is its mean over
+    the answer's tokens per sparse layer; ``read_weight_even`` the same for heads that spread their
+    weight evenly over the keys they read (a bag read of the same selection)."""
+    raw = prompt.encode("utf-8")
+    key = answer.encode("utf-8")
+    offsets = token_byte_offsets(tokenizer, prompt_ids)
+    mentions, at = [], raw.find(key)
+    while at >= 0:
+        mentions.append(at)
+        at = raw.find(key, at + 1)
+    continuation = b"".join(tokenizer.detokenize([t]).encode("utf-8", errors="surrogateescape")
+                            for t in continuation_ids)
+    start = continuation.find(key)
+    if not mentions or start < 0:
+        raise ValueError(f"the key {answer!r} must appear in the prompt and in the continuation")
+    cont_offsets = token_byte_offsets(tokenizer, continuation_ids)
+    bounds = cont_offsets[1:] + [len(continuation)]
+    read, even = [], []
+    for j, (a, b) in enumerate(zip(cont_offsets, bounds)):
+        lo, hi = max(a, start) - start, min(b, start + len(key)) - start  # key bytes in this token
+        if lo >= hi:
+            continue
+        wanted = [t for m in mentions for t in tokens_covering(offsets, m + lo, m + hi)]
+        position = len(prompt_ids) + j - 1  # predicts continuation token j
+        read.append(recorder.attention_mass(recorded, position, wanted))
+        even.append(recorder.attention_mass(recorded, position, wanted, even=True))
+    mean = lambda rows: [sum(layer) / len(rows) for layer in zip(*rows)]  # noqa: E731
+    return {"read_weight": mean(read), "read_weight_even": mean(even)}
+
+
+def read_weight_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, List[float]]]:
+    """``{length: {"read_weight", "read_weight_even"}}``: per sparse layer, the mean over the
+    records of that length that have them (``passkey_read_weight``)."""
+    out = {}
+    for n in sorted({r["length"] for r in records}):
+        rows = [r for r in records if r["length"] == n and r.get("read_weight")]
+        if rows:
+            out[n] = {k: [sum(v) / len(rows) for v in zip(*(r[k] for r in rows))]
+                      for k in ("read_weight", "read_weight_even")}
+    return out
+
+
+def format_read_weight_table(records: Sequence[Dict]) -> str:
+    """Markdown, one row per length: the read weight per sparse layer (its even-spread level), or ""
+    when no record has one."""
+    stats = read_weight_by_length(records)
+    if not stats:
+        return ""
+    layers = lambda ws: " / ".join(f"{w:.3f}" for w in ws)  # noqa: E731
+    lines = ["| length | weight on the key token to copy, per sparse layer (even spread over the keys read) |",
+             "|---|---|"]
+    lines += [f"| {n} | {layers(s['read_weight'])} ({layers(s['read_weight_even'])}) |" for n, s in stats.items()]
+    return "\n".join(lines)
+
+
 def accuracy_by_length(records: Sequence[Dict]) -> Dict[int, Dict[str, float]]:
     """``{length: {"accuracy", "hit_rate", "hit_chance" (None without sparse layers), "count"}}``
     (MQAR or passkey records); MQAR records add ``pair_list_hit_rate`` and its chance."""

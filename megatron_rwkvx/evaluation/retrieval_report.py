@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from megatron_rwkvx.evaluation import passkey
 from megatron_rwkvx.evaluation.retrieval import accuracy_by_length as by_length
 from megatron_rwkvx.evaluation.retrieval import format_table as mqar_table
+from megatron_rwkvx.evaluation.retrieval import read_weight_by_length
 
 
 def _pct(v: Optional[float]) -> str:
@@ -99,6 +100,9 @@ def headline(results: Dict[str, Dict], length: int) -> Dict[str, Optional[float]
             out[f"{label} {task} accuracy"] = s.get("accuracy")
             if s.get("hit_rate") is not None:
                 out[f"{label} {task} hit rate"] = s["hit_rate"]
+        read = read_weight_by_length(res["passkey"]).get(length)
+        if read:
+            out[f"{label} passkey read weight"] = max(read["read_weight"])
     return out
 
 
@@ -109,7 +113,9 @@ def write_study_report(output: str, results: Dict[str, Dict], meta: Dict) -> Dic
     draw_figure(results, png, settings["stage1_seq"], settings["stage2_seq"])
     summary = {"headline": headline(results, 4 * settings["stage2_seq"]), **meta,
                "by_length": {label: {task: {str(n): v for n, v in by_length(recs).items()} for task, recs in res.items()}
-                             for label, res in results.items()}}
+                             for label, res in results.items()},
+               "passkey_read_weight": {label: {str(n): v for n, v in read_weight_by_length(res["passkey"]).items()}
+                                       for label, res in results.items()}}
     with open(os.path.join(output, "retrieval_study.json"), "w") as f:
         json.dump(summary, f, indent=1)
     times = ", ".join(f"{k} {v:.0f} s" for k, v in meta["wall_seconds"].items())
