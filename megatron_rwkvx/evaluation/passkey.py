@@ -48,18 +48,16 @@ def run_passkey(engine: InferenceEngine, tokenizer, lengths: Sequence[int], dept
     def count(text: str) -> int:
         return len(tokenizer.tokenize(text))
 
-    recorder = SelectionRecorder(engine) if hit_rate or read_weight else contextlib.nullcontext()
+    recorder = SelectionRecorder(engine) if hit_rate or read_weight else None
     records = []
     for length in lengths:
         for depth in depths:
             docs = [passkey_document(length, depth, seed, count) for seed in range(seeds)]
             prompts = [tokenizer.tokenize(d["prompt"]) for d in docs]
             eod = tokenizer.eod  # 0 for RWKV World, 2 for a typical SentencePiece model
-            with recorder:
+            with recorder if hit_rate else contextlib.nullcontext():
                 outputs = generate(engine, prompts, max_new_tokens, stop_tokens=(eod,), prefill_piece=piece_size)
                 recorded = recorder.take(sum(map(len, prompts))) if hit_rate and recorder.mixers else []
-                if not hit_rate and read_weight:
-                    recorder.reset()
             per_prompt = split_recorded(recorded, [len(p) for p in prompts]) if recorded else [[]] * len(prompts)
             for doc, prompt, out, rec_qk in zip(docs, prompts, outputs, per_prompt):
                 text = tokenizer.detokenize([t for t in out if t != eod])
