@@ -1,0 +1,121 @@
+"""Finding 19 of docs/retrieval_study.md: MQAR in the study's layout, but with one-letter keys, so that a
+key is named by one token (what RWKV-X's attention learned in the toy, findings 13-18).
+
+An experiment record, not a tool (no tests; run it from the repository root with the package
+installed). A document is ``Remember these pairs: d8 t5 ... n8. <0-2 filler sentences> Recall: p4 e0 ...``:
+the 26 lowercase letters as keys in random order, each with a one-digit value, then every key asked
+once in another random order, padded with newlines to its length (256-511 bytes when made for
+training, seeds 9,000,000 + i; evaluation uses seeds 0..5).
+
+  python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl   # then tools/preprocess_data.py
+  python docs/experiments/mqar_one_letter.py eval model.pth [--gate 0] [--lengths 500] [--top-k 8]
+
+``eval`` scores the asked values teacher-forced (chance 10%) and prints, per attention block, the
+largest weight a head puts on the asked pair's value in the pair list, with every chunk visible and
+read through top-k of chunks of 64.
+"""
+import argparse
+import json
+import random
+import statistics as st
+import string
+
+from megatron_rwkvx.data.retrieval_tasks import MQAR_HEADER, MQAR_RECALL
+from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER
+
+TRAIN_SEEDS = 9_000_000
+
+
+def document(seed: int, length: int) -> dict:
+    """``context`` (pairs, filler, ``Recall:``), ``asked`` and ``pairs`` ([(key, value)]); the text is
+    the context and then `` key value`` per asked pair, at most ``length`` bytes."""
+    rng = random.Random(f"mqar1/{seed}")
+    keys = list(string.ascii_lowercase)
+    rng.shuffle(keys)
+    pairs = [(k, str(rng.randrange(10))) for k in keys]
+    asked = rng.sample(pairs, len(pairs))
+    head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
+    tail = "".join(" " + k + v for k, v in asked)
+    reps = 0
+    while len(" ".join([head] + [PASSKEY_FILLER] * (reps + 1) + [MQAR_RECALL]) + tail) <= length:
+        reps += 1
+    return {"context": " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL]), "asked": asked, "pairs": pairs}
+
+
+def make(count: int, path: str) -> None:
+    with open(path, "w") as f:
+        for i in range(count):
+            length = random.Random(TRAIN_SEEDS + i).randint(256, 511)
+            d = document(TRAIN_SEEDS + i, length)
+            text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+            f.write(json.dumps({"text": text + "\n" * (length - len(text))}) + "\n")
+
+
+def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
+    import torch
+
+    import megatron_rwkvx
+    from megatron_rwkvx.data.tokenizers import ByteTokenizer
+    from megatron_rwkvx.kernels.sparse_attention.reference import allowed_keys
+    from megatron_rwkvx.kernels.sparse_attention.selection import topk_chunk_selection
+
+    torch.set_num_threads(threads)
+    tok = ByteTokenizer()
+    model = megatron_rwkvx.load_pretrained(path, sparse_chunk_size=64, sparse_top_k=top_k)
+    attn = [i for i, layer in enumerate(model.decoder.layers) if layer.symbol == "A"]
+    for layer in model.decoder.layers:
+        if layer.symbol == "R":
+            layer.residual_gate = gate
+    captured = {}
+    for i in attn:
+        mixer = model.decoder.layers[i].mixer
+
+        def project(x, previous_token=None, _orig=mixer.project, _i=i):
+            q, k, v = _orig(x, previous_token)
+            captured[_i] = (q.detach().transpose(0, 1)[0].float(), k.detach().transpose(0, 1)[0].float())
+            return q, k, v
+
+        mixer.project = project
+    for length in lengths:
+        acc, dense, read = [], {i: [] for i in attn}, {i: [] for i in attn}
+        for seed in range(6):
+            d = document(seed, length)
+            text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+            ids = tok.tokenize(text)  # byte = token
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]))[0]
+            value_at = {k: text.index(" " + k + v) + 2 for k, v in d["pairs"]}  # the pair list comes first
+            for j, (k, v) in enumerate(d["asked"]):
+                pos = len(d["context"]) + 3 * j + 1  # the asked key; it predicts the value
+                acc.append(float(logits[pos].argmax().item() == ord(v)))
+                for i in attn:
+                    q, keys = captured[i]
+                    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], 1)
+                    s = torch.einsum("hn,shn->hs", q[pos], keys[: pos + 1]) * q.shape[-1] ** -0.5
+                    dense[i].append(torch.softmax(s, -1)[:, value_at[k]].max().item())
+                    _, sel = topk_chunk_selection(q[None, pos : pos + 1], keys[None, : pos + 1], chunk_size=64,
+                                                  top_k=top_k, q_offset=pos)
+                    mask = allowed_keys(sel, tq=1, tk=pos + 1, chunk_size=64, q_offset=pos)[0, :, 0]
+                    read[i].append(torch.softmax(s.masked_fill(~mask, float("-inf")), -1)[:, value_at[k]].max().item())
+        print(f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%); weight on the "
+              "asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
+              + f"; read through top-{top_k}: " + " ".join(f"A{i} {st.mean(read[i]):.3f}" for i in attn), flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("count", type=int)
+    m.add_argument("path")
+    e = sub.add_parser("eval")
+    e.add_argument("model")
+    e.add_argument("--lengths", default="500")
+    e.add_argument("--gate", type=float, default=1.0)
+    e.add_argument("--top-k", type=int, default=8)
+    e.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    if a.cmd == "make":
+        make(a.count, a.path)
+    else:
+        evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads)
