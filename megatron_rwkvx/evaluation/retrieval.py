@@ -212,17 +212,23 @@ def split_recorded(recorded: List[tuple], lengths: Sequence[int]) -> List[List[t
     return out
 
 
+def byte_mentions(raw: bytes, key: bytes) -> List[int]:
+    """Byte offsets of every occurrence of ``key`` in ``raw`` (overlapping ones included)."""
+    found, at = [], raw.find(key)
+    while at >= 0:
+        found.append(at)
+        at = raw.find(key, at + 1)
+    return found
+
+
 def passkey_hits(recorder: SelectionRecorder, tokenizer, prompt: str, ids: Sequence[int], answer: str,
                  recorded: List[tuple]) -> Dict:
     """``hits`` (per sparse layer: does the last prompt position attend a chunk holding the key,
     either of its two mentions in the needle?), ``hit`` and ``hit_chance`` (random selection)."""
-    raw = prompt.encode("utf-8")
     offsets = token_byte_offsets(tokenizer, ids)
     key = answer.encode("utf-8")
-    wanted, at = [], raw.find(key)
-    while at >= 0:
-        wanted += tokens_covering(offsets, at, at + len(key))
-        at = raw.find(key, at + 1)
+    wanted = [t for at in byte_mentions(prompt.encode("utf-8"), key)
+              for t in tokens_covering(offsets, at, at + len(key))]
     hits = recorder.hits(recorded, len(ids) - 1, wanted)
     mass = recorder.attention_mass(recorded, len(ids) - 1, wanted)
     return {"hits": hits, "hit": any(hits), "hit_chance": recorder.chance(len(ids) - 1, wanted),
@@ -238,13 +244,9 @@ def passkey_read_weight(recorder: SelectionRecorder, tokenizer, prompt: str, pro
     of the key, in either mention: the token an induction head copies. ``read_weight`` is its mean over
     the answer's tokens per sparse layer; ``read_weight_even`` the same for heads that spread their
     weight evenly over the keys they read (a bag read of the same selection)."""
-    raw = prompt.encode("utf-8")
     key = answer.encode("utf-8")
     offsets = token_byte_offsets(tokenizer, prompt_ids)
-    mentions, at = [], raw.find(key)
-    while at >= 0:
-        mentions.append(at)
-        at = raw.find(key, at + 1)
+    mentions = byte_mentions(prompt.encode("utf-8"), key)
     continuation = b"".join(tokenizer.detokenize([t]).encode("utf-8", errors="surrogateescape")
                             for t in continuation_ids)
     start = continuation.find(key)
