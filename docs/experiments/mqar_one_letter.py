@@ -56,8 +56,8 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
 
     import megatron_rwkvx
     from megatron_rwkvx.data.tokenizers import ByteTokenizer
-    from megatron_rwkvx.kernels.sparse_attention.reference import allowed_keys
-    from megatron_rwkvx.kernels.sparse_attention.selection import topk_chunk_selection
+    from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
+    from megatron_rwkvx.inference import InferenceEngine
 
     torch.set_num_threads(threads)
     tok = ByteTokenizer()
@@ -66,37 +66,26 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
     for layer in model.decoder.layers:
         if layer.symbol == "R":
             layer.residual_gate = gate
-    captured = {}
-    for i in attn:
-        mixer = model.decoder.layers[i].mixer
-
-        def project(x, previous_token=None, _orig=mixer.project, _i=i):
-            q, k, v = _orig(x, previous_token)
-            captured[_i] = (q.detach().transpose(0, 1)[0].float(), k.detach().transpose(0, 1)[0].float())
-            return q, k, v
-
-        mixer.project = project
+    recorder = SelectionRecorder(InferenceEngine(model))  # q/k of the attention blocks, in order
     for length in lengths:
         acc, dense, read = [], {i: [] for i in attn}, {i: [] for i in attn}
         for seed in range(6):
             d = document(seed, length)
             text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
             ids = tok.tokenize(text)  # byte = token
-            with torch.no_grad():
+            with recorder, torch.no_grad():
                 logits = model(torch.tensor([ids]))[0]
+                recorded = recorder.take(len(ids))
             value_at = {k: text.index(" " + k + v) + 2 for k, v in d["pairs"]}  # the pair list comes first
             for j, (k, v) in enumerate(d["asked"]):
                 pos = len(d["context"]) + 3 * j + 1  # the asked key; it predicts the value
                 acc.append(float(logits[pos].argmax().item() == ord(v)))
-                for i in attn:
-                    q, keys = captured[i]
+                for i, (q, keys) in zip(attn, recorded):
                     keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], 1)
                     s = torch.einsum("hn,shn->hs", q[pos], keys[: pos + 1]) * q.shape[-1] ** -0.5
                     dense[i].append(torch.softmax(s, -1)[:, value_at[k]].max().item())
-                    _, sel = topk_chunk_selection(q[None, pos : pos + 1], keys[None, : pos + 1], chunk_size=64,
-                                                  top_k=top_k, q_offset=pos)
-                    mask = allowed_keys(sel, tq=1, tk=pos + 1, chunk_size=64, q_offset=pos)[0, :, 0]
-                    read[i].append(torch.softmax(s.masked_fill(~mask, float("-inf")), -1)[:, value_at[k]].max().item())
+                for i, weight in zip(attn, recorder.attention_mass(recorded, pos, [value_at[k]])):
+                    read[i].append(weight)
         print(f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%); weight on the "
               "asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
               + f"; read through top-{top_k}: " + " ".join(f"A{i} {st.mean(read[i]):.3f}" for i in attn), flush=True)

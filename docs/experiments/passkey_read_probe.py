@@ -25,7 +25,8 @@ import torch
 import megatron_rwkvx
 from megatron_rwkvx.data.sample_corpus import passkey_document
 from megatron_rwkvx.data.tokenizers import ByteTokenizer
-from megatron_rwkvx.kernels.sparse_attention.reference import allowed_keys
+from megatron_rwkvx.evaluation.retrieval import SelectionRecorder
+from megatron_rwkvx.inference import InferenceEngine
 from megatron_rwkvx.kernels.sparse_attention.selection import topk_chunk_selection
 
 p = argparse.ArgumentParser()
@@ -46,22 +47,15 @@ attn = [i for i, layer in enumerate(layers) if layer.symbol == "A"]
 for layer in layers:
     if layer.symbol == "R":
         layer.residual_gate = a.gate
-captured, zeroed = {}, set()
+recorder = SelectionRecorder(InferenceEngine(model))  # q/k of the attention blocks, in order
+zeroed = set()
 for i in attn:
-    mixer = layers[i].mixer
-
-    def project(x, previous_token=None, _orig=mixer.project, _i=i):
-        q, k, v = _orig(x, previous_token)
-        captured[_i] = (q.detach().transpose(0, 1)[0].float(), k.detach().transpose(0, 1)[0].float())  # [T, H, N]
-        return q, k, v
-
     def silence(module, inputs, output, _i=i):
         if _i in zeroed:
             (out, bias), v_first = output
             return (torch.zeros_like(out), bias), v_first
 
-    mixer.project = project
-    mixer.register_forward_hook(silence)
+    layers[i].mixer.register_forward_hook(silence)
 
 
 def score(ids, rows, answer):
@@ -94,27 +88,27 @@ for length in [int(x) for x in a.lengths.split(",")]:
             for name, z in ablations:
                 zeroed.clear()
                 zeroed.update(z)
-                x, y = score(ids, rows, answer)
-                acc[name].append(st.mean(x))
-                if not z:
-                    by_digit.append(x)
-                margin[name].append(y)
                 if z:
-                    continue
-                for i in attn:
-                    q, k = captured[i]
-                    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-                    _, sel = topk_chunk_selection(q[None], k[None], chunk_size=CHUNK, top_k=a.top_k, q_offset=0)
-                    mask = allowed_keys(sel, tq=len(ids), tk=len(ids), chunk_size=CHUNK, q_offset=0)[0]
-                    for j, t in enumerate(rows):
-                        s = torch.einsum("hn,shn->hs", q[t], k[: t + 1]) * q.shape[-1] ** -0.5
-                        read = torch.softmax(s.masked_fill(~mask[:, t, : t + 1], float("-inf")), -1)
-                        dense = torch.softmax(s, -1)
-                        sparse_w[i].append(read[:, first + j].max().item())
-                        dense_w[i].append(dense[:, first + j].max().item())
-                        for h in range(q.shape[1]):
-                            hit = bool(set(sel[0, h, t].tolist()) & needle_chunks)
-                            selected.setdefault((i, h), []).append(hit)
+                    x, y = score(ids, rows, answer)
+                else:
+                    with recorder:
+                        x, y = score(ids, rows, answer)
+                        recorded = recorder.take(len(ids))  # per attention block: q, k [T, heads, N]
+                    by_digit.append(x)
+                acc[name].append(st.mean(x))
+                margin[name].append(y)
+            # the model as it is: selection per head, weight on the digit to copy dense and as read
+            for i, (q, k) in zip(attn, recorded):
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+                _, sel = topk_chunk_selection(q[None], k[None], chunk_size=CHUNK, top_k=a.top_k, q_offset=0)
+                for j, t in enumerate(rows):
+                    s = torch.einsum("hn,shn->hs", q[t], k[: t + 1]) * q.shape[-1] ** -0.5
+                    dense_w[i].append(torch.softmax(s, -1)[:, first + j].max().item())
+                    for h in range(q.shape[1]):
+                        selected.setdefault((i, h), []).append(bool(set(sel[0, h, t].tolist()) & needle_chunks))
+            for j, t in enumerate(rows):
+                for i, weight in zip(attn, recorder.attention_mass(recorded, t, [first + j])):
+                    sparse_w[i].append(weight)
             zeroed.clear()
         pct = lambda v: f"{100 * st.mean(v):.0f}%"  # noqa: E731
         print(f"length {length}, depth {depth:.2f}: digits right " + ", ".join(
