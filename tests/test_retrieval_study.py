@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import megatron_rwkvx
-from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, copy_document, mqar_document, shortest_length,
-                                                 training_documents)
+from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, copy_document, mqar_document, padded,
+                                                 passkey_training_text, shortest_length, training_documents)
 from megatron_rwkvx.data.sample_corpus import passkey_document
 from megatron_rwkvx.data.tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
 from megatron_rwkvx.evaluation import passkey, retrieval
@@ -99,6 +99,19 @@ def test_training_mix_and_varied_lengths():
         training_documents(2, 511, 80, 32, count, mix=("poems",))
     with pytest.raises(ValueError, match="too short"):
         shortest_length(lambda n: mqar_document(n, 80, 32, 0, count), 300)
+
+
+def test_passkey_training_documents_keep_their_answer_inside_the_window():
+    # The prompt fits its length, the answer after it may not: then every later window of the
+    # trainer's packed stream would start a few tokens off its document (the full study's stage 2
+    # held 3 such documents of 2050 tokens for 2047 before this was fixed).
+    over = [n for n in range(300, 420) if count(passkey_document(n, 0.5, 7, count)["text"]) > n]
+    assert over  # the case exists
+    for n in over:
+        text = passkey_training_text(n, 0.5, 7, count)
+        assert count(text) <= n and text.endswith(".") and text.count("The pass key is") == 2  # one filler paragraph less
+    with pytest.raises(ValueError, match="does not fit in 10"):
+        padded("x" * 11, 10, count)
 
 
 @pytest.fixture(scope="module")

@@ -81,8 +81,25 @@ def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: in
 def padded(text: str, length_tokens: int, count_tokens: Callable[[str], int]) -> str:
     """``text`` with newlines appended up to ``length_tokens`` tokens (exact for the byte tokenizer):
     a training document of exactly the context length minus the end-of-document token starts every
-    training window at a document start."""
-    return text + "\n" * max(0, length_tokens - count_tokens(text))
+    training window at a document start. A longer one would shift every later window of the
+    trainer's packed stream off its document's start, so it is an error."""
+    have = count_tokens(text)
+    if have > length_tokens:
+        raise ValueError(f"a training document of {have} tokens does not fit in {length_tokens}")
+    return text + "\n" * (length_tokens - have)
+
+
+def passkey_training_text(length_tokens: int, depth: float, seed: int,
+                          count_tokens: Callable[[str], int]) -> str:
+    """A passkey prompt and its answer in at most ``length_tokens`` tokens (``passkey_document``
+    fits the prompt alone, the evaluation's input; the answer would run past the window)."""
+    target = length_tokens
+    while True:
+        text = passkey_document(target, depth, seed, count_tokens)["text"]
+        excess = count_tokens(text) - length_tokens
+        if excess <= 0:
+            return text
+        target -= excess
 
 
 def copy_document(length_tokens: int, seed: int, count_tokens: Callable[[str], int],
@@ -141,8 +158,8 @@ def training_documents(num_docs: int, length_tokens: int, num_pairs: int, num_qu
     if unknown or not mix:
         raise ValueError(f"document kinds must be a non-empty list of {TASK_KINDS}, got {list(mix)}")
     makers = {
-        "passkey": lambda n, seed: passkey_document(n, random.Random(f"depth/{seed}").random(), seed,
-                                                    count_tokens)["text"],
+        "passkey": lambda n, seed: passkey_training_text(n, random.Random(f"depth/{seed}").random(), seed,
+                                                         count_tokens),
         "mqar": lambda n, seed: mqar_document(n, num_pairs, num_queries, seed, count_tokens)["text"],
         "copy": lambda n, seed: copy_document(n, seed, count_tokens, copy_chars),
     }
