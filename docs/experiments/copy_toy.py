@@ -1,4 +1,4 @@
-"""Findings 9-18 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
+"""Findings 9-20 of docs/retrieval_study.md: can each architecture, at the study's size, learn to copy
 or to recall by key?
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
@@ -46,6 +46,10 @@ Finding 18: --attn-out-gain G multiplies the A blocks' attention output by G; --
 multiplies the R blocks' change to the stream by 0 until step S0, rising linearly to 1 at S1 (the
 package's --rwkv-fade-in, through RWKVXLayer.residual_gate; --rwkv-gate-blocks: only those pattern
 positions), and the probe and ablations read at the gate training ended with.
+Finding 20: --init-model M (mqar, rwkvx) starts from a package .pth of the byte tokenizer (e.g. the
+study's expanded model), or a .pt state dict of that model, instead of a fresh model or --base, the
+task written in its bytes (keys as letters, values as digits); --a-blocks-from M takes only the A
+blocks' weights from such a file (after --base and --qk-scale).
 Width 64, heads of 32, AdamW, 100 warm-up steps, cosine decay to 0.1x over --steps, clip 1.0."""
 import argparse, json, math, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -88,13 +92,25 @@ p.add_argument("--expand-init", choices=["zero", "copy"], default="zero")  # --b
 p.add_argument("--attn-out-gain", type=float, default=1.0)  # rwkvx: the A blocks' attention output times this (finding 18)
 p.add_argument("--rwkv-gate", default=None)  # rwkvx "S0,S1": the R blocks' residual outputs times 0 until step S0, rising linearly to 1 at S1 (finding 18)
 p.add_argument("--rwkv-gate-blocks", default=None)  # --rwkv-gate: only these pattern positions (comma-separated; default every R block)
+p.add_argument("--a-blocks-from", default=None)  # rwkvx: the A blocks' weights from this package .pth of the same pattern (finding 20)
+p.add_argument("--init-model", default=None)  # rwkvx mqar: start from a package .pth of the byte tokenizer (finding 20)
 p.add_argument("--probe", type=int, default=0)  # after training: induction weight of each sparse layer on this many eval documents
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
+BYTES = None  # the model's ids of the toy's symbols, where they are not the symbols themselves
+assert not a.init_model or (a.task == "mqar" and a.arch.startswith("rwkvx")), "--init-model reads the mqar task into an rwkvx model"
 if a.task == "mqar":
     V, T = 256, 4 * a.pairs
     assert a.keys + a.values <= V and a.pairs <= a.keys, "keys + values must fit 256 ids, pairs <= keys"
+    if a.init_model:
+        # finding 20: the study's byte-level models read the toy's task written as their bytes:
+        # keys are letters, values digits (the one-letter MQAR of finding 19 without its text)
+        import string
+        assert a.keys <= 52 and a.values <= 10, "--init-model writes keys as letters (<= 52), values as digits (<= 10)"
+        V = 257
+        BYTES = torch.tensor([ord(c) for c in (string.ascii_lowercase + string.ascii_uppercase)[: a.keys]]
+                             + [ord(str(d)) for d in range(a.values)])
 else:
     V = 64 if a.alphabet < 64 else 256  # one spare id: the filler symbol a.alphabet
     T = 2 * a.half + a.gap
@@ -177,6 +193,12 @@ else:
                     layer.mixer.output.register_forward_hook(lambda mod, inp, out: (out[0] * a.attn_out_gain, *out[1:]))
         return m
     model = build()
+    if a.init_model:
+        if a.init_model.endswith(".pt"):  # a state dict of this model (finding 20's transplants)
+            model.load_state_dict(torch.load(a.init_model))
+        else:
+            from megatron_rwkvx.pretrained import load_pretrained
+            model.load_state_dict(load_pretrained(a.init_model, sparse_chunk_size=a.chunk, sparse_top_k=a.topk).state_dict())
     if a.qk_scale is not None:
         from megatron_rwkvx.layers.rwkv7_init import uniform_init
         # finding 16: the package drew query and key U(+-0.5/sqrt(C)) until then (RWKV-7's receptance
@@ -277,6 +299,11 @@ if a.base:
         import_state_dict(model, expanded, model.config, REFERENCE_RWKVX)
 elif a.expand_init != "zero":
     raise SystemExit("--expand-init copy expands a --base")
+if a.a_blocks_from:
+    from megatron_rwkvx.pretrained import load_pretrained
+    donor = load_pretrained(a.a_blocks_from, sparse_chunk_size=a.chunk, sparse_top_k=a.topk)
+    for i, sym in enumerate(pattern):
+        if sym == "A": model.decoder.layers[i].load_state_dict(donor.decoder.layers[i].state_dict())
 if a.train_only == "sparse":
     from megatron_rwkvx.training.model_builder import freeze_for_stage1
     freeze_for_stage1([model])
@@ -313,7 +340,7 @@ def mqar_batch(n, gen):
     ids[:, 0 : 2 * N : 2], ids[:, 1 : 2 * N : 2] = keys, vals
     ids[:, 2 * N :: 2], ids[:, 2 * N + 1 :: 2] = keys.gather(1, order), vals.gather(1, order)
     mask = torch.zeros(n, T - 1, dtype=torch.bool); mask[:, 2 * N :: 2] = True  # at the asked key, predict its value
-    return ids, mask
+    return (ids if BYTES is None else BYTES[ids]), mask
 def batch(n, gen):
     """ids [n, T] and the mask of the targets scored: the second copy after its first symbol."""
     if a.task == "mqar": return mqar_batch(n, gen)

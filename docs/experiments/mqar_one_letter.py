@@ -1,16 +1,27 @@
-"""Finding 19 of docs/retrieval_study.md: MQAR in the study's layout, but with one-letter keys, so that a
+"""Findings 19-20 of docs/retrieval_study.md: MQAR in the study's layout, but with one-letter keys, so that a
 key is named by one token (what RWKV-X's attention learned in the toy, findings 13-18).
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
-installed). A document is ``Remember these pairs: d8 t5 ... n8. <0-2 filler sentences> Recall: p4 e0 ...``:
+installed). A document is ``Remember these pairs: d8 t5 ... n8. <filler paragraphs, as many as fit> Recall: p4 e0 ...``:
 the 26 lowercase letters as keys in random order, each with a one-digit value, then every key asked
 once in another random order, padded with newlines to its length (256-511 bytes when made for
 training, seeds 9,000,000 + i; evaluation uses seeds 0..5).
 
-  python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl   # then tools/preprocess_data.py
+  python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl [--length 511] [--layout L]   # then tools/preprocess_data.py
+  python docs/experiments/mqar_one_letter.py census data/mq_text_document [--seq-length 512] [--windows 19200]
   python docs/experiments/mqar_one_letter.py eval model.pth [--gate 0] [--lengths 500] [--top-k 8]
 
-``eval`` scores the asked values teacher-forced (chance 10%) and prints, per attention block, the
+``make --layout`` (finding 20; these need ``--length``): ``study`` (the above); ``no-filler`` (the
+same without filler, newlines after the questions); ``compact`` (the toy's layout in bytes:
+``d8t5...n8.p4e0...``, 105 bytes, no header, filler or spaces, newlines after); ``compact-apart``
+(``d8t5...n8``, newlines, then ``.p4e0...`` at the document's end).
+
+``census`` reads the training windows as the trainer samples them (seed 1234, split 98,2,0) and
+counts the asked values whose own pair list is in the window and no other (clean), whose own list
+is cut off (orphan), or whose key is also in another document's list in the window (conflicted:
+attention without positions cannot tell the two apart).
+
+``eval`` (``--lengths 200``: the documents have no filler, as ``no-filler``'s) scores the asked values teacher-forced (chance 10%) and prints, per attention block, the
 largest weight a head puts on the asked pair's value in the pair list, with every chunk visible and
 read through top-k of chunks of 64.
 """
@@ -42,13 +53,65 @@ def document(seed: int, length: int) -> dict:
     return {"context": " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL]), "asked": asked, "pairs": pairs}
 
 
-def make(count: int, path: str) -> None:
+def compact_document(seed: int) -> tuple:
+    """The toy's layout in bytes: the pair list and the questions, each ``k v`` without spaces."""
+    rng = random.Random(f"mqar1c/{seed}")
+    keys = list(string.ascii_lowercase)
+    rng.shuffle(keys)
+    pairs = [(k, str(rng.randrange(10))) for k in keys]
+    asked = rng.sample(pairs, len(pairs))
+    return "".join(k + v for k, v in pairs), "." + "".join(k + v for k, v in asked)
+
+
+def make(count: int, path: str, length: int = 0, layout: str = "study") -> None:
+    """``length`` 0: 256-511 bytes each, so that the trainer's windows hold parts of two documents;
+    otherwise every document is exactly ``length`` bytes (with its end-of-document token, one
+    window of ``length + 1`` each)."""
+    if layout != "study" and not length:
+        raise SystemExit(f"--layout {layout} needs --length")
+    fixed = length
     with open(path, "w") as f:
         for i in range(count):
-            length = random.Random(TRAIN_SEEDS + i).randint(256, 511)
-            d = document(TRAIN_SEEDS + i, length)
-            text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+            length = fixed or random.Random(TRAIN_SEEDS + i).randint(256, 511)
+            if layout in ("study", "no-filler"):
+                d = document(TRAIN_SEEDS + i, length if layout == "study" else 200)
+                text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+            else:
+                pairs, questions = compact_document(TRAIN_SEEDS + i)
+                gap = length - len(pairs) - len(questions) if layout == "compact-apart" else 0
+                text = pairs + "\n" * gap + questions
+            if len(text) > length:
+                raise SystemExit(f"a {layout} document needs {len(text)} bytes; --length {length} is too short")
             f.write(json.dumps({"text": text + "\n" * (length - len(text))}) + "\n")
+
+
+def census(prefix: str, seq_length: int, windows: int) -> None:
+    import collections
+    import re
+
+    from megatron_rwkvx.data.datasets import build_gpt_datasets
+    from megatron_rwkvx.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    train = build_gpt_datasets([prefix], "98,2,0", seq_length, 1234, [windows, None, None], None, tok)[0]
+    counts = collections.Counter()
+    for i in range(windows):
+        ids = train[i]["tokens"].tolist()
+        cuts = [-1] + [j for j, t in enumerate(ids) if t == tok.eod] + [len(ids)]
+        texts = [bytes(ids[a + 1:b]).decode("latin1") for a, b in zip(cuts, cuts[1:])]
+        lists = {}  # document in the window -> its pair list, where the whole list is there
+        for j, text in enumerate(texts):
+            m = re.search(MQAR_HEADER + r" ((?:[a-z]\d ?)+)\.", text)
+            if m:
+                lists[j] = dict((p[0], p[1]) for p in m.group(1).split())
+        for j, text in enumerate(texts):
+            at = text.find(MQAR_RECALL)
+            for m in re.finditer(r" ([a-z])\d", text[at:] if at >= 0 else ""):
+                others = [d for jj, d in lists.items() if jj != j and m.group(1) in d]
+                counts["orphan" if j not in lists else "conflicted" if others else "clean"] += 1
+    total = sum(counts.values())
+    print(f"{prefix}: {windows} windows of {seq_length}, {total} asked values ({total / windows:.1f} per window): "
+          + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in counts.most_common()))
 
 
 def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
@@ -97,6 +160,12 @@ if __name__ == "__main__":
     m = sub.add_parser("make")
     m.add_argument("count", type=int)
     m.add_argument("path")
+    m.add_argument("--length", type=int, default=0)
+    m.add_argument("--layout", choices=["study", "no-filler", "compact", "compact-apart"], default="study")
+    c = sub.add_parser("census")
+    c.add_argument("prefix")
+    c.add_argument("--seq-length", type=int, default=512)
+    c.add_argument("--windows", type=int, default=19200)
     e = sub.add_parser("eval")
     e.add_argument("model")
     e.add_argument("--lengths", default="500")
@@ -105,6 +174,8 @@ if __name__ == "__main__":
     e.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     if a.cmd == "make":
-        make(a.count, a.path)
+        make(a.count, a.path, a.length, a.layout)
+    elif a.cmd == "census":
+        census(a.prefix, a.seq_length, a.windows)
     else:
         evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads)
