@@ -4,9 +4,9 @@ An experiment record, not a tool (no tests; run it from the repository root with
 installed). It runs ``python -m megatron_rwkvx.pretrain`` with the given arguments, after changing
 megatron-core's ``GPTDataset`` samples so that ``loss_mask`` keeps only the positions whose input is
 a lowercase letter after ``Recall:`` (in the same document) and whose label is a digit: the asked
-values of ``mqar_one_letter.py``'s documents (with ``ANSWER_MARKER=.``, after the ``.`` before the
-questions of its ``--layout compact`` and ``compact-apart`` documents) (the toy's ``--train-loss scored``, Zoology's MQAR
-loss). The logged training and validation loss is then the loss on those answers (chance: ln 10 =
+values of ``mqar_one_letter.py``'s documents, as the toy's ``--train-loss scored`` (Zoology's MQAR
+loss). With ``ANSWER_MARKER=.`` the marker is the ``.`` before the questions of its ``--layout
+compact`` and ``compact-apart`` documents. The logged training and validation loss is then the loss on those answers (chance: ln 10 =
 2.30). The package has no such option: the paper's recipe trains on every token.
 
   python docs/experiments/answer_loss_pretrain.py --device cpu --tokenizer-type ByteTokenizer ... (pretrain's arguments)
@@ -16,8 +16,10 @@ import sys
 
 import torch
 
+from megatron_rwkvx.data.tokenizers import ByteTokenizer
+
 RECALL = list(os.environ.get("ANSWER_MARKER", "Recall:").encode())
-EOD = 256  # the byte tokenizer's end of document
+EOD = ByteTokenizer().eod
 
 
 def answers_only(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,7 @@ def answers_only(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     for j, t in enumerate(ids):
         if t == EOD:
             asking = False
-        elif ids[j - len(RECALL) + 1: j + 1] == RECALL:
+        elif ids[max(0, j - len(RECALL) + 1): j + 1] == RECALL:
             asking = True
         elif asking and ord("a") <= t <= ord("z") and ord("0") <= int(labels[j]) <= ord("9"):
             mask[j] = 1.0
