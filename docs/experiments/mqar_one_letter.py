@@ -37,29 +37,31 @@ from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER
 TRAIN_SEEDS = 9_000_000
 
 
-def document(seed: int, length: int) -> dict:
-    """``context`` (pairs, filler, ``Recall:``), ``asked`` and ``pairs`` ([(key, value)]); the text is
-    the context and then `` key value`` per asked pair, at most ``length`` bytes."""
-    rng = random.Random(f"mqar1/{seed}")
+def one_letter_pairs(rng: random.Random) -> tuple:
+    """The 26 lowercase letters in random order, each with a one-digit value, and the same pairs in
+    the order they are asked."""
     keys = list(string.ascii_lowercase)
     rng.shuffle(keys)
     pairs = [(k, str(rng.randrange(10))) for k in keys]
-    asked = rng.sample(pairs, len(pairs))
+    return pairs, rng.sample(pairs, len(pairs))
+
+
+def document(seed: int, length: int) -> dict:
+    """``context`` (pairs, filler, ``Recall:``), ``asked``, ``pairs`` ([(key, value)]) and ``text``:
+    the context and then `` key value`` per asked pair, at most ``length`` bytes."""
+    pairs, asked = one_letter_pairs(random.Random(f"mqar1/{seed}"))
     head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
     tail = "".join(" " + k + v for k, v in asked)
     reps = 0
     while len(" ".join([head] + [PASSKEY_FILLER] * (reps + 1) + [MQAR_RECALL]) + tail) <= length:
         reps += 1
-    return {"context": " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL]), "asked": asked, "pairs": pairs}
+    context = " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL])
+    return {"context": context, "asked": asked, "pairs": pairs, "text": context + tail}
 
 
 def compact_document(seed: int) -> tuple:
     """The toy's layout in bytes: the pair list and the questions, each ``k v`` without spaces."""
-    rng = random.Random(f"mqar1c/{seed}")
-    keys = list(string.ascii_lowercase)
-    rng.shuffle(keys)
-    pairs = [(k, str(rng.randrange(10))) for k in keys]
-    asked = rng.sample(pairs, len(pairs))
+    pairs, asked = one_letter_pairs(random.Random(f"mqar1c/{seed}"))
     return "".join(k + v for k, v in pairs), "." + "".join(k + v for k, v in asked)
 
 
@@ -74,8 +76,7 @@ def make(count: int, path: str, length: int = 0, layout: str = "study") -> None:
         for i in range(count):
             length = fixed or random.Random(TRAIN_SEEDS + i).randint(256, 511)
             if layout in ("study", "no-filler"):
-                d = document(TRAIN_SEEDS + i, length if layout == "study" else 200)
-                text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+                text = document(TRAIN_SEEDS + i, length if layout == "study" else 200)["text"]
             else:
                 pairs, questions = compact_document(TRAIN_SEEDS + i)
                 gap = length - len(pairs) - len(questions) if layout == "compact-apart" else 0
@@ -134,7 +135,7 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
         acc, dense, read = [], {i: [] for i in attn}, {i: [] for i in attn}
         for seed in range(6):
             d = document(seed, length)
-            text = d["context"] + "".join(" " + k + v for k, v in d["asked"])
+            text = d["text"]
             ids = tok.tokenize(text)  # byte = token
             with recorder, torch.no_grad():
                 logits = model(torch.tensor([ids]))[0]
