@@ -1,15 +1,15 @@
-"""Findings 19-20 of docs/retrieval_study.md: MQAR in the study's layout, but with one-letter keys, so that a
+"""Findings 19-21 of docs/retrieval_study.md: MQAR in the study's layout, but with one-letter keys, so that a
 key is named by one token (what RWKV-X's attention learned in the toy, findings 13-18).
 
 An experiment record, not a tool (no tests; run it from the repository root with the package
 installed). A document is ``Remember these pairs: d8 t5 ... n8. <filler paragraphs, as many as fit> Recall: p4 e0 ...``:
 the 26 lowercase letters as keys in random order, each with a one-digit value, then every key asked
 once in another random order, padded with newlines to its length (256-511 bytes when made for
-training, seeds 9,000,000 + i; evaluation uses seeds 0..5).
+training, seeds 9,000,000 + i; evaluation uses seeds 0..N-1, ``--seeds N``, default 6).
 
   python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl [--length 511] [--layout L]   # then tools/preprocess_data.py
   python docs/experiments/mqar_one_letter.py census data/mq_text_document [--seq-length 512] [--windows 19200]
-  python docs/experiments/mqar_one_letter.py eval model.pth [--gate 0] [--lengths 500] [--top-k 8]
+  python docs/experiments/mqar_one_letter.py eval model.pth [--gate 0] [--lengths 500] [--top-k 8] [--seeds 6] [--selection quest]
 
 ``make --layout`` (finding 20; these need ``--length``): ``study`` (the above); ``no-filler`` (the
 same without filler, newlines after the questions); ``compact`` (the toy's layout in bytes:
@@ -23,7 +23,12 @@ attention without positions cannot tell the two apart).
 
 ``eval`` (``--lengths 200``: the documents have no filler, as ``no-filler``'s) scores the asked values teacher-forced (chance 10%) and prints, per attention block, the
 largest weight a head puts on the asked pair's value in the pair list, with every chunk visible and
-read through top-k of chunks of 64.
+read through top-k of chunks of 64, and how often a head selects the chunk that holds it (the
+hit rate: by some head, beside the rate at which a random selection would, in some block; and by
+the head that puts the most dense weight on the value), and for how many of the 26 keys the mean
+dense weight on the value is above 0.5 (finding 21: 8 of 26 without the curriculum). ``--selection
+quest`` (finding 21) reads with each chunk scored by Quest's bound instead of its mean key, without
+training; ``--top-k`` beyond the chunk count reads every chunk.
 """
 import argparse
 import json
@@ -115,7 +120,33 @@ def census(prefix: str, seq_length: int, windows: int) -> None:
           + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in counts.most_common()))
 
 
-def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
+def use_quest_selection() -> None:
+    """Score each chunk by Quest's bound instead of its mean key: ``sum_d max(q_d * max_d, q_d * min_d)``
+    over the chunk's keys, the largest score any one key of the chunk can have (finding 15's best
+    single key, as an upper bound). Written as a dot product of ``[relu(q), min(q, 0)]`` with
+    ``[max, min]``, so the package's selection code does the rest. Evaluation only: nothing trained
+    with it."""
+    import torch
+
+    from megatron_rwkvx.kernels.sparse_attention import selection
+
+    mean_keys, select = selection.chunk_mean_keys, selection.select_chunks
+
+    def bound_keys(k, chunk_size, num_chunks=None):
+        n = k.shape[1] // chunk_size if num_chunks is None else num_chunks
+        mean_keys(k, chunk_size, n)  # its checks
+        b, _, h, d = k.shape
+        used = k[:, : n * chunk_size].float().reshape(b, n, chunk_size, h, d)
+        return torch.cat([used.amax(2), used.amin(2)], dim=-1)
+
+    def bound_select(q, chunk_keys, **kw):
+        q = q.float()
+        return select(torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1), chunk_keys, **kw)
+
+    selection.chunk_mean_keys, selection.select_chunks = bound_keys, bound_select
+
+
+def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: int = 6) -> None:
     import torch
 
     import megatron_rwkvx
@@ -133,7 +164,10 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
     recorder = SelectionRecorder(InferenceEngine(model))  # q/k of the attention blocks, in order
     for length in lengths:
         acc, dense, read = [], {i: [] for i in attn}, {i: [] for i in attn}
-        for seed in range(6):
+        hit, chance = {i: [] for i in attn}, []
+        own_hit = {i: [] for i in attn}  # the head that puts the most dense weight on the value
+        by_key = {i: {} for i in attn}  # key letter -> its dense weights
+        for seed in range(seeds):
             d = document(seed, length)
             text = d["text"]
             ids = tok.tokenize(text)  # byte = token
@@ -144,15 +178,30 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int) -> None:
             for j, (k, v) in enumerate(d["asked"]):
                 pos = len(d["context"]) + 3 * j + 1  # the asked key; it predicts the value
                 acc.append(float(logits[pos].argmax().item() == ord(v)))
-                for i, (q, keys) in zip(attn, recorded):
+                read_keys = recorder.attention_weights(recorded, pos)
+                for i, (q, keys), heads in zip(attn, recorded, read_keys):
                     keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], 1)
                     s = torch.einsum("hn,shn->hs", q[pos], keys[: pos + 1]) * q.shape[-1] ** -0.5
-                    dense[i].append(torch.softmax(s, -1)[:, value_at[k]].max().item())
+                    on_value = torch.softmax(s, -1)[:, value_at[k]]
+                    dense[i].append(on_value.max().item())
+                    by_key[i].setdefault(k, []).append(on_value.max().item())
+                    own_hit[i].append(float(value_at[k] in heads[int(on_value.argmax())][0]))
                 for i, weight in zip(attn, recorder.attention_mass(recorded, pos, [value_at[k]])):
                     read[i].append(weight)
-        print(f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%); weight on the "
-              "asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
-              + f"; read through top-{top_k}: " + " ".join(f"A{i} {st.mean(read[i]):.3f}" for i in attn), flush=True)
+                for i, h in zip(attn, recorder.hits(recorded, pos, [value_at[k]])):
+                    hit[i].append(float(h))
+                chance.append(recorder.chance(pos, [value_at[k]]))
+        line = f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
+        if attn:
+            line += ("; weight on the asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
+                     + f"; read through top-{top_k}: " + " ".join(f"A{i} {st.mean(read[i]):.3f}" for i in attn)
+                     + "; hit rate on the asked value's chunk, some head: "
+                     + " ".join(f"A{i} {100 * st.mean(hit[i]):.0f}%" for i in attn)
+                     + f" (random selection, some block: {100 * st.mean(chance):.0f}%), the head with the most dense "
+                     "weight on it: " + " ".join(f"A{i} {100 * st.mean(own_hit[i]):.1f}%" for i in attn)
+                     + "; keys read (mean dense weight > 0.5): "
+                     + " ".join(f"A{i} {sum(st.mean(w) > 0.5 for w in by_key[i].values())}/{len(by_key[i])}" for i in attn))
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
@@ -173,10 +222,15 @@ if __name__ == "__main__":
     e.add_argument("--gate", type=float, default=1.0)
     e.add_argument("--top-k", type=int, default=8)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--seeds", type=int, default=6, help="documents per length (evaluation seeds 0..N-1)")
+    e.add_argument("--selection", choices=["mean", "quest"], default="mean",
+                   help="quest: select chunks by Quest's bound (use_quest_selection), not the package's mean key")
     a = p.parse_args()
     if a.cmd == "make":
         make(a.count, a.path, a.length, a.layout)
     elif a.cmd == "census":
         census(a.prefix, a.seq_length, a.windows)
     else:
-        evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads)
+        if a.selection == "quest":
+            use_quest_selection()
+        evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads, a.seeds)
