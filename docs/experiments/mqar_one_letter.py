@@ -163,10 +163,9 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
             layer.residual_gate = gate
     recorder = SelectionRecorder(InferenceEngine(model))  # q/k of the attention blocks, in order
     for length in lengths:
-        acc, dense, read = [], {i: [] for i in attn}, {i: [] for i in attn}
-        hit, chance = {i: [] for i in attn}, []
+        acc, read, hit, chance = [], {i: [] for i in attn}, {i: [] for i in attn}, []
         own_hit = {i: [] for i in attn}  # the head that puts the most dense weight on the value
-        by_key = {i: {} for i in attn}  # key letter -> its dense weights
+        by_key = {i: {} for i in attn}  # key letter -> the largest dense weight a head puts on its value
         for seed in range(seeds):
             d = document(seed, length)
             text = d["text"]
@@ -178,21 +177,22 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
             for j, (k, v) in enumerate(d["asked"]):
                 pos = len(d["context"]) + 3 * j + 1  # the asked key; it predicts the value
                 acc.append(float(logits[pos].argmax().item() == ord(v)))
+                # per head, the keys it reads through the selection and their weights, once per
+                # question: the read weight and the hit come from these, where attention_mass and
+                # hits would each run the selection again
                 read_keys = recorder.attention_weights(recorded, pos)
                 for i, (q, keys), heads in zip(attn, recorded, read_keys):
                     keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], 1)
                     s = torch.einsum("hn,shn->hs", q[pos], keys[: pos + 1]) * q.shape[-1] ** -0.5
                     on_value = torch.softmax(s, -1)[:, value_at[k]]
-                    dense[i].append(on_value.max().item())
                     by_key[i].setdefault(k, []).append(on_value.max().item())
                     own_hit[i].append(float(value_at[k] in heads[int(on_value.argmax())][0]))
-                for i, weight in zip(attn, recorder.attention_mass(recorded, pos, [value_at[k]])):
-                    read[i].append(weight)
-                for i, h in zip(attn, recorder.hits(recorded, pos, [value_at[k]])):
-                    hit[i].append(float(h))
+                    read[i].append(max(float(w[keys_read == value_at[k]].sum()) for keys_read, w in heads))
+                    hit[i].append(float(any(value_at[k] in keys_read for keys_read, _ in heads)))
                 chance.append(recorder.chance(pos, [value_at[k]]))
         line = f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
         if attn:
+            dense = {i: [w for ws in by_key[i].values() for w in ws] for i in attn}
             line += ("; weight on the asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
                      + f"; read through top-{top_k}: " + " ".join(f"A{i} {st.mean(read[i]):.3f}" for i in attn)
                      + "; hit rate on the asked value's chunk, some head: "
