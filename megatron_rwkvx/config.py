@@ -12,6 +12,7 @@ from typing import Optional
 from megatron.core.transformer import TransformerConfig
 
 from megatron_rwkvx.errors import UsageError
+from megatron_rwkvx.kernels.sparse_attention.selection import MEAN_SELECTION, SELECTION_RULES
 
 RWKV_SYMBOL = "R"
 ATTENTION_SYMBOL = "A"
@@ -123,6 +124,12 @@ class RWKVXConfig(TransformerConfig):
     # the residual stream, and at small scale the sparse blocks never learned to look up by content
     # (docs/retrieval_study.md, finding 13).
     sparse_token_shift: bool = False
+    # How a query scores the past chunks it may select: "mean" (the chunk's mean key, the reference
+    # RWKV-X's and MoBA's rule) or "quest" (the largest score one of its keys can reach, Quest's bound;
+    # kernels/sparse_attention/selection.py). A training choice, like the chunk size: a stage may
+    # change it. Finding 21 of docs/retrieval_study.md: the mean key missed the chunk of an asked
+    # value for 11% of the questions where the bound missed none.
+    sparse_selection: str = MEAN_SELECTION
 
     # Operator backends: "auto" picks Triton on CUDA and PyTorch on the CPU.
     wkv_backend: str = "auto"
@@ -214,6 +221,10 @@ class RWKVXConfig(TransformerConfig):
         if self.attention_mode not in ATTENTION_MODES:
             raise ConfigError(
                 f"attention_mode {self.attention_mode!r} is unknown; choose one of {list(ATTENTION_MODES)}"
+            )
+        if self.sparse_selection not in SELECTION_RULES:
+            raise ConfigError(
+                f"sparse_selection {self.sparse_selection!r} is unknown; choose one of {list(SELECTION_RULES)}"
             )
         layout_error = attention_layout_error(self.attention_mode, self.context_parallel_size)
         if layout_error:

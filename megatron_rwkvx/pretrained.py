@@ -35,7 +35,7 @@ def prepare_runtime(device: torch.device) -> None:
 
 
 # The official .pth layouts hold tensors only; what the tensors cannot tell (the position of the
-# sparse blocks, grouped-query heads, chunk size, top-k, attention mode) travels in a JSON file
+# sparse blocks, grouped-query heads, chunk size, top-k, chunk selection, attention mode) travels in a JSON file
 # beside the .pth, written by tools/export_checkpoint.py, so that other RWKV loaders still read the .pth unchanged.
 FILE_CONFIG_SUFFIX = ".json"
 _FILE_CONFIG_TAG = "megatron_rwkvx_file_config"
@@ -138,7 +138,7 @@ def load_pretrained(
     The file is read with ``torch.load(weights_only=True)``. On a machine without a GPU the CPU
     runtime shim is switched on, and a one-process gloo group is created if none exists.
     The architecture fields the tensors cannot tell (layer pattern, grouped-query heads, sparse
-    chunk size and top-k, attention mode) are read from ``<path>.json`` when it exists (``tools/export_checkpoint.py``
+    chunk size, top-k and chunk selection, attention mode) are read from ``<path>.json`` when it exists (``tools/export_checkpoint.py``
     writes it); without it an RWKV-X file is taken as the reference interleaving.
     ``config_overrides`` set other config fields (e.g. ``sparse_chunk_size``, ``wkv_backend``;
     ``layer_pattern`` for an RWKV-X file whose sparse blocks are not interleaved as the reference).

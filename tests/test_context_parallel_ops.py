@@ -172,18 +172,21 @@ def _check_sparse_attention(rank, world, group, B, Hq, Hkv, D, S, chunk, top_k):
     k = torch.randn(B, T, Hkv, D, generator=g, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, generator=g, requires_grad=True)
     go = torch.randn(B, T, Hq, D, generator=g)
-    out_ref = topk_chunk_attention(q, k, v, chunk_size=chunk, top_k=top_k, backend="torch")
-    (out_ref * go).sum().backward()
-
     part = slice(rank * S, (rank + 1) * S)
-    ql, kl, vl = (t.detach()[:, part].clone().requires_grad_() for t in (q, k, v))
-    out = topk_chunk_attention_context_parallel(
-        ql, kl, vl, chunk_size=chunk, top_k=top_k, group=group, backend="torch"
-    )
-    _assert_close(f"rank {rank} attention out", out, out_ref.detach()[:, part])
-    (out * go[:, part]).sum().backward()
-    for name, mine, ref in (("q", ql, q), ("k", kl, k), ("v", vl, v)):
-        _assert_close(f"rank {rank} attention grad {name}", mine.grad, ref.grad[:, part])
+    for selection in ("mean", "quest"):  # each rank scores the chunks of every earlier rank
+        for t in (q, k, v):
+            t.grad = None
+        out_ref = topk_chunk_attention(q, k, v, chunk_size=chunk, top_k=top_k, backend="torch",
+                                       selection=selection)
+        (out_ref * go).sum().backward()
+        ql, kl, vl = (t.detach()[:, part].clone().requires_grad_() for t in (q, k, v))
+        out = topk_chunk_attention_context_parallel(
+            ql, kl, vl, chunk_size=chunk, top_k=top_k, group=group, backend="torch", selection=selection
+        )
+        _assert_close(f"rank {rank} attention out ({selection})", out, out_ref.detach()[:, part])
+        (out * go[:, part]).sum().backward()
+        for name, mine, ref in (("q", ql, q), ("k", kl, k), ("v", vl, v)):
+            _assert_close(f"rank {rank} attention grad {name} ({selection})", mine.grad, ref.grad[:, part])
 
     # A shard that is not a whole number of chunks: every rank refuses before communicating.
     try:

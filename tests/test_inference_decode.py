@@ -98,16 +98,18 @@ def test_rows_with_different_lengths_decode_together(hybrid, tokens, full_logits
     assert_close(engine.decode(state, [tokens[0, 41]], rows=[0])[0], full_logits[0, 41])
 
 
-def test_cache_decode_matches_operator_with_grouped_heads():
-    # The cache on its own: 4 query heads over 2 kv heads, rows at different positions.
+@pytest.mark.parametrize("selection", ["mean", "quest"])
+def test_cache_decode_matches_operator_with_grouped_heads(selection):
+    # The cache on its own: 4 query heads over 2 kv heads, rows at different positions; under each
+    # chunk selection rule (the cache stores the rule's chunk keys).
     g = torch.Generator().manual_seed(1)
     b, t, hq, hkv, d, cs, top_k = 2, 45, 4, 2, 8, 4, 3
     q = torch.randn(b, t, hq, d, generator=g)
     k = torch.randn(b, t, hkv, d, generator=g)
     v = torch.randn(b, t, hkv, d, generator=g)
-    want = topk_chunk_attention(q, k, v, chunk_size=cs, top_k=top_k, backend="reference")
+    want = topk_chunk_attention(q, k, v, chunk_size=cs, top_k=top_k, backend="reference", selection=selection)
     cache = ChunkedKVCache(b, hkv, d, chunk_size=cs, top_k=top_k, dtype=torch.float32,
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), selection=selection)
     scale = d**-0.5
     head = cache.attend_prefill(1, q[1, :11], k[1, :11], v[1, :11], scale)
     torch.testing.assert_close(head, want[1, :11], rtol=1e-5, atol=1e-5)

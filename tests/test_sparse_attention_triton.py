@@ -29,6 +29,9 @@ CASES = {
     "fp32_chunk96_grouped_blocks": ("float32", 1, 250, 250, 2, 1, 16, 96, 3, 0),
     "fp16_gqa_offset": ("float16", 1, 75, 80, 4, 2, 32, 16, 3, 5),
     "fp16_d64": ("float16", 1, 100, 100, 2, 1, 64, 32, 3, 0),
+    # selection="quest": the chunks scored by Quest's bound (selection keys of width 2D).
+    "fp32_quest_gqa_ragged": ("float32", 1, 75, 75, 4, 2, 16, 16, 3, 0),
+    "fp16_quest_offset": ("float16", 1, 75, 80, 4, 2, 32, 16, 3, 5),
 }
 FP32_TOL = 1e-5  # max |a - b| / max |b|
 FP16_TOL = 5e-3  # rms(a - b) / rms(b), against fp32 math on the same fp16 inputs
@@ -39,7 +42,9 @@ def _interpreter_report() -> dict:
     from megatron_rwkvx.kernels.sparse_attention import (
         available_backends,
         chunk_mean_keys,
+        chunk_selection_keys,
         select_chunks,
+        selection_queries,
         topk_chunk_attention,
     )
     from megatron_rwkvx.kernels.sparse_attention.triton_backend import topk_chunk_attention_triton
@@ -72,7 +77,7 @@ def _interpreter_report() -> dict:
         k = torch.randn(b, tk, hkv, d, generator=gen).to(dt)
         v = torch.randn(b, tk, hkv, d, generator=gen).to(dt)
         grad = torch.randn(b, tq, hq, d, generator=gen)
-        kw = dict(chunk_size=chunk, top_k=top_k, q_offset=off)
+        kw = dict(chunk_size=chunk, top_k=top_k, q_offset=off, selection="quest" if "quest" in name else "mean")
         got = run("triton", q, k, v, grad, **kw)
         want = run("reference", q.float(), k.float(), v.float(), grad, **kw)
         report[name] = errors(got, want, dtype == "float32")
@@ -153,6 +158,10 @@ def _interpreter_report() -> dict:
             want = select_chunks(q, keys, chunk_size=chunk, top_k=top_k, q_offset=off)
             got = select_chunks_triton(q, keys, chunk_size=chunk, top_k=top_k, q_offset=off)
             sel[f"{kind}_top{top_k}_off{off}_chunk{chunk}"] = bool(torch.equal(got.long(), want))
+            keys, queries = chunk_selection_keys(k, chunk, n, "quest"), selection_queries(q, "quest")
+            want = select_chunks(queries, keys, chunk_size=chunk, top_k=top_k, q_offset=off)
+            got = select_chunks_triton(queries, keys, chunk_size=chunk, top_k=top_k, q_offset=off)
+            sel[f"quest_{kind}_top{top_k}_off{off}_chunk{chunk}"] = bool(torch.equal(got.long(), want))
         if kind == "integer_ties":
             keys = chunk_mean_keys(k, 16, 6)
             scores = torch.einsum("bthd,bnhd->bthn", q[:, :, ::2], keys)
@@ -217,7 +226,7 @@ def test_pair_tile_changes_no_result(report):
 def test_selection_is_exactly_the_shared_one(report):
     assert report["tied_queries"] > 100, "the integer input lost its exact ties"
     assert report["selection_equal"] == {k: True for k in report["selection_equal"]}
-    assert len(report["selection_equal"]) == 8
+    assert len(report["selection_equal"]) == 16  # mean and quest
     assert report["chunk_mean_err"] < 1e-6
 
 
@@ -290,7 +299,7 @@ def test_kernels_compile_for_hopper_without_spills():
     from megatron_rwkvx.kernels.sparse_attention.triton_compile_check import compile_all
 
     results = compile_all(dtype="bf16", head_dim=64, capability=90)
-    assert len(results) == 8
+    assert len(results) == 9  # the selection kernel twice: mean, and quest's keys of width 2D
     for name, info in results.items():
         assert info["spill_bytes"] == 0, f"{name} spills registers: {info}"
 

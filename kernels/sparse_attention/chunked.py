@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .selection import MEAN_SELECTION, topk_chunk_selection
+
 # fp32 score elements per batch of forward blocks (128 MiB), so peak memory does not grow with B * H.
 _BLOCK_BUDGET = 1 << 25
 # Backward score blocks (fp32 elements, 2 MiB, cache-sized) and own-chunk row blocks (queries).
@@ -352,13 +354,13 @@ def topk_chunk_attention_torch(
     scale: float,
     q_offset: int,
     selected: torch.Tensor | None = None,
+    selection: str = MEAN_SELECTION,
 ) -> torch.Tensor:
     """Efficient PyTorch path. ``selected`` (from ``topk_chunk_selection``) may be passed in when the
-    caller already has it, e.g. under context parallelism with all-gathered chunk keys."""
-    from .selection import topk_chunk_selection
-
+    caller already has it; ``selection`` is the rule that computes it otherwise."""
     if selected is None:
-        _, selected = topk_chunk_selection(q, k, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset)
+        _, selected = topk_chunk_selection(q, k, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset,
+                                           selection=selection)
     else:
         expected = (q.shape[0], q.shape[2], q.shape[1], top_k - 1)
         if tuple(selected.shape) != expected or selected.dtype != torch.long:

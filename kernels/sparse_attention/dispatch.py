@@ -3,7 +3,7 @@
 Roles: ``reference`` (dense, the definition; tests only), ``torch`` (chunked PyTorch, any
 device) and ``triton`` (``triton_backend.py``, a plug-in that registers itself when imported).
 A backend is called with validated tensors as ``fn(q, k, v, chunk_size=, top_k=,
-scale=<float>, q_offset=)`` and must honour the selection of ``selection.py``.
+scale=<float>, q_offset=, selection=)`` and must honour the selection of ``selection.py``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .checks import check_inputs
 from .chunked import topk_chunk_attention_torch
 from .probe import probe_case
 from .reference import topk_chunk_attention_reference
+from .selection import MEAN_SELECTION, check_selection
 
 SPARSE_ATTENTION = Operator(
     "sparse-attention",
@@ -39,6 +40,7 @@ def topk_chunk_attention(
     scale: Optional[float] = None,
     q_offset: int = 0,
     backend: str = "auto",
+    selection: str = MEAN_SELECTION,
 ) -> torch.Tensor:
     """Top-k chunk sparse attention (RWKV-X / MoBA semantics).
 
@@ -48,18 +50,23 @@ def topk_chunk_attention(
     causally to its own chunk of ``chunk_size`` keys and fully to the ``top_k - 1`` complete past
     chunks whose mean key scores highest against it (no gradient through this choice), with one
     softmax of scale ``scale`` (default ``1/sqrt(D)``). Returns ``[B, Tq, Hq, D]`` in q's dtype.
+    ``selection``: how a past chunk is scored, ``mean`` (its mean key: the reference's rule) or
+    ``quest`` (the largest score one of its keys can reach, Quest's bound; see ``selection.py``).
     ``backend``: ``auto`` (the fastest exact backend for the device and dtype; ``torch`` on the
     CPU), ``torch``, ``reference`` or ``triton``.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     scale = check_inputs(q, k, v, chunk_size=chunk_size, top_k=top_k, scale=scale, q_offset=q_offset)
+    check_selection(selection)
     fn = SPARSE_ATTENTION.resolve(
-        backend, q, dict(chunk_size=chunk_size, top_k=top_k, scale=scale, kv_heads=k.shape[2])
+        backend, q,
+        dict(chunk_size=chunk_size, top_k=top_k, scale=scale, kv_heads=k.shape[2], selection=selection),
     )
     if q.shape[1] == 0:
         return q.new_empty(q.shape)
-    return fn(q, k, v, chunk_size=chunk_size, top_k=top_k, scale=scale, q_offset=q_offset)
+    return fn(q, k, v, chunk_size=chunk_size, top_k=top_k, scale=scale, q_offset=q_offset,
+              selection=selection)
 
 
 SPARSE_ATTENTION.register(REFERENCE, topk_chunk_attention_reference, auto=lambda q: False)

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..registry import ProbeCase
+from .selection import MEAN_SELECTION
 
 
 def _forward_backward(call: dict) -> Callable:
@@ -27,6 +28,7 @@ def probe_case(q: torch.Tensor, call: dict) -> ProbeCase:
     gen = torch.Generator(device=q.device).manual_seed(4321)
     shapes = ((1, T, hq, d), (1, T, hkv, d), (1, T, hkv, d))
     inputs = [torch.randn(*s, generator=gen, device=q.device).to(q.dtype) for s in shapes]
-    options = dict(chunk_size=chunk, top_k=top_k, scale=call["scale"], q_offset=0)
+    options = dict(chunk_size=chunk, top_k=top_k, scale=call["scale"], q_offset=0,
+                   selection=call.get("selection", MEAN_SELECTION))
     return ProbeCase(inputs=inputs, run=_forward_backward(options),
                      shape=f"B=1 T={T} Hq={hq} Hkv={hkv} D={d} chunk={chunk} top_k={top_k}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import topk_chunk_selection
+from .selection import MEAN_SELECTION, topk_chunk_selection
 
 
 def allowed_keys(
@@ -35,13 +35,15 @@ def topk_chunk_attention_reference(
     top_k: int,
     scale: float,
     q_offset: int,
+    selection: str = MEAN_SELECTION,
 ) -> torch.Tensor:
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     tk = q_offset + tq  # later keys are never visible
     k = k[:, :tk]
     v = v[:, :tk]
-    _, selected = topk_chunk_selection(q, k, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset)
+    _, selected = topk_chunk_selection(q, k, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset,
+                                       selection=selection)
     mask = allowed_keys(selected, tq=tq, tk=tk, chunk_size=chunk_size, q_offset=q_offset)
 
     group = hq // hkv

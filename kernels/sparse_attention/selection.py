@@ -6,9 +6,17 @@ chunked PyTorch path, the Triton kernel, inference and context parallelism) ther
 functions, or reproduces them exactly:
 
 - chunk ``i`` covers positions ``[i * chunk_size, (i + 1) * chunk_size)``, aligned to position 0;
-- its key is the fp32 mean of its keys, per kv head (``chunk_mean_keys``);
+- its key is the fp32 mean of its keys, per kv head (``chunk_mean_keys``; the reference's and
+  MoBA's rule, ``selection="mean"``);
 - a query at position ``p`` in chunk ``c = p // chunk_size`` scores only the complete chunks
   ``i < c`` with ``s_i = q . key_i`` in fp32, unscaled, using kv head ``h // (Hq // Hkv)``;
+- ``selection="quest"`` (not in the reference) scores a chunk by Quest's bound instead, the
+  largest score any one of its keys can reach: ``sum_d max(q_d * max_d, q_d * min_d)`` over the
+  chunk's elementwise key maximum and minimum. It is computed as the same dot product between
+  ``selection_queries(q) = [relu(q), min(q, 0)]`` and ``chunk_selection_keys(k) = [max, min]``
+  (width ``2 * D``), so every backend scores and ranks both rules with one code path. Why: one
+  key is ``1 / chunk_size`` of a mean, so a chunk holding a single key that matches the query can
+  score below chunks of many middling keys (docs/retrieval_study.md, findings 6, 15 and 21);
 - it keeps the ``top_k - 1`` best of them in slots ordered by descending score; **equal scores go
   to the lower chunk index** (``torch.argmax`` returns the first maximum, Triton's
   ``tl.argmax(..., tie_break_left=True)`` does the same); unused slots hold ``-1``.
@@ -25,28 +33,68 @@ import torch
 # Score rows handled at once: bounds the [rows, n_chunks] fp32 score buffer (256 MiB).
 _SCORE_BUDGET = 1 << 26
 
+MEAN_SELECTION, QUEST_SELECTION = "mean", "quest"
+SELECTION_RULES = (MEAN_SELECTION, QUEST_SELECTION)
 
-def chunk_mean_keys(k: torch.Tensor, chunk_size: int, num_chunks: int | None = None) -> torch.Tensor:
-    """fp32 mean key of each complete chunk: ``[B, num_chunks, Hkv, D]`` from k ``[B, Tk, Hkv, D]``.
 
-    ``num_chunks`` defaults to every complete chunk of ``k``; asking for more raises, because a
-    partial chunk never takes part in the selection.
-    """
+def check_selection(selection: str) -> str:
+    if selection not in SELECTION_RULES:
+        raise ValueError(
+            f"sparse chunk selection must be one of {', '.join(SELECTION_RULES)}, got {selection!r}"
+        )
+    return selection
+
+
+def _chunks_to_summarise(k: torch.Tensor, chunk_size: int, num_chunks: int | None) -> int:
+    """``num_chunks``, checked against ``k [B, Tk, Hkv, D]`` (default: every complete chunk); asking
+    for more than ``k`` completes raises, because a partial chunk never takes part in the selection."""
     if k.dim() != 4:
         raise ValueError(f"k must be [B, T, H_kv, D], got shape {tuple(k.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    b, t, h, d = k.shape
-    complete = t // chunk_size
+    complete = k.shape[1] // chunk_size
     if num_chunks is None:
-        num_chunks = complete
+        return complete
     if num_chunks > complete:
         raise ValueError(
             f"asked for {num_chunks} chunk keys but k has only {complete} complete chunks of "
-            f"{chunk_size} (T={t}); pass at least num_chunks * chunk_size keys"
+            f"{chunk_size} (T={k.shape[1]}); pass at least num_chunks * chunk_size keys"
         )
+    return num_chunks
+
+
+def chunk_mean_keys(k: torch.Tensor, chunk_size: int, num_chunks: int | None = None) -> torch.Tensor:
+    """fp32 mean key of each complete chunk: ``[B, num_chunks, Hkv, D]`` from k ``[B, Tk, Hkv, D]``
+    (``num_chunks``: see ``_chunks_to_summarise``)."""
+    num_chunks = _chunks_to_summarise(k, chunk_size, num_chunks)
+    b, _, h, d = k.shape
     used = k[:, : num_chunks * chunk_size].float()
     return used.reshape(b, num_chunks, chunk_size, h, d).mean(dim=2)
+
+
+def chunk_selection_keys(
+    k: torch.Tensor, chunk_size: int, num_chunks: int | None = None, selection: str = MEAN_SELECTION
+) -> torch.Tensor:
+    """The fp32 keys that ``select_chunks`` scores each complete chunk by: its mean key
+    ``[B, n, Hkv, D]`` (``mean``), or its elementwise key maximum and minimum side by side
+    ``[B, n, Hkv, 2D]`` (``quest``). Score them against ``selection_queries(q, selection)``."""
+    if check_selection(selection) == MEAN_SELECTION:
+        return chunk_mean_keys(k, chunk_size, num_chunks)
+    num_chunks = _chunks_to_summarise(k, chunk_size, num_chunks)
+    b, _, h, d = k.shape
+    used = k[:, : num_chunks * chunk_size].reshape(b, num_chunks, chunk_size, h, d)
+    # max/min are exact in k's dtype, so they are taken before the fp32 cast (no fp32 copy of k).
+    return torch.cat([used.amax(dim=2), used.amin(dim=2)], dim=-1).float()
+
+
+def selection_queries(q: torch.Tensor, selection: str = MEAN_SELECTION) -> torch.Tensor:
+    """The queries that score ``chunk_selection_keys``: ``q`` itself (``mean``), or
+    ``[relu(q), min(q, 0)]`` in fp32 (``quest``): its dot product with ``[max, min]`` is
+    ``sum_d max(q_d * max_d, q_d * min_d)``, Quest's bound."""
+    if check_selection(selection) == MEAN_SELECTION:
+        return q
+    qf = q.float()
+    return torch.cat([qf.clamp(min=0), qf.clamp(max=0)], dim=-1)
 
 
 @torch.no_grad()
@@ -75,8 +123,9 @@ def select_chunks(
     """Indices of the past chunks each query attends to besides its own: ``[B, Hq, Tq, top_k-1]``.
 
     ``q`` is ``[B, Tq, Hq, D]`` at positions ``q_offset .. q_offset + Tq - 1``; ``chunk_keys`` is
-    ``[B, n, Hkv, D]`` (from ``chunk_mean_keys``; under context parallelism, the all-gathered chunk
-    keys) and must cover every chunk that ends before the last query. Slots are ordered by
+    ``[B, n, Hkv, D]`` (from ``chunk_mean_keys``) and must cover every chunk that ends before the
+    last query. For another rule pass ``selection_queries(q, rule)`` and
+    ``chunk_selection_keys(k, ..., rule)``. Slots are ordered by
     descending score, ties to the lower chunk index, ``-1`` where fewer past chunks exist.
     """
     if q.dim() != 4 or chunk_keys.dim() != 4:
@@ -140,12 +189,14 @@ def topk_chunk_selection(
     chunk_size: int,
     top_k: int,
     q_offset: int = 0,
+    selection: str = MEAN_SELECTION,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(chunk_keys [B, n, Hkv, D] fp32, selected [B, Hq, Tq, top_k-1])`` for queries ``q`` at
-    ``q_offset`` against keys ``k`` covering positions ``0 .. Tk-1``."""
+    """``(chunk_keys, selected [B, Hq, Tq, top_k-1])`` for queries ``q`` at ``q_offset`` against
+    keys ``k`` covering positions ``0 .. Tk-1``; ``chunk_keys`` as ``chunk_selection_keys``."""
     with torch.no_grad():
         tq = q.shape[1]
         n = (q_offset + tq - 1) // chunk_size if tq > 0 else 0
-        keys = chunk_mean_keys(k.detach(), chunk_size, num_chunks=n)
-        selected = select_chunks(q.detach(), keys, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset)
+        keys = chunk_selection_keys(k.detach(), chunk_size, n, selection)
+        selected = select_chunks(selection_queries(q.detach(), selection), keys, chunk_size=chunk_size,
+                                 top_k=top_k, q_offset=q_offset)
     return keys, selected

@@ -33,6 +33,7 @@ from .triton_attention import (
 from ..triton_launch import autotuned, launch
 from .triton_config import INTERPRETED, blocks_for, fixed_configs, next_pow2, tuned_configs
 from .triton_pairs import PairGroups, group_pairs
+from .selection import MEAN_SELECTION, chunk_selection_keys, check_selection, selection_queries
 from .triton_select import chunk_mean_keys_triton, select_chunks_triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -222,12 +223,15 @@ def topk_chunk_attention_triton(
     q_offset: int = 0,
     selected: Optional[torch.Tensor] = None,
     pair_tile: Optional[int] = None,
+    selection: str = MEAN_SELECTION,
 ) -> torch.Tensor:
     """Triton top-k chunk attention; same contract as ``topk_chunk_attention`` (validated there).
 
     ``selected`` ``[B, Hq, Tq, top_k - 1]`` may be passed when the caller already has the
     selection (context parallelism with all-gathered chunk keys); by default it is computed by
-    the Triton selection kernels, reproducing ``selection.py``. ``pair_tile`` (a power of two
+    the Triton selection kernels, reproducing ``selection.py`` (``selection="quest"``: the chunks'
+    key maxima and minima come from PyTorch, ``selection.chunk_selection_keys``, and the Triton
+    kernel scores them). ``pair_tile`` (a power of two
     >= 16; default: the forward's query tile) sets how many (query, chunk) pairs share one
     streaming of a key chunk: larger tiles load each chunk fewer times but waste up to a tile per
     (kv head, chunk) group.
@@ -259,9 +263,13 @@ def topk_chunk_attention_triton(
         n_past = (q_offset + tq - 1) // chunk_size
         with torch.no_grad():
             if top_k > 1 and n_past > 0:
-                keys = chunk_mean_keys_triton(k.detach(), chunk_size, n_past)
+                if check_selection(selection) == MEAN_SELECTION:
+                    keys, queries = chunk_mean_keys_triton(k.detach(), chunk_size, n_past), q.detach()
+                else:
+                    keys = chunk_selection_keys(k.detach(), chunk_size, n_past, selection)
+                    queries = selection_queries(q.detach(), selection)
                 selected = select_chunks_triton(
-                    q.detach(), keys, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset
+                    queries, keys, chunk_size=chunk_size, top_k=top_k, q_offset=q_offset
                 )
             else:
                 selected = torch.full((q.shape[0], q.shape[2], tq, top_k - 1), -1, dtype=torch.int32, device=q.device)

@@ -80,12 +80,15 @@ def compile_all(dtype: str = "bf16", head_dim: int = 64, capability: int = 90, g
              stride_on="i32", stride_oh="i32", Hkv="i32", chunk="i32"),
         dict(d, BT=64), 4, 1, capability,
     )
-    out["select"] = _compile(
-        ts._select_kernel,
-        dict(Q=ptr, CK="*fp32", SEL="*i32", stride_qb="i32", stride_qt="i32", stride_qh="i32", stride_cb="i32",
-             stride_cn="i32", stride_ch="i32", Tq="i32", Hq="i32", q_offset="i32", chunk="i32"),
-        dict(d, G=group, S=slots, SP=max(2, next_pow2(slots)), BM=sel_m, NCB=sel_n), sel_warps, 1, capability,
-    )
+    select_args = dict(CK="*fp32", SEL="*i32", stride_qb="i32", stride_qt="i32", stride_qh="i32", stride_cb="i32",
+                       stride_cn="i32", stride_ch="i32", Tq="i32", Hq="i32", q_offset="i32", chunk="i32")
+    select_consts = dict(G=group, S=slots, SP=max(2, next_pow2(slots)), BM=sel_m, NCB=sel_n)
+    out["select"] = _compile(ts._select_kernel, dict(select_args, Q=ptr), dict(d, **select_consts),
+                             sel_warps, 1, capability)
+    # selection="quest" scores fp32 queries of twice the head size (selection.selection_queries).
+    quest_d = dict(D=2 * head_dim, BD=max(16, next_pow2(2 * head_dim)))
+    out["select_quest"] = _compile(ts._select_kernel, dict(select_args, Q="*fp32"), dict(quest_d, **select_consts),
+                                   sel_warps, 1, capability)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_rwkvx.checkpointing.official_format import CheckpointFormatError
-from megatron_rwkvx.config import SPARSE_MODE
+from megatron_rwkvx.config import MEAN_SELECTION, SPARSE_MODE
 
 MODEL_CONFIG_FILE = "model_config.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -40,12 +40,17 @@ ARCH_FIELDS = (
     "attention_mode",
     # Extra parameters (the sparse blocks' token-shift mixes) and another function.
     "sparse_token_shift",
+    # How the sparse blocks select chunks: a training choice, saved so that evaluation and the next
+    # stage read the model as it was trained.
+    "sparse_selection",
 )
 
 # Architecture fields newer than some saved configs, with the value those configs were written
 # under: before attention_mode existed every A block ran top-k chunk attention, and before
-# sparse_token_shift none had a token shift.
-FIELDS_ADDED_LATER = {"attention_mode": SPARSE_MODE, "sparse_token_shift": False}
+# sparse_token_shift none had a token shift, and before sparse_selection every selection was by mean key.
+FIELDS_ADDED_LATER = {"attention_mode": SPARSE_MODE, "sparse_token_shift": False, "sparse_selection": MEAN_SELECTION}
+# Fields a later stage may change (check_architecture accepts a checkpoint that differs in them).
+TRAINING_CHOICES = ("sparse_chunk_size", "sparse_top_k", "sparse_selection")
 
 
 def with_later_fields(saved: Dict) -> Dict:
@@ -118,7 +123,7 @@ def check_architecture(saved: Dict, cfg, directory: str) -> None:
            if k == "sparse_token_shift" else "")
         for k in ARCH_FIELDS
         if k in saved and saved.get(k) != current[k]
-        and k not in ("sparse_chunk_size", "sparse_top_k")  # attention hyper-parameters may change
+        and k not in TRAINING_CHOICES
     ]
     if diffs:
         raise CheckpointFormatError(

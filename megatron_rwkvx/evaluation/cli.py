@@ -15,7 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="config override (repeatable). A .pth takes the fields it does not store, e.g. "
                         "sparse_chunk_size=64 or layer_pattern=RRARRA; a checkpoint directory keeps its "
-                        "model_config.json and takes only the others, e.g. sparse_attention_backend=reference")
+                        "model_config.json's architecture and takes the others, e.g. "
+                        "sparse_attention_backend=reference or sparse_selection=quest")
     p.add_argument("--max-cached-chunks", type=int, default=None,
                    help="cap on cached chunks per attention layer (evicts the least selected); default none")
     p.add_argument("--tokenizer-type", default="RWKVWorldTokenizer")

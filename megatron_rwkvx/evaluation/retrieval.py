@@ -31,7 +31,7 @@ class SelectionRecorder:
     def __init__(self, engine: InferenceEngine):
         self.mixers = [layer.mixer for layer in engine.model.decoder.layers if hasattr(layer.mixer, "query")]
         cfg = engine.model.config
-        self.chunk_size, self.top_k = cfg.sparse_chunk_size, cfg.sparse_top_k
+        self.chunk_size, self.top_k, self.selection = cfg.sparse_chunk_size, cfg.sparse_top_k, cfg.sparse_selection
         self._q: List[List[torch.Tensor]] = [[] for _ in self.mixers]
         self._k: List[List[torch.Tensor]] = [[] for _ in self.mixers]
         self._hooks = []
@@ -79,7 +79,8 @@ class SelectionRecorder:
         if self.top_k == 1 or position < self.chunk_size:
             return [[] for _ in range(q.shape[1])]
         _, sel = topk_chunk_selection(q[None, position : position + 1], k[None, : position + 1],
-                                      chunk_size=self.chunk_size, top_k=self.top_k, q_offset=position)
+                                      chunk_size=self.chunk_size, top_k=self.top_k, q_offset=position,
+                                      selection=self.selection)
         return [sorted({int(c) for c in head.tolist() if c >= 0}) for head in sel[0, :, 0]]
 
     def attended_chunks(self, recorded: List[tuple], position: int) -> List[set]:

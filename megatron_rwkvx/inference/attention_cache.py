@@ -5,9 +5,10 @@ one contiguous ``[chunk_size, D]`` block that a decode step reads sequentially (
 ``[B, slots, chunk_size, Hkv, D]`` layout spread it as D floats every ``Hkv * D``: reads 2-2.5x slower).
 Per batch row, slots ``0 .. complete-1`` hold the complete past chunks in increasing chunk order,
 slot ``complete`` the chunk being filled. When a
-chunk fills, its fp32 mean key is computed once with the training code's ``chunk_mean_keys``, so a
-decode step only scores the stored means (one dot product per chunk and head) and attends
-``top_k`` chunks: its cost does not grow with the context beyond that score vector.
+chunk fills, its fp32 selection key (its mean key, or with ``selection="quest"`` its key maxima and
+minima) is computed once with the training code's ``chunk_selection_keys``, so a decode step only
+scores the stored keys (one dot product per chunk and head) and attends ``top_k`` chunks: its cost
+does not grow with the context beyond that score vector.
 
 Without a cap, slot ``i`` is chunk ``i`` and a query at position ``p`` sees exactly what training
 shows it (same scores, same tie-breaking to the lower chunk index). With ``max_chunks``, the
@@ -23,8 +24,11 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_rwkvx.kernels.sparse_attention import (
+    MEAN_SELECTION,
     best_chunk_slots,
-    chunk_mean_keys,
+    check_selection,
+    chunk_selection_keys,
+    selection_queries,
     topk_chunk_attention,
     topk_chunk_selection,
 )
@@ -51,6 +55,7 @@ class ChunkedKVCache:
         device: torch.device,
         max_chunks: Optional[int] = None,
         initial_slots: int = 1,
+        selection: str = MEAN_SELECTION,
     ) -> None:
         if max_chunks is not None and max_chunks < max(top_k - 1, 1):
             raise ValueError(
@@ -59,6 +64,7 @@ class ChunkedKVCache:
             )
         self.chunk_size = chunk_size
         self.top_k = top_k
+        self.selection = check_selection(selection)
         self.max_chunks = max_chunks
         self.kv_heads = kv_heads
         self.head_size = head_size
@@ -66,7 +72,8 @@ class ChunkedKVCache:
         shape = (batch_size, kv_heads, slots, chunk_size, head_size)  # head-major: see the docstring
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.mean_keys = torch.zeros(batch_size, slots, kv_heads, head_size, dtype=torch.float32, device=device)
+        width = head_size if selection == MEAN_SELECTION else 2 * head_size  # see selection.py
+        self.selection_keys = torch.zeros(batch_size, slots, kv_heads, width, dtype=torch.float32, device=device)
         self.chunk_ids = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)
         # How often each stored chunk was selected (summed over heads and queries): eviction order.
         self.selected_count = torch.zeros(batch_size, slots, dtype=torch.long, device=device)
@@ -83,7 +90,7 @@ class ChunkedKVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
-            self.keys, self.values, self.mean_keys, self.chunk_ids, self.selected_count))
+            self.keys, self.values, self.selection_keys, self.chunk_ids, self.selected_count))
 
     # ----------------------------------------------------------------------------------- storage
     def _ensure_slots(self, needed: int) -> None:
@@ -102,7 +109,7 @@ class ChunkedKVCache:
 
         self.keys = grow(self.keys, 0, dim=2)
         self.values = grow(self.values, 0, dim=2)
-        self.mean_keys = grow(self.mean_keys, 0)
+        self.selection_keys = grow(self.selection_keys, 0)
         self.chunk_ids = grow(self.chunk_ids, -1)
         self.selected_count = grow(self.selected_count, 0)
 
@@ -120,7 +127,7 @@ class ChunkedKVCache:
             return
         slot = self.complete[row]
         chunk = self.keys[row, :, slot].transpose(0, 1).unsqueeze(0).contiguous()  # [1, cs, Hkv, D]
-        self.mean_keys[row, slot] = chunk_mean_keys(chunk, self.chunk_size)[0, 0]
+        self.selection_keys[row, slot] = chunk_selection_keys(chunk, self.chunk_size, 1, self.selection)[0, 0]
         self.chunk_ids[row, slot] = self.lengths[row] // self.chunk_size - 1
         self.complete[row] += 1
         if self.max_chunks is not None and self.complete[row] > self.max_chunks:
@@ -132,7 +139,7 @@ class ChunkedKVCache:
         victim = int(self.selected_count[row, : n - 1].argmin())  # first minimum: the oldest
         for t in (self.keys, self.values):  # [B, Hkv, slots, ...]
             t[row, :, victim : n - 1] = t[row, :, victim + 1 : n].clone()
-        for t in (self.mean_keys, self.chunk_ids, self.selected_count):  # [B, slots, ...]
+        for t in (self.selection_keys, self.chunk_ids, self.selected_count):  # [B, slots, ...]
             t[row, victim : n - 1] = t[row, victim + 1 : n].clone()
         self.chunk_ids[row, n - 1] = -1
         self.selected_count[row, n - 1] = 0
@@ -171,11 +178,11 @@ class ChunkedKVCache:
             q_part = q[None, i : i + take]
             outs.append(topk_chunk_attention(
                 q_part, k_seq, v_seq, chunk_size=cs, top_k=self.top_k, scale=scale,
-                q_offset=slot * cs + offset, backend=backend,
+                q_offset=slot * cs + offset, backend=backend, selection=self.selection,
             )[0])
             if self.max_chunks is not None and slot > 0 and self.top_k > 1:
                 _, selected = topk_chunk_selection(q_part, k_seq, chunk_size=cs, top_k=self.top_k,
-                                                   q_offset=slot * cs + offset)
+                                                   q_offset=slot * cs + offset, selection=self.selection)
                 chosen = selected[selected >= 0]
                 self.selected_count[row].index_add_(0, chosen, torch.ones_like(chosen))
             self._advance(row, take)
@@ -186,7 +193,7 @@ class ChunkedKVCache:
                       scale: float) -> torch.Tensor:
         """One new token per row: q ``[R, Hq, D]``, k/v ``[R, Hkv, D]`` -> ``[R, Hq, D]``.
 
-        Rows may sit at different positions. Cost: scores against the stored chunk means, then
+        Rows may sit at different positions. Cost: scores against the stored chunk keys, then
         attention over ``top_k`` chunks; nothing proportional to the context is recomputed.
         """
         cs, slots_sel = self.chunk_size, self.top_k - 1
@@ -207,8 +214,9 @@ class ChunkedKVCache:
         n = max(self.complete[r] for r in rows)
         if slots_sel > 0 and n > 0:
             n_past = own  # every stored complete chunk lies before the current one
-            keys_t = self.mean_keys[ridx, :n].permute(0, 2, 3, 1).unsqueeze(2)  # [R, Hkv, 1, D, n]
-            scores = torch.matmul(qf.unsqueeze(3), keys_t).squeeze(3)  # [R, Hkv, G, n]
+            keys_t = self.selection_keys[ridx, :n].permute(0, 2, 3, 1).unsqueeze(2)  # [R, Hkv, 1, D', n]
+            q_sel = selection_queries(qf, self.selection)  # [R, Hkv, G, D']
+            scores = torch.matmul(q_sel.unsqueeze(3), keys_t).squeeze(3)  # [R, Hkv, G, n]
             slot_ids = torch.arange(n, device=device)
             scores.masked_fill_((slot_ids[None, :] >= n_past[:, None])[:, None, None, :], float("-inf"))
             sel = best_chunk_slots(scores, n_past[:, None, None], slots_sel)  # [R, Hkv, G, S]

@@ -6,7 +6,7 @@ from typing import Union
 
 import torch
 
-from megatron_rwkvx.checkpointing.megatron_format import load_model_checkpoint, read_model_config
+from megatron_rwkvx.checkpointing.megatron_format import TRAINING_CHOICES, load_model_checkpoint, read_model_config
 from megatron_rwkvx.config import ConfigError, RWKVXConfig
 from megatron_rwkvx.models.rwkvx_model import RWKVXModel
 from megatron_rwkvx.pretrained import load_pretrained, prepare_runtime
@@ -19,13 +19,16 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: torch
     ``path``: a ``.pth`` (official RWKV-7 or RWKV-X reference layout, see ``load_pretrained``) or a
     directory written by training (``model_config.json`` + megatron dist-checkpoint iterations;
     any tensor/pipeline layout). ``config_overrides`` change non-architecture fields such as
-    ``sparse_attention_backend`` or ``wkv_backend``.
+    ``sparse_attention_backend`` or ``wkv_backend``, and the training choices a later stage may
+    change too (``TRAINING_CHOICES``: e.g. ``sparse_selection=quest`` reads a model trained with
+    the mean key through Quest's bound).
     """
     if os.path.isdir(path):
         device = torch.device(device)
         prepare_runtime(device)
         arch = read_model_config(path)
-        clash = sorted(k for k in config_overrides if k in arch and config_overrides[k] != arch[k])
+        clash = sorted(k for k in config_overrides
+                       if k in arch and k not in TRAINING_CHOICES and config_overrides[k] != arch[k])
         if clash:
             raise ConfigError(
                 f"cannot override architecture field(s) {clash} of the checkpoint in {path}; "

@@ -91,6 +91,7 @@ def new_state(model, batch_size: int, max_cached_chunks: Optional[int] = None,
                 batch_size, mixer.local_kv_heads, mixer.head_size,
                 chunk_size=cfg.sparse_chunk_size, top_k=cfg.sparse_top_k,
                 dtype=dtype, device=device, max_chunks=max_cached_chunks,
+                selection=cfg.sparse_selection,
             )
             layers.append(AttentionLayerState(cache, shift(), shift()))
         else:

@@ -108,6 +108,7 @@ class SparseAttentionMixer(MegatronModule):
                 scale=n**-0.5,
                 group=cp_group,
                 backend=self.config.sparse_attention_backend,
+                selection=self.config.sparse_selection,
             )
         else:
             out = topk_chunk_attention(
@@ -118,6 +119,7 @@ class SparseAttentionMixer(MegatronModule):
                 top_k=self.config.sparse_top_k,
                 scale=n**-0.5,
                 backend=self.config.sparse_attention_backend,
+                selection=self.config.sparse_selection,
             )
         out = out.transpose(0, 1).reshape(s, b, self.local_heads * n)
         return self.output(out), v_first

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rwkvx.kernels.sparse_attention import topk_chunk_attention
+from megatron_rwkvx.kernels.sparse_attention import MEAN_SELECTION, topk_chunk_attention
 
 from .cp_comm import all_gather_sum_grad, resolve_group
 
@@ -40,6 +40,7 @@ def topk_chunk_attention_context_parallel(
     scale: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
     backend: str = "auto",
+    selection: str = MEAN_SELECTION,
 ) -> torch.Tensor:
     """``topk_chunk_attention`` for a sequence split contiguously across the CP ranks.
 
@@ -65,7 +66,8 @@ def topk_chunk_attention_context_parallel(
     local = q.shape[1]
     if size == 1:
         return topk_chunk_attention(
-            q, k, v, chunk_size=chunk_size, top_k=top_k, scale=scale, backend=backend
+            q, k, v, chunk_size=chunk_size, top_k=top_k, scale=scale, backend=backend,
+            selection=selection,
         )
     check_context_parallel_chunking(local, size, chunk_size)
     # One collective for K and V together; later ranks' keys are gathered too (all_gather has no
@@ -75,5 +77,5 @@ def topk_chunk_attention_context_parallel(
     k_all, v_all = kv.split(k.shape[-1], dim=-1)
     return topk_chunk_attention(
         q, k_all, v_all, chunk_size=chunk_size, top_k=top_k, scale=scale,
-        q_offset=rank * local, backend=backend,
+        q_offset=rank * local, backend=backend, selection=selection,
     )

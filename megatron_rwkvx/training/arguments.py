@@ -7,7 +7,7 @@ import math
 import os
 from typing import List, Optional
 
-from megatron_rwkvx.config import ATTENTION_MODES, attention_layout_error
+from megatron_rwkvx.config import ATTENTION_MODES, SELECTION_RULES, attention_layout_error
 from megatron_rwkvx.data.tokenizers import TOKENIZER_TYPES
 from megatron_rwkvx.errors import UsageError
 from megatron_rwkvx.models.recompute import GRANULARITIES, METHODS, check_recompute
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key/value heads of the sparse attention (grouped-query attention)")
     m.add_argument("--sparse-chunk-size", type=int, default=2048)
     m.add_argument("--sparse-top-k", type=int, default=3)
+    m.add_argument("--sparse-selection", choices=SELECTION_RULES, default=None,
+                   help="how a query scores the past chunks: mean = against the chunk's mean key (the "
+                        "reference RWKV-X, MoBA); quest = the largest score one of the chunk's keys can "
+                        "reach (Quest's bound from the keys' elementwise max and min; not in the "
+                        "reference). Saved with the checkpoint; a stage may change it; default: the "
+                        "--init-from checkpoint's, else mean")
     m.add_argument("--wkv-backend", default="auto",
                    help="auto (the fastest exact one on a GPU, torch on the CPU) | torch | triton | fla "
                         "| reference; old names: chunked = torch, naive = reference")

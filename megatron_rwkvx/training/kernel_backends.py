@@ -97,7 +97,8 @@ def kernel_backends(cfg: RWKVXConfig, seq_length: int, device: torch.device) -> 
                               str(device), str(cfg.params_dtype).replace("torch.", "")))
     elif ATTENTION_SYMBOL in cfg.layer_pattern:
         call = dict(chunk_size=cfg.sparse_chunk_size, top_k=cfg.sparse_top_k, scale=n ** -0.5,
-                    kv_heads=(cfg.num_query_groups or cfg.num_attention_heads) // tp)
+                    kv_heads=(cfg.num_query_groups or cfg.num_attention_heads) // tp,
+                    selection=cfg.sparse_selection)
         q = _like(T, heads, n, device, cfg.params_dtype)
         choices.append(_choose(SPARSE_ATTENTION, "--sparse-attention-backend", cfg.sparse_attention_backend, q, call))
     return choices

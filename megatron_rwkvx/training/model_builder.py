@@ -11,9 +11,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-from megatron_rwkvx.checkpointing.megatron_format import read_model_config
+from megatron_rwkvx.checkpointing.megatron_format import TRAINING_CHOICES, read_model_config
 from megatron_rwkvx.checkpointing.official_format import load_state_dict_file
-from megatron_rwkvx.config import ATTENTION_SYMBOL, RWKV_SYMBOL, RWKVXConfig
+from megatron_rwkvx.config import ATTENTION_SYMBOL, MEAN_SELECTION, RWKV_SYMBOL, RWKVXConfig
 from megatron_rwkvx.models.recompute import check_recompute
 from megatron_rwkvx.models.rwkvx_model import RWKVXModel
 from megatron_rwkvx.pretrained import config_from_file_state_dict, read_file_config
@@ -30,17 +30,20 @@ _SHAPE_ARGS = {
 }
 
 
-def model_shape_from_init(path: str) -> dict:
-    """Architecture fields of an --init-from source (official .pth or megatron directory)."""
+def saved_model_fields(path: str) -> dict:
+    """Architecture fields of an --init-from source (official .pth or megatron directory), the
+    training choices (``TRAINING_CHOICES``) included."""
     if os.path.isdir(path):
-        shape = read_model_config(path)
-    else:
-        # <file>.pth.json (written by export_checkpoint) keeps the pattern and GQA heads.
-        shape, _ = config_from_file_state_dict(load_state_dict_file(path), read_file_config(path))
-    # How the sparse blocks select is a training choice (stage 2 may change it), not a shape.
-    shape.pop("sparse_chunk_size", None)
-    shape.pop("sparse_top_k", None)
+        return read_model_config(path)
+    # <file>.pth.json (written by export_checkpoint) keeps the pattern and GQA heads.
+    shape, _ = config_from_file_state_dict(load_state_dict_file(path), read_file_config(path))
     return shape
+
+
+def model_shape_from_init(path: str) -> dict:
+    """The model's shape from an --init-from source: its fields less the training choices (how the
+    sparse blocks select: stage 2 may change them)."""
+    return {k: v for k, v in saved_model_fields(path).items() if k not in TRAINING_CHOICES}
 
 
 def _checkpoint_shape_source(args) -> Optional[str]:
@@ -63,7 +66,8 @@ def padded_vocab_size(vocab_size: int, args) -> int:
 
 def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
     source = _checkpoint_shape_source(args) if args.use_checkpoint_args else args.init_from
-    shape = model_shape_from_init(source) if source else {}
+    saved = saved_model_fields(source) if source else {}
+    shape = {k: v for k, v in saved.items() if k not in TRAINING_CHOICES}
     given = {
         "hidden_size": args.hidden_size,
         "head_size": args.head_size,
@@ -116,6 +120,8 @@ def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
         batch_p2p_comm=args.device != "cpu",
         sparse_chunk_size=args.sparse_chunk_size,
         sparse_top_k=args.sparse_top_k,
+        # Not given: the start checkpoint's (a .pth without its config file: the reference's mean).
+        sparse_selection=args.sparse_selection or saved.get("sparse_selection", MEAN_SELECTION),
         wkv_backend=args.wkv_backend,
         sparse_attention_backend=args.sparse_attention_backend,
         l2wrap_factor=1e-4 if args.l2wrap else 0.0,

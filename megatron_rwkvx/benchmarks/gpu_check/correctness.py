@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rwkvx.kernels.registry import HALF_TOLERANCE, rms_ratio
-from megatron_rwkvx.kernels.sparse_attention import chunk_mean_keys, select_chunks, topk_chunk_attention
+from megatron_rwkvx.kernels.sparse_attention import (
+    chunk_selection_keys,
+    select_chunks,
+    selection_queries,
+    topk_chunk_attention,
+)
 from megatron_rwkvx.kernels.wkv7 import wkv7
 
 from .bench import Bench, max_rel
@@ -25,11 +30,12 @@ def _sparse_run(backend, q, k, v, grad, **kw):
     return out.detach(), dq, dk, dv
 
 
-def check_sparse(bench: Bench, name, B, Tq, Tk, Hq, Hkv, D, chunk, top_k, q_offset, dtype, tol):
+def check_sparse(bench: Bench, name, B, Tq, Tk, Hq, Hkv, D, chunk, top_k, q_offset, dtype, tol,
+                 selection="mean"):
     # Imported here: the Triton selection kernels exist only where triton imports.
     from megatron_rwkvx.kernels.sparse_attention.triton_select import select_chunks_triton
 
-    kw = dict(chunk_size=chunk, top_k=top_k, q_offset=q_offset)
+    kw = dict(chunk_size=chunk, top_k=top_k, q_offset=q_offset, selection=selection)
     q = bench.randn(B, Tq, Hq, D, seed=1).to(dtype)
     k = bench.randn(B, Tk, Hkv, D, seed=2).to(dtype)
     v = bench.randn(B, Tk, Hkv, D, seed=3).to(dtype)
@@ -38,16 +44,16 @@ def check_sparse(bench: Bench, name, B, Tq, Tk, Hq, Hkv, D, chunk, top_k, q_offs
     # fp32 reference (the dense definition) on the same rounded inputs.
     ref = _sparse_run("reference", q.float(), k.float(), v.float(), grad, **kw)
     res = {"check": name, "dtype": _dtype_name(dtype), "shape": [B, Tq, Tk, Hq, Hkv, D],
-           "chunk": chunk, "top_k": top_k, "q_offset": q_offset}
+           "chunk": chunk, "top_k": top_k, "q_offset": q_offset, "selection": selection}
     for label, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         res[f"{label}_rms"] = rms_ratio(a, b)
         if dtype == torch.float32:
             res[f"{label}_maxrel"] = max_rel(a, b)
     n = (q_offset + Tq - 1) // chunk
     if top_k > 1 and n > 0:
-        keys = chunk_mean_keys(k, chunk, n)
-        want = select_chunks(q, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset)
-        have = select_chunks_triton(q, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset).long()
+        keys, queries = chunk_selection_keys(k, chunk, n, selection), selection_queries(q, selection)
+        want = select_chunks(queries, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset)
+        have = select_chunks_triton(queries, keys, chunk_size=chunk, top_k=top_k, q_offset=q_offset).long()
         res["selection_match"] = (have == want).all(dim=-1).float().mean().item()
     worst = max(res[f"{x}_rms"] for x in ("out", "dq", "dk", "dv"))
     res["worst_rms"] = worst
@@ -114,6 +120,8 @@ def correctness_checks(bench: Bench):
         bench, "sparse_bf16_d128_gqa_offset", 2, 900, 1900, 8, 2, 128, 128, 4, 700, bf, low_tol)))
     checks.append(("sparse_fp32_d64", lambda: check_sparse(
         bench, "sparse_fp32_d64", 1, 1000, 1000, 4, 2, 64, 128, 3, 0, torch.float32, 1e-4)))
+    checks.append(("sparse_bf16_d64_quest", lambda: check_sparse(
+        bench, "sparse_bf16_d64_quest", 1, 2048 + 77, 2048 + 77, 8, 2, 64, 256, 3, 0, bf, low_tol, "quest")))
     checks.append(("sparse_equals_dense", lambda: check_sparse_equals_dense(
         bench, 4096, 8, 64, 2048, 3, bf, low_tol)))
     checks.append(("wkv7_bf16_n64", lambda: check_wkv(bench, "wkv7_bf16_n64", 2, 500, 4, 64, bf, low_tol)))
