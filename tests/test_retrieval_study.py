@@ -248,7 +248,8 @@ def test_passkey_read_weight_records(byte_model):
         pytest.approx(sum(r["read_weight"][0] for r in records) / 2)]
 
 
-@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in"]],
+@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in",
+                                       "--sparse-selection", "quest"]],
                          ids=["reference", "variants"])
 def test_study_driver_test_form(tmp_path, flags):
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
@@ -270,6 +271,11 @@ def test_study_driver_test_form(tmp_path, flags):
     # Stage 1 of the test size (context 256, chunks of 32) reads all 8 chunks with --stage1-dense.
     stage1 = json.loads((out / "checkpoints" / "stage1" / "model_config.json").read_text())
     assert stage1["sparse_top_k"] == (8 if flags else 2)
-    assert json.loads((out / "checkpoints" / "stage2" / "model_config.json").read_text())["sparse_top_k"] == 2
+    stage2 = json.loads((out / "checkpoints" / "stage2" / "model_config.json").read_text())
+    assert stage2["sparse_top_k"] == 2
+    # The selection rule is set in stage 1 and inherited by stage 2 and the exported model.
+    rule = "quest" if flags else "mean"
+    assert stage1["sparse_selection"] == stage2["sparse_selection"] == rule
+    assert json.loads((out / "models" / "rwkvx.pth.json").read_text())["sparse_selection"] == rule
     # stage 1 of the test size is one iteration: --rwkv-fade-in 0 0, the gate already 1
     assert ("rwkv gate 1.000" in (out / "logs" / "stage1.log").read_text()) == bool(flags)

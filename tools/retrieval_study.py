@@ -6,6 +6,7 @@
   python tools/retrieval_study.py --output study --size test  # seconds-long plumbing check (tests)
   ... --sparse-token-shift --stage1-dense  # the variants of finding 14 (not the reference recipe)
   ... --stage1-rwkv-fade-in  # finding 18's variant: stage 1 with the base's RWKV-7 blocks silenced first
+  ... --sparse-selection quest  # chunks selected by Quest's bound from stage 1 on (finding 22)
 
 The paper's recipe at tiny scale, every step through the real entry points:
   1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
@@ -84,6 +85,9 @@ class StudySize:
     # Stage 1 with --rwkv-fade-in: the base's RWKV-7 blocks silenced for its first half and faded
     # back in over the third quarter (not the reference recipe; docs/retrieval_study.md, finding 18)
     stage1_rwkv_fade_in: bool = False
+    # How the sparse blocks select chunks from stage 1 on (stage 2 and the export inherit it):
+    # "mean" (the reference) or "quest" (Quest's bound; docs/retrieval_study.md, findings 21-22).
+    sparse_selection: str = "mean"
     stage1_iters: int = 600
     stage1_lr: float = 2e-3
     stage2_iters: int = 300
@@ -180,7 +184,7 @@ class Runner:
 
 def run_study(output: str, size_name: str, port: Optional[int] = None, **variant) -> Dict:
     """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``,
-    ``stage1_rwkv_fade_in``)."""
+    ``stage1_rwkv_fade_in``, ``sparse_selection``)."""
     size = replace(SIZES[size_name], **variant)
     s = size
     run = Runner(output, port)
@@ -227,6 +231,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
     # 4. stage 1: the sparse blocks only, short context
     run("stage1", pretrain + common + [
         "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
+        "--sparse-selection", s.sparse_selection,
         *(["--sparse-top-k", str(-(-s.stage1_seq // s.chunk))] if s.stage1_dense else []),
         *(["--rwkv-fade-in", str(s.stage1_iters // 2), str(3 * s.stage1_iters // 4)] if s.stage1_rwkv_fade_in else []),
         "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
@@ -295,6 +300,9 @@ def main(argv=None) -> int:
                    help="stage 1 with the base's RWKV-7 blocks silenced for its first half and faded back in "
                         "over the third quarter (pretrain --rwkv-fade-in; not the reference recipe; "
                         "docs/retrieval_study.md, finding 18)")
+    p.add_argument("--sparse-selection", choices=["mean", "quest"], default="mean",
+                   help="how RWKV-X's sparse blocks select chunks from stage 1 on: mean = the chunk's mean "
+                        "key (the reference); quest = Quest's bound (pretrain --sparse-selection)")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
@@ -302,6 +310,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)  # the in-process tools (evaluation); training steps set their own
     variant = {name: True for name in ("sparse_token_shift", "stage1_dense", "stage1_rwkv_fade_in")
                if getattr(args, name)}
+    variant["sparse_selection"] = args.sparse_selection
     summary = run_study(os.path.abspath(args.output), args.size, args.master_port, **variant)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
