@@ -277,5 +277,6 @@ def test_study_driver_test_form(tmp_path, flags):
     rule = "quest" if flags else "mean"
     assert stage1["sparse_selection"] == stage2["sparse_selection"] == rule
     assert json.loads((out / "models" / "rwkvx.pth.json").read_text())["sparse_selection"] == rule
+    assert f"top-k 2, selection {rule})" in (out / "logs" / "stage2.log").read_text()  # the startup line
     # stage 1 of the test size is one iteration: --rwkv-fade-in 0 0, the gate already 1
     assert ("rwkv gate 1.000" in (out / "logs" / "stage1.log").read_text()) == bool(flags)

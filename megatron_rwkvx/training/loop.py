@@ -32,6 +32,7 @@ from megatron_rwkvx.checkpointing.official_format import (
     import_state_dict,
     load_state_dict_file,
 )
+from megatron_rwkvx.config import ATTENTION_SYMBOL, SPARSE_MODE
 from megatron_rwkvx.console import accelerations_line
 from megatron_rwkvx.models.stage_payload import StagePayload
 from megatron_rwkvx.pretrained import config_from_file_state_dict
@@ -462,8 +463,12 @@ def save(run: Run, reason: str) -> None:
 def _log_model(run: Run) -> None:
     args, cfg = run.args, run.cfg
     params = sum(p.numel() for m in run.chunks for p in m.parameters())
+    # What the A blocks compute, where a stage may have changed it from its --init-from checkpoint.
+    sparse = (f" ({cfg.attention_mode} attention" + (
+        f": chunk {cfg.sparse_chunk_size}, top-k {cfg.sparse_top_k}, selection {cfg.sparse_selection}"
+        if cfg.attention_mode == SPARSE_MODE else "") + ")") if ATTENTION_SYMBOL in cfg.layer_pattern else ""
     run.logger.print(
-        f"model: pattern {cfg.layer_pattern}, width {cfg.hidden_size}, {params:,} parameters on "
+        f"model: pattern {cfg.layer_pattern}{sparse}, width {cfg.hidden_size}, {params:,} parameters on "
         f"this rank; layout tp={args.tensor_model_parallel_size} pp={args.pipeline_model_parallel_size} "
         f"cp={args.context_parallel_size} dp={args.data_parallel_size}; device {args.device}"
     )
