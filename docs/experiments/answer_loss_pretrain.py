@@ -3,7 +3,7 @@
 An experiment record, not a tool (no tests; run it from the repository root with the package
 installed). It runs ``python -m megatron_rwkvx.pretrain`` with the given arguments, after changing
 megatron-core's ``GPTDataset`` samples so that ``loss_mask`` keeps only the positions whose input is
-a lowercase letter after ``Recall:`` (in the same document) and whose label is a digit: the asked
+a letter (``mqar_one_letter.py --keys 52`` adds the uppercase ones) after ``Recall:`` (in the same document) and whose label is a digit: the asked
 values of ``mqar_one_letter.py``'s documents, as the toy's ``--train-loss scored`` (Zoology's MQAR
 loss). With ``ANSWER_MARKER=.`` the marker is the ``.`` before the questions of its ``--layout
 compact`` and ``compact-apart`` documents. The logged training and validation loss is then the loss on those answers (chance: ln 10 =
@@ -31,7 +31,7 @@ def answers_only(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             asking = False
         elif ids[max(0, j - len(RECALL) + 1): j + 1] == RECALL:
             asking = True
-        elif asking and ord("a") <= t <= ord("z") and ord("0") <= int(labels[j]) <= ord("9"):
+        elif asking and chr(t).isascii() and chr(t).isalpha() and ord("0") <= int(labels[j]) <= ord("9"):
             mask[j] = 1.0
     return mask
 

@@ -5,7 +5,8 @@ An experiment record, not a tool (no tests; run it from the repository root with
 installed). A document is ``Remember these pairs: d8 t5 ... n8. <filler paragraphs, as many as fit> Recall: p4 e0 ...``:
 the 26 lowercase letters as keys in random order, each with a one-digit value, then every key asked
 once in another random order, padded with newlines to its length (256-511 bytes when made for
-training, seeds 9,000,000 + i; evaluation uses seeds 0..N-1, ``--seeds N``, default 6).
+training, seeds 9,000,000 + i; evaluation uses seeds 0..N-1, ``--seeds N``, default 6). ``--keys 52``
+(finding 22) uses the uppercase letters too, so that the pairs outgrow the RWKV-7 control's state.
 
   python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl [--length 511] [--layout L]   # then tools/preprocess_data.py
   python docs/experiments/mqar_one_letter.py census data/mq_text_document [--seq-length 512] [--windows 19200]
@@ -25,10 +26,12 @@ attention without positions cannot tell the two apart).
 largest weight a head puts on the asked pair's value in the pair list, with every chunk visible and
 read through top-k of chunks of 64, and how often a head selects the chunk that holds it (the
 hit rate: by some head, beside the rate at which a random selection would, in some block; and by
-the head that puts the most dense weight on the value), and for how many of the 26 keys the mean
+the head that puts the most dense weight on the value), and for how many of the keys the mean
 dense weight on the value is above 0.5 (finding 21: 8 of 26 without the curriculum). ``--selection
-quest`` (finding 21) reads with each chunk scored by Quest's bound instead of its mean key, without
-training; ``--top-k`` beyond the chunk count reads every chunk.
+quest`` (finding 21) reads with each chunk scored by Quest's bound instead of its mean key (the
+package's ``sparse_selection``; finding 21 patched the selection functions the same way before the
+option existed), whatever rule the model was trained with; ``--top-k`` beyond the chunk count reads
+every chunk.
 """
 import argparse
 import json
@@ -42,19 +45,22 @@ from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER
 TRAIN_SEEDS = 9_000_000
 
 
-def one_letter_pairs(rng: random.Random) -> tuple:
-    """The 26 lowercase letters in random order, each with a one-digit value, and the same pairs in
-    the order they are asked."""
-    keys = list(string.ascii_lowercase)
+KEY_SETS = {26: string.ascii_lowercase, 52: string.ascii_lowercase + string.ascii_uppercase}
+
+
+def one_letter_pairs(rng: random.Random, keys: int = 26) -> tuple:
+    """The 26 lowercase letters (``keys`` 52: and the 26 uppercase ones) in random order, each with a
+    one-digit value, and the same pairs in the order they are asked."""
+    keys = list(KEY_SETS[keys])
     rng.shuffle(keys)
     pairs = [(k, str(rng.randrange(10))) for k in keys]
     return pairs, rng.sample(pairs, len(pairs))
 
 
-def document(seed: int, length: int) -> dict:
+def document(seed: int, length: int, keys: int = 26) -> dict:
     """``context`` (pairs, filler, ``Recall:``), ``asked``, ``pairs`` ([(key, value)]) and ``text``:
     the context and then `` key value`` per asked pair, at most ``length`` bytes."""
-    pairs, asked = one_letter_pairs(random.Random(f"mqar1/{seed}"))
+    pairs, asked = one_letter_pairs(random.Random(f"mqar1/{seed}" if keys == 26 else f"mqar1/{keys}/{seed}"), keys)
     head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
     tail = "".join(" " + k + v for k, v in asked)
     reps = 0
@@ -64,13 +70,13 @@ def document(seed: int, length: int) -> dict:
     return {"context": context, "asked": asked, "pairs": pairs, "text": context + tail}
 
 
-def compact_document(seed: int) -> tuple:
+def compact_document(seed: int, keys: int = 26) -> tuple:
     """The toy's layout in bytes: the pair list and the questions, each ``k v`` without spaces."""
-    pairs, asked = one_letter_pairs(random.Random(f"mqar1c/{seed}"))
+    pairs, asked = one_letter_pairs(random.Random(f"mqar1c/{seed}" if keys == 26 else f"mqar1c/{keys}/{seed}"), keys)
     return "".join(k + v for k, v in pairs), "." + "".join(k + v for k, v in asked)
 
 
-def make(count: int, path: str, length: int = 0, layout: str = "study") -> None:
+def make(count: int, path: str, length: int = 0, layout: str = "study", keys: int = 26) -> None:
     """``length`` 0: 256-511 bytes each, so that the trainer's windows hold parts of two documents;
     otherwise every document is exactly ``length`` bytes (with its end-of-document token, one
     window of ``length + 1`` each)."""
@@ -81,9 +87,9 @@ def make(count: int, path: str, length: int = 0, layout: str = "study") -> None:
         for i in range(count):
             length = fixed or random.Random(TRAIN_SEEDS + i).randint(256, 511)
             if layout in ("study", "no-filler"):
-                text = document(TRAIN_SEEDS + i, length if layout == "study" else 200)["text"]
+                text = document(TRAIN_SEEDS + i, length if layout == "study" else 200, keys)["text"]
             else:
-                pairs, questions = compact_document(TRAIN_SEEDS + i)
+                pairs, questions = compact_document(TRAIN_SEEDS + i, keys)
                 gap = length - len(pairs) - len(questions) if layout == "compact-apart" else 0
                 text = pairs + "\n" * gap + questions
             if len(text) > length:
@@ -107,12 +113,12 @@ def census(prefix: str, seq_length: int, windows: int) -> None:
         texts = [bytes(ids[a + 1:b]).decode("latin1") for a, b in zip(cuts, cuts[1:])]
         lists = {}  # document in the window -> its pair list, where the whole list is there
         for j, text in enumerate(texts):
-            m = re.search(MQAR_HEADER + r" ((?:[a-z]\d ?)+)\.", text)
+            m = re.search(MQAR_HEADER + r" ((?:[A-Za-z]\d ?)+)\.", text)
             if m:
                 lists[j] = dict((p[0], p[1]) for p in m.group(1).split())
         for j, text in enumerate(texts):
             at = text.find(MQAR_RECALL)
-            for m in re.finditer(r" ([a-z])\d", text[at:] if at >= 0 else ""):
+            for m in re.finditer(r" ([A-Za-z])\d", text[at:] if at >= 0 else ""):
                 others = [d for jj, d in lists.items() if jj != j and m.group(1) in d]
                 counts["orphan" if j not in lists else "conflicted" if others else "clean"] += 1
     total = sum(counts.values())
@@ -120,33 +126,8 @@ def census(prefix: str, seq_length: int, windows: int) -> None:
           + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in counts.most_common()))
 
 
-def use_quest_selection() -> None:
-    """Score each chunk by Quest's bound instead of its mean key: ``sum_d max(q_d * max_d, q_d * min_d)``
-    over the chunk's keys, the largest score any one key of the chunk can have (finding 15's best
-    single key, as an upper bound). Written as a dot product of ``[relu(q), min(q, 0)]`` with
-    ``[max, min]``, so the package's selection code does the rest. Evaluation only: nothing trained
-    with it."""
-    import torch
-
-    from megatron_rwkvx.kernels.sparse_attention import selection
-
-    mean_keys, select = selection.chunk_mean_keys, selection.select_chunks
-
-    def bound_keys(k, chunk_size, num_chunks=None):
-        n = k.shape[1] // chunk_size if num_chunks is None else num_chunks
-        mean_keys(k, chunk_size, n)  # its checks
-        b, _, h, d = k.shape
-        used = k[:, : n * chunk_size].float().reshape(b, n, chunk_size, h, d)
-        return torch.cat([used.amax(2), used.amin(2)], dim=-1)
-
-    def bound_select(q, chunk_keys, **kw):
-        q = q.float()
-        return select(torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1), chunk_keys, **kw)
-
-    selection.chunk_mean_keys, selection.select_chunks = bound_keys, bound_select
-
-
-def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: int = 6) -> None:
+def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: int = 6, num_keys: int = 26,
+             selection=None) -> None:
     import torch
 
     import megatron_rwkvx
@@ -156,7 +137,9 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
 
     torch.set_num_threads(threads)
     tok = ByteTokenizer()
-    model = megatron_rwkvx.load_pretrained(path, sparse_chunk_size=64, sparse_top_k=top_k)
+    # selection None: the rule the model was trained with (its .pth.json; older exports: mean)
+    model = megatron_rwkvx.load_pretrained(path, sparse_chunk_size=64, sparse_top_k=top_k,
+                                           **({"sparse_selection": selection} if selection else {}))
     attn = [i for i, layer in enumerate(model.decoder.layers) if layer.symbol == "A"]
     for layer in model.decoder.layers:
         if layer.symbol == "R":
@@ -167,7 +150,7 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
         own_hit = {i: [] for i in attn}  # the head that puts the most dense weight on the value
         by_key = {i: {} for i in attn}  # key letter -> the largest dense weight a head puts on its value
         for seed in range(seeds):
-            d = document(seed, length)
+            d = document(seed, length, num_keys)
             text = d["text"]
             ids = tok.tokenize(text)  # byte = token
             with recorder, torch.no_grad():
@@ -190,7 +173,7 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
                     read[i].append(max(float(w[keys_read == value_at[k]].sum()) for keys_read, w in heads))
                     hit[i].append(float(any(value_at[k] in keys_read for keys_read, _ in heads)))
                 chance.append(recorder.chance(pos, [value_at[k]]))
-        line = f"{path} gate {gate} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
+        line = f"{path} gate {gate} selection {model.config.sparse_selection} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
         if attn:
             dense = {i: [w for ws in by_key[i].values() for w in ws] for i in attn}
             line += ("; weight on the asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
@@ -212,6 +195,7 @@ if __name__ == "__main__":
     m.add_argument("path")
     m.add_argument("--length", type=int, default=0)
     m.add_argument("--layout", choices=["study", "no-filler", "compact", "compact-apart"], default="study")
+    m.add_argument("--keys", type=int, choices=sorted(KEY_SETS), default=26)
     c = sub.add_parser("census")
     c.add_argument("prefix")
     c.add_argument("--seq-length", type=int, default=512)
@@ -223,14 +207,15 @@ if __name__ == "__main__":
     e.add_argument("--top-k", type=int, default=8)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--seeds", type=int, default=6, help="documents per length (evaluation seeds 0..N-1)")
-    e.add_argument("--selection", choices=["mean", "quest"], default="mean",
-                   help="quest: select chunks by Quest's bound (use_quest_selection), not the package's mean key")
+    e.add_argument("--selection", choices=["mean", "quest"], default=None,
+                   help="read the model through this chunk selection rule (the package's sparse_selection); "
+                        "default: the one it was trained with")
+    e.add_argument("--keys", type=int, choices=sorted(KEY_SETS), default=26)
     a = p.parse_args()
     if a.cmd == "make":
-        make(a.count, a.path, a.length, a.layout)
+        make(a.count, a.path, a.length, a.layout, a.keys)
     elif a.cmd == "census":
         census(a.prefix, a.seq_length, a.windows)
     else:
-        if a.selection == "quest":
-            use_quest_selection()
-        evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads, a.seeds)
+        evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads, a.seeds, a.keys,
+                 a.selection)
