@@ -11,6 +11,7 @@ training, seeds 9,000,000 + i; evaluation uses seeds 0..N-1, ``--seeds N``, defa
   python docs/experiments/mqar_one_letter.py make 20000 mqar1.jsonl [--length 511] [--layout L]   # then tools/preprocess_data.py
   python docs/experiments/mqar_one_letter.py census data/mq_text_document [--seq-length 512] [--windows 19200]
   python docs/experiments/mqar_one_letter.py eval model.pth [--gate 0] [--lengths 500] [--top-k 8] [--seeds 6] [--selection quest]
+  python docs/experiments/mqar_one_letter.py plot out.png --train-length 512 "RWKV-7 control=eval_c.log" "RWKV-X=eval_x.log" ...
 
 ``make --layout`` (finding 20; these need ``--length``): ``study`` (the above); ``no-filler`` (the
 same without filler, newlines after the questions); ``compact`` (the toy's layout in bytes:
@@ -187,6 +188,37 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
         print(line, flush=True)
 
 
+def plot(path: str, series, train_length: int, title: str) -> None:
+    """Accuracy against evaluation length, one line per ``LABEL=LOG`` (the output of ``eval``)."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lengths = set()
+    for item in series:
+        label, log = item.split("=", 1)
+        points = sorted((int(n), float(a)) for n, a in re.findall(r"length (\d+): accuracy ([\d.]+)%", open(log).read()))
+        if not points:
+            raise SystemExit(f"{log} holds no 'length N: accuracy X%' lines")
+        ax.plot(*zip(*points), marker="o", label=label)
+        lengths.update(n for n, _ in points)
+    ax.axvline(train_length, color="grey", linestyle=":", label=f"training length ({train_length})")
+    ax.axhline(10, color="grey", linestyle="--", linewidth=0.8, label="chance (10%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(lengths), [str(n) for n in sorted(lengths)])
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("MQAR accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,8 +243,15 @@ if __name__ == "__main__":
                    help="read the model through this chunk selection rule (the package's sparse_selection); "
                         "default: the one it was trained with")
     e.add_argument("--keys", type=int, choices=sorted(KEY_SETS), default=26)
+    f = sub.add_parser("plot")
+    f.add_argument("output")
+    f.add_argument("series", nargs="+", help="LABEL=LOG: a line per eval log")
+    f.add_argument("--train-length", type=int, default=512)
+    f.add_argument("--title", default="One-letter MQAR")
     a = p.parse_args()
-    if a.cmd == "make":
+    if a.cmd == "plot":
+        plot(a.output, a.series, a.train_length, a.title)
+    elif a.cmd == "make":
         make(a.count, a.path, a.length, a.layout, a.keys)
     elif a.cmd == "census":
         census(a.prefix, a.seq_length, a.windows)
