@@ -160,7 +160,8 @@ def test_mqar_scores_right_and_wrong_answers(byte_model, shift, expected):
 def bare_recorder(chunk_size: int, top_k: int) -> retrieval.SelectionRecorder:
     """A recorder for hand-made q/k (tests set ``mixers``): an engine with no sparse layers."""
     engine = type("Engine", (), {"model": type("Model", (), {
-        "config": type("Config", (), {"sparse_chunk_size": chunk_size, "sparse_top_k": top_k}),
+        "config": type("Config", (), {"sparse_chunk_size": chunk_size, "sparse_top_k": top_k,
+                                      "sparse_selection": "mean"}),
         "decoder": type("Decoder", (), {"layers": []})})})
     return retrieval.SelectionRecorder(engine)
 

@@ -40,10 +40,14 @@ def saved_model_fields(path: str) -> dict:
     return shape
 
 
+def shape_fields(saved: dict) -> dict:
+    """Saved fields less the training choices (how the sparse blocks select: stage 2 may change them)."""
+    return {k: v for k, v in saved.items() if k not in TRAINING_CHOICES}
+
+
 def model_shape_from_init(path: str) -> dict:
-    """The model's shape from an --init-from source: its fields less the training choices (how the
-    sparse blocks select: stage 2 may change them)."""
-    return {k: v for k, v in saved_model_fields(path).items() if k not in TRAINING_CHOICES}
+    """The model's shape from an --init-from source."""
+    return shape_fields(saved_model_fields(path))
 
 
 def _checkpoint_shape_source(args) -> Optional[str]:
@@ -67,7 +71,7 @@ def padded_vocab_size(vocab_size: int, args) -> int:
 def build_config(args, tokenizer_vocab_size: Optional[int]) -> RWKVXConfig:
     source = _checkpoint_shape_source(args) if args.use_checkpoint_args else args.init_from
     saved = saved_model_fields(source) if source else {}
-    shape = {k: v for k, v in saved.items() if k not in TRAINING_CHOICES}
+    shape = shape_fields(saved)
     given = {
         "hidden_size": args.hidden_size,
         "head_size": args.head_size,
