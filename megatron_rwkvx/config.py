@@ -127,8 +127,9 @@ class RWKVXConfig(TransformerConfig):
     # How a query scores the past chunks it may select: "mean" (the chunk's mean key, the reference
     # RWKV-X's and MoBA's rule) or "quest" (the largest score one of its keys can reach, Quest's bound;
     # kernels/sparse_attention/selection.py). A training choice, like the chunk size: a stage may
-    # change it. Finding 21 of docs/retrieval_study.md: the mean key missed the chunk of an asked
-    # value for 11% of the questions where the bound missed none.
+    # change it. docs/retrieval_study.md, findings 21-22: the mean key missed the chunk of an asked
+    # value for 11-48% of the questions where the bound missed none, and training at 2048 with the
+    # mean key live lost a lookup that the bound kept.
     sparse_selection: str = MEAN_SELECTION
 
     # Operator backends: "auto" picks Triton on CUDA and PyTorch on the CPU.
