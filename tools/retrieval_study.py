@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
+from megatron_rwkvx.kernels.sparse_attention.selection import MEAN_SELECTION, SELECTION_RULES
 from megatron_rwkvx.testing.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ class StudySize:
     stage1_rwkv_fade_in: bool = False
     # How the sparse blocks select chunks from stage 1 on (stage 2 and the export inherit it):
     # "mean" (the reference) or "quest" (Quest's bound; docs/retrieval_study.md, findings 21-22).
-    sparse_selection: str = "mean"
+    sparse_selection: str = MEAN_SELECTION
     stage1_iters: int = 600
     stage1_lr: float = 2e-3
     stage2_iters: int = 300
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
                    help="stage 1 with the base's RWKV-7 blocks silenced for its first half and faded back in "
                         "over the third quarter (pretrain --rwkv-fade-in; not the reference recipe; "
                         "docs/retrieval_study.md, finding 18)")
-    p.add_argument("--sparse-selection", choices=["mean", "quest"], default="mean",
+    p.add_argument("--sparse-selection", choices=SELECTION_RULES, default=MEAN_SELECTION,
                    help="how RWKV-X's sparse blocks select chunks from stage 1 on: mean = the chunk's mean "
                         "key (the reference); quest = Quest's bound (pretrain --sparse-selection)")
     p.set_defaults(size="full")

@@ -42,6 +42,7 @@ import string
 
 from megatron_rwkvx.data.retrieval_tasks import MQAR_HEADER, MQAR_RECALL
 from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER
+from megatron_rwkvx.kernels.sparse_attention.selection import SELECTION_RULES
 
 TRAIN_SEEDS = 9_000_000
 
@@ -239,7 +240,7 @@ if __name__ == "__main__":
     e.add_argument("--top-k", type=int, default=8)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--seeds", type=int, default=6, help="documents per length (evaluation seeds 0..N-1)")
-    e.add_argument("--selection", choices=["mean", "quest"], default=None,
+    e.add_argument("--selection", choices=SELECTION_RULES, default=None,
                    help="read the model through this chunk selection rule (the package's sparse_selection); "
                         "default: the one it was trained with")
     e.add_argument("--keys", type=int, choices=sorted(KEY_SETS), default=26)

@@ -17,6 +17,7 @@ from .selection import (
     chunk_mean_keys,
     chunk_selection_keys,
     select_chunks,
+    selection_key_width,
     selection_queries,
     topk_chunk_selection,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "dense_causal_attention",
     "register_backend",
     "select_chunks",
+    "selection_key_width",
     "selection_queries",
     "topk_chunk_attention",
     "topk_chunk_selection",

@@ -72,6 +72,11 @@ def chunk_mean_keys(k: torch.Tensor, chunk_size: int, num_chunks: int | None = N
     return used.reshape(b, num_chunks, chunk_size, h, d).mean(dim=2)
 
 
+def selection_key_width(head_size: int, selection: str = MEAN_SELECTION) -> int:
+    """The width of ``chunk_selection_keys`` and ``selection_queries`` for heads of ``head_size``."""
+    return head_size if check_selection(selection) == MEAN_SELECTION else 2 * head_size
+
+
 def chunk_selection_keys(
     k: torch.Tensor, chunk_size: int, num_chunks: int | None = None, selection: str = MEAN_SELECTION
 ) -> torch.Tensor:

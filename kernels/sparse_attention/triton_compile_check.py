@@ -58,6 +58,7 @@ def compile_all(dtype: str = "bf16", head_dim: int = 64, capability: int = 90, g
     ``spill_bytes`` is -1 when cuobjdump is unavailable."""
     from . import triton_attention as ta
     from . import triton_select as ts
+    from .selection import QUEST_SELECTION, selection_key_width
     from .triton_config import blocks_for, fixed_configs, next_pow2, select_blocks
 
     _check_not_interpreted()
@@ -85,8 +86,9 @@ def compile_all(dtype: str = "bf16", head_dim: int = 64, capability: int = 90, g
     select_consts = dict(G=group, S=slots, SP=max(2, next_pow2(slots)), BM=sel_m, NCB=sel_n)
     out["select"] = _compile(ts._select_kernel, dict(select_args, Q=ptr), dict(d, **select_consts),
                              sel_warps, 1, capability)
-    # selection="quest" scores fp32 queries of twice the head size (selection.selection_queries).
-    quest_d = dict(D=2 * head_dim, BD=max(16, next_pow2(2 * head_dim)))
+    # selection="quest" scores fp32 queries of another width (selection.selection_queries).
+    quest_width = selection_key_width(head_dim, QUEST_SELECTION)
+    quest_d = dict(D=quest_width, BD=max(16, next_pow2(quest_width)))
     out["select_quest"] = _compile(ts._select_kernel, dict(select_args, Q="*fp32"), dict(quest_d, **select_consts),
                                    sel_warps, 1, capability)
     return out

@@ -28,6 +28,7 @@ from megatron_rwkvx.kernels.sparse_attention import (
     best_chunk_slots,
     check_selection,
     chunk_selection_keys,
+    selection_key_width,
     selection_queries,
     topk_chunk_attention,
     topk_chunk_selection,
@@ -72,8 +73,8 @@ class ChunkedKVCache:
         shape = (batch_size, kv_heads, slots, chunk_size, head_size)  # head-major: see the docstring
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        width = head_size if selection == MEAN_SELECTION else 2 * head_size  # see selection.py
-        self.selection_keys = torch.zeros(batch_size, slots, kv_heads, width, dtype=torch.float32, device=device)
+        self.selection_keys = torch.zeros(batch_size, slots, kv_heads, selection_key_width(head_size, selection),
+                                          dtype=torch.float32, device=device)
         self.chunk_ids = torch.full((batch_size, slots), -1, dtype=torch.long, device=device)
         # How often each stored chunk was selected (summed over heads and queries): eviction order.
         self.selected_count = torch.zeros(batch_size, slots, dtype=torch.long, device=device)

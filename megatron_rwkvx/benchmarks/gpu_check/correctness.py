@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from megatron_rwkvx.kernels.registry import HALF_TOLERANCE, rms_ratio
 from megatron_rwkvx.kernels.sparse_attention import (
+    MEAN_SELECTION,
+    QUEST_SELECTION,
     chunk_selection_keys,
     select_chunks,
     selection_queries,
@@ -31,7 +33,7 @@ def _sparse_run(backend, q, k, v, grad, **kw):
 
 
 def check_sparse(bench: Bench, name, B, Tq, Tk, Hq, Hkv, D, chunk, top_k, q_offset, dtype, tol,
-                 selection="mean"):
+                 selection=MEAN_SELECTION):
     # Imported here: the Triton selection kernels exist only where triton imports.
     from megatron_rwkvx.kernels.sparse_attention.triton_select import select_chunks_triton
 
@@ -121,7 +123,7 @@ def correctness_checks(bench: Bench):
     checks.append(("sparse_fp32_d64", lambda: check_sparse(
         bench, "sparse_fp32_d64", 1, 1000, 1000, 4, 2, 64, 128, 3, 0, torch.float32, 1e-4)))
     checks.append(("sparse_bf16_d64_quest", lambda: check_sparse(
-        bench, "sparse_bf16_d64_quest", 1, 2048 + 77, 2048 + 77, 8, 2, 64, 256, 3, 0, bf, low_tol, "quest")))
+        bench, "sparse_bf16_d64_quest", 1, 2048 + 77, 2048 + 77, 8, 2, 64, 256, 3, 0, bf, low_tol, QUEST_SELECTION)))
     checks.append(("sparse_equals_dense", lambda: check_sparse_equals_dense(
         bench, 4096, 8, 64, 2048, 3, bf, low_tol)))
     checks.append(("wkv7_bf16_n64", lambda: check_wkv(bench, "wkv7_bf16_n64", 2, 500, 4, 64, bf, low_tol)))
