@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Tokenize text into Megatron indexed datasets ({prefix}_{key}_document.bin/.idx).
+"""Tokenize text into Megatron indexed datasets ({prefix}_{key}_document.bin/.idx), and with
+--loss-spans-key a loss mask beside each ({prefix}_{key}_document_loss_mask.bin/.idx).
 
 Arguments follow Megatron-LM's tools/preprocess_data.py. Examples:
 
@@ -28,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys (jsonl) or columns (parquet, datasets) to tokenize; one output dataset per key")
     g.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
+    g.add_argument("--loss-spans-key", default=None, metavar="KEY",
+                   help="the field of each record holding the [start, end) character spans of its text to train "
+                        "on (e.g. {\"text\": \"Q: 2+2? A: 4\", \"answers\": [[11, 12]]}); writes a loss mask beside "
+                        "the dataset ({prefix}_text_document_loss_mask.bin/.idx) that pretrain --loss-on-spans "
+                        "reads. The text is tokenized piece by piece at the spans' edges; with --append-eod the "
+                        "end of document is trained where the last span ends the text")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed JSON, missing keys, non-string values and non-UTF-8 lines, count and "
                         "report them; without it the first such line stops the run with its file and line number")
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
         pack_length=args.pack_length, min_length=args.min_length, max_length=args.max_length,
         drop_empty_documents=args.drop_empty_documents, split_sentences=args.split_sentences, lang=args.lang,
         keep_newlines=args.keep_newlines, vocab_file=args.vocab_file, merge_file=args.merge_file,
-        vocab_size=args.vocab_size,
+        vocab_size=args.vocab_size, loss_spans_key=args.loss_spans_key,
     )
     try:
         run_preprocess(cfg)

@@ -89,14 +89,21 @@ def make(count: int, path: str, length: int = 0, layout: str = "study", keys: in
         for i in range(count):
             length = fixed or random.Random(TRAIN_SEEDS + i).randint(256, 511)
             if layout in ("study", "no-filler"):
-                text = document(TRAIN_SEEDS + i, length if layout == "study" else 200, keys)["text"]
+                doc = document(TRAIN_SEEDS + i, length if layout == "study" else 200, keys)
+                text, first = doc["text"], len(doc["context"]) + 2  # " k v": the value 2 after the space
+                step = 3
             else:
                 pairs, questions = compact_document(TRAIN_SEEDS + i, keys)
                 gap = length - len(pairs) - len(questions) if layout == "compact-apart" else 0
                 text = pairs + "\n" * gap + questions
+                first, step = len(pairs) + gap + 2, 2  # ".kv...": the first value 2 after the "."
             if len(text) > length:
                 raise SystemExit(f"a {layout} document needs {len(text)} bytes; --length {length} is too short")
-            f.write(json.dumps({"text": text + "\n" * (length - len(text))}) + "\n")
+            # The asked values as [start, end) spans: preprocess_data.py --loss-spans-key answers
+            # marks them for pretrain --loss-on-spans (the answer loss of answer_loss_pretrain.py).
+            answers = [[j, j + 1] for j in range(first, len(text), step)]
+            assert all(text[a].isdigit() for a, _ in answers)
+            f.write(json.dumps({"text": text + "\n" * (length - len(text)), "answers": answers}) + "\n")
 
 
 def census(prefix: str, seq_length: int, windows: int) -> None:

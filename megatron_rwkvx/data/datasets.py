@@ -3,6 +3,8 @@
 ``build_gpt_datasets`` turns a Megatron-style ``--data-path`` (``["prefix"]`` or
 ``["0.7", "prefixA", "0.3", "prefixB"]``) and ``--split`` into train/valid/test datasets whose
 sample order is fixed by the seed (megatron-core shuffles with it and caches the index arrays).
+With ``loss_on_spans`` the datasets are ``span_loss.SpanLossGPTDataset``: the loss mask of each sample is
+also cut by the marks that ``preprocess_data.py --loss-spans-key`` wrote beside its tokens.
 ``DataParallelBatches`` walks one of them as Megatron-LM's pretraining sampler does: global
 sample ``consumed + k`` goes to data-parallel rank ``(k // micro_batch) % dp``, so resuming from
 ``consumed_samples`` continues exactly where a run stopped, for any rank.
@@ -16,7 +18,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_rwkvx.data.indexed import DatasetFileError, check_token_ids, validate_indexed_dataset
+from megatron_rwkvx.data.indexed import (
+    DatasetFileError,
+    check_token_ids,
+    validate_indexed_dataset,
+    validate_loss_mask,
+)
 from megatron_rwkvx.errors import UsageError
 
 __all__ = [
@@ -93,12 +100,13 @@ def _gpt_dataset_config(seed: int, seq_length: int, shares: Sequence[float], tok
 
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Sequence[Optional[int]], cache_dir: Optional[str], tokenizer,
-                       eod_mask_loss: bool = False) -> list:
+                       eod_mask_loss: bool = False, loss_on_spans: bool = False) -> list:
     """``[train, valid, test]`` (None for a split with no share) of at least ``num_samples[i]`` samples.
 
     Every rank calls this; under ``torch.distributed`` megatron-core builds the index cache on
     rank 0 first and the other ranks read it. ``cache_dir`` defaults to ``index-cache`` beside
-    the first dataset.
+    the first dataset. ``loss_on_spans``: the loss only on the tokens that each dataset's loss
+    mask marks (``span_loss.SpanLossGPTDataset``); every dataset must have one.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
@@ -110,6 +118,9 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     if len(num_samples) != 3:
         raise DataConfigError("num_samples needs one entry per split: (train, valid, test)")
     infos = [validate_indexed_dataset(prefix) for prefix in prefixes]
+    if loss_on_spans:
+        for prefix in prefixes:
+            validate_loss_mask(prefix)
     for prefix, info in zip(prefixes, infos):
         if info.num_tokens <= seq_length:
             raise DataConfigError(
@@ -135,8 +146,12 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         # Nobody reads this split, but megatron-core would still build it and, with no documents
         # and a sample count of 0, never finish; leaving it out changes no other split's documents.
         config.split_matrix[i] = None
+    if loss_on_spans:
+        from megatron_rwkvx.data.span_loss import SpanLossGPTDataset as dataset_class
+    else:
+        dataset_class = GPTDataset
     with _rank_zero_without_distributed():
-        datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        datasets = BlendedMegatronDatasetBuilder(dataset_class, sizes, lambda: True, config).build()
     for name, ds, want in zip(SPLIT_NAMES, datasets, sizes):
         if want and ds is not None and len(ds) < want:
             raise DataConfigError(f"the {name} split has {len(ds)} samples, {want} were asked for")

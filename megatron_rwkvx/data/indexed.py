@@ -4,7 +4,9 @@ megatron-core's ``IndexedDataset`` memory-maps a ``.bin`` without comparing its 
 index, so a truncated file fails (or returns garbage) only when a sample reaches the missing
 part, possibly hours into training, and trusts the index's arrays as they are.
 ``validate_indexed_dataset`` checks sizes and the index's own consistency up front;
-``check_token_ids`` checks every id against the model's vocabulary.
+``check_token_ids`` checks every id against the model's vocabulary. A dataset may carry a loss
+mask beside it (``loss_mask_prefix``: one 0/1 byte per token, written by ``preprocess_data.py
+--loss-spans-key``); ``validate_loss_mask`` checks that it describes the same documents.
 """
 from __future__ import annotations
 
@@ -45,8 +47,19 @@ def idx_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
+def loss_mask_prefix(prefix: str) -> str:
+    """Where the loss mask of the dataset ``prefix`` lives (a dataset of its own, uint8)."""
+    return prefix + "_loss_mask"
+
+
 def validate_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     """Header, index size and ``.bin`` size agree; raises ``DatasetFileError`` naming the fix."""
+    info, _, _ = _read_index(prefix)
+    return info
+
+
+def _read_index(prefix: str):
+    """``(info, sequence lengths, document index)`` after every check of ``validate_indexed_dataset``."""
     ipath, bpath = idx_path(prefix), bin_path(prefix)
     for path in (ipath, bpath):
         if not os.path.isfile(path):
@@ -83,8 +96,36 @@ def validate_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
             "together or a copy/preprocessing run was interrupted: remake or re-copy both"
         )
     num_tokens = int(lengths.sum(dtype=np.int64))
-    del lengths, pointers, docs, mm
-    return IndexedDatasetInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens)
+    info = IndexedDatasetInfo(prefix, dtype, int(n_seq), int(n_doc) - 1, num_tokens)
+    # Views of the memory-mapped index (no copy: an index may describe billions of tokens).
+    return info, lengths, docs
+
+
+def validate_loss_mask(prefix: str) -> IndexedDatasetInfo:
+    """The loss mask of ``prefix`` exists, is whole, holds only 0 and 1, and has exactly the
+    documents and sequences of the tokens (so that every token has its mark)."""
+    info, lengths, docs = _read_index(prefix)
+    marks_prefix = loss_mask_prefix(prefix)
+    if not (os.path.isfile(idx_path(marks_prefix)) or os.path.isfile(bin_path(marks_prefix))):
+        raise DatasetFileError(
+            f"--loss-on-spans: dataset {prefix!r} has no loss mask ({marks_prefix}.bin/.idx): make it with "
+            "tools/preprocess_data.py --loss-spans-key KEY (a field of [start, end) character spans of the "
+            "text to train on), or train on every token without --loss-on-spans")
+    fix = "remake the dataset and its mask together with tools/preprocess_data.py --loss-spans-key"
+    marks, mark_lengths, mark_docs = _read_index(marks_prefix)
+    if marks.dtype != np.uint8:
+        raise DatasetFileError(f"{idx_path(marks_prefix)} holds {np.dtype(marks.dtype).name}, not the uint8 "
+                               f"marks of a loss mask; {fix}")
+    if not (np.array_equal(lengths, mark_lengths) and np.array_equal(docs, mark_docs)):
+        raise DatasetFileError(
+            f"the loss mask {marks_prefix!r} ({marks.num_documents} documents, {marks.num_tokens} marks) does not "
+            f"describe the documents of {prefix!r} ({info.num_documents} documents, {info.num_tokens} tokens): "
+            f"the files come from different runs; {fix}")
+    top, where = _max_token_id(marks_prefix, marks)
+    if top > 1:
+        raise DatasetFileError(f"{bin_path(marks_prefix)} holds {top} at position {where}; a loss mask holds "
+                               f"only 0 and 1; {fix}")
+    return marks
 
 
 def _check_index_arrays(ipath: str, lengths, pointers, docs, itemsize: int) -> None:

@@ -4,9 +4,18 @@ Order and bytes do not depend on ``workers`` or ``partitions``: records are toke
 batches by ``Pool.imap`` (which keeps input order), partitions are contiguous groups of input
 files merged back in order, and packing cuts the merged token stream. Everything is written
 under a temporary directory beside the output and moved into place only when the run succeeded.
+
+With ``loss_spans_key`` each document also gets a loss mask (``indexed.loss_mask_prefix``): one
+byte per token, 1 where the token lies in one of the document's ``[start, end)`` character spans
+(the tokens a model is trained to predict, as the answers of an SFT or retrieval corpus). The text
+is tokenized piece by piece at the spans' edges, so no token straddles an edge (SFT pipelines
+tokenize a prompt and its answer apart for the same reason; for the byte tokenizer the ids are
+those of the whole text). The mask goes through every later step (merging, packing) with the
+tokens.
 """
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import os
 import shutil
@@ -19,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_rwkvx.data import readers
-from megatron_rwkvx.data.indexed import bin_path, idx_path
+from megatron_rwkvx.data.indexed import bin_path, idx_path, loss_mask_prefix
 
 BATCH_RECORDS = 256
 BATCH_BYTES = 4 << 20
@@ -55,9 +64,16 @@ class PreprocessConfig:
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     vocab_size: Optional[int] = None
+    # The record field of [start, end) character spans of the text to train on: writes a loss mask
+    # beside the dataset (one json key only; pretrain --loss-on-spans reads it).
+    loss_spans_key: Optional[str] = None
 
     def output_prefix_for(self, key: str) -> str:
         return f"{self.output_prefix}_{key}_document"
+
+    def record_keys(self) -> List[str]:
+        """The fields the readers keep of each record (parquet and datasets read only these)."""
+        return list(self.json_keys) + ([self.loss_spans_key] if self.loss_spans_key else [])
 
 
 @dataclass
@@ -72,12 +88,13 @@ class Stats:
     too_long: Dict[str, int] = field(default_factory=dict)
     packed_sequences: Dict[str, int] = field(default_factory=dict)
     dropped_remainder: Dict[str, int] = field(default_factory=dict)
+    marked: Dict[str, int] = field(default_factory=dict)  # tokens in a loss span (kept documents)
 
     def merge(self, other: "Stats") -> None:
         self.records += other.records
         self.bad += other.bad
         self.bad_examples.extend(other.bad_examples[: MAX_REPORTED_BAD - len(self.bad_examples)])
-        for name in ("documents", "tokens", "empty", "too_short", "too_long"):
+        for name in ("documents", "tokens", "empty", "too_short", "too_long", "marked"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
@@ -132,25 +149,50 @@ def _init_worker(cfg: PreprocessConfig, dtype) -> None:
     _worker["split"] = load_sentence_splitter(cfg.lang, cfg.keep_newlines) if cfg.split_sentences else None
 
 
+def _tokenize_spans(tok, text: str, spans) -> tuple:
+    """``(ids, marks)`` of ``text`` tokenized piece by piece at the edges of ``spans``."""
+    edges = sorted({0, len(text), *(e for span in spans for e in span)})
+    starts = [a for a, _ in spans]
+    ids, marks = [], []
+    for start, end in zip(edges[:-1], edges[1:]):
+        piece = tok.tokenize_array(text[start:end])
+        k = bisect.bisect_right(starts, start) - 1  # the last span starting at or before the piece
+        mark = k >= 0 and spans[k][1] >= end
+        ids.append(piece)
+        marks.append(np.full(piece.size, mark, np.uint8))
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    return np.concatenate(ids), np.concatenate(marks)
+
+
 def _tokenize_batch(records: List[readers.Record]) -> tuple:
     """``(input offset after the batch, text bytes, results)``; a result per record is
-    ``(None, {key: (ids, sequence lengths)})`` or ``(message, None)`` for a bad record."""
+    ``(None, {key: (ids, sequence lengths, marks or None)})`` or ``(message, None)`` for a bad
+    record."""
     cfg, tok, dtype, split = _worker["cfg"], _worker["tokenizer"], _worker["dtype"], _worker["split"]
     append_eod = cfg.append_eod or cfg.pack_length is not None
     out = []
     text_bytes = 0
     for record in records:
         try:
-            texts = readers.parse_record(record, cfg.json_keys)
+            obj = readers.record_object(record)
+            texts = readers.parse_record(record, cfg.json_keys, obj)
+            spans = (readers.parse_loss_spans(record, obj, cfg.loss_spans_key, next(iter(texts.values())))
+                     if cfg.loss_spans_key else None)
         except readers.BadRecord as e:
             out.append((str(e), None))
             continue
         docs = {}
         for key, text in texts.items():
             text_bytes += len(text)
+            marks = None
             try:
-                # Megatron-LM tokenizes each sentence alone and drops empty ones.
-                parts = [tok.tokenize_array(t) for t in (split(text) if split else [text]) if t]
+                if spans is not None:
+                    ids, marks = _tokenize_spans(tok, text, spans)
+                    parts = [ids] if ids.size else []
+                else:
+                    # Megatron-LM tokenizes each sentence alone and drops empty ones.
+                    parts = [tok.tokenize_array(t) for t in (split(text) if split else [text]) if t]
             except ValueError as e:
                 out.append((f"{record.source}:{record.line}: {key!r}: {e}", None))
                 break
@@ -160,7 +202,11 @@ def _tokenize_batch(records: List[readers.Record]) -> tuple:
             if append_eod and ids.size:
                 ids = np.append(ids, tok.eod)
                 lengths[-1] += 1
-            docs[key] = (ids.astype(dtype, copy=False), lengths)
+                if marks is not None:
+                    # The end of document is trained where an answer runs to the end of the text
+                    # (an SFT answer, so that the model learns to stop), not after a prompt.
+                    marks = np.append(marks, np.uint8(bool(spans) and spans[-1][1] == len(text)))
+            docs[key] = (ids.astype(dtype, copy=False), lengths, marks)
         else:
             out.append((None, docs))
     return records[-1].end_offset, text_bytes, out
@@ -181,11 +227,11 @@ def _batches(records, cfg: PreprocessConfig):
 
 def _records(files: Optional[List[str]], cfg: PreprocessConfig):
     if files is None:
-        yield from readers.iter_hf_records(cfg.input, cfg.hf_split, cfg.json_keys)
+        yield from readers.iter_hf_records(cfg.input, cfg.hf_split, cfg.record_keys())
         return
     offset = 0
     for path in files:
-        yield from readers.iter_file_records(path, cfg.json_keys, offset)
+        yield from readers.iter_file_records(path, cfg.record_keys(), offset)
         offset += os.path.getsize(path)
 
 
@@ -216,10 +262,13 @@ def _tokenize_to(files: Optional[List[str]], cfg: PreprocessConfig, out_prefix: 
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     stats = Stats()
-    builders = {}
+    builders, mark_builders = {}, {}
     for key in cfg.json_keys:
         builders[key] = IndexedDatasetBuilder(bin_path(f"{out_prefix}_{key}_document"), dtype=dtype)
-        for name in ("documents", "tokens", "empty", "too_short", "too_long"):
+        if cfg.loss_spans_key:
+            mark_builders[key] = IndexedDatasetBuilder(
+                bin_path(loss_mask_prefix(f"{out_prefix}_{key}_document")), dtype=np.uint8)
+        for name in ("documents", "tokens", "empty", "too_short", "too_long", "marked"):
             getattr(stats, name)[key] = 0
     progress = _Progress(readers.input_size(files) if files else None, log, tag)
     next_log = cfg.log_interval
@@ -245,12 +294,14 @@ def _tokenize_to(files: Optional[List[str]], cfg: PreprocessConfig, out_prefix: 
                     if len(stats.bad_examples) < MAX_REPORTED_BAD:
                         stats.bad_examples.append(message)
                     continue
-                for key, (ids, lengths) in docs.items():
+                for key, (ids, lengths, marks) in docs.items():
                     n = int(ids.size) - (1 if (cfg.append_eod or cfg.pack_length) and ids.size else 0)
                     if n == 0:
                         stats.empty[key] += 1
                         if not cfg.drop_empty_documents and not cfg.pack_length:
                             builders[key].add_document(ids, [])  # a document of no sequences
+                            if marks is not None:
+                                mark_builders[key].add_document(marks, [])
                             stats.documents[key] += 1
                     elif cfg.min_length is not None and n < cfg.min_length:
                         stats.too_short[key] += 1
@@ -258,6 +309,9 @@ def _tokenize_to(files: Optional[List[str]], cfg: PreprocessConfig, out_prefix: 
                         stats.too_long[key] += 1
                     else:
                         builders[key].add_document(ids, lengths)
+                        if marks is not None:
+                            mark_builders[key].add_document(marks, lengths)
+                            stats.marked[key] += int(marks.sum())
                         stats.documents[key] += 1
                         stats.tokens[key] += int(ids.size)
             if cfg.log_interval and stats.records >= next_log:
@@ -269,6 +323,8 @@ def _tokenize_to(files: Optional[List[str]], cfg: PreprocessConfig, out_prefix: 
             pool.join()
     for key, builder in builders.items():
         builder.finalize(idx_path(f"{out_prefix}_{key}_document"))
+    for key, builder in mark_builders.items():
+        builder.finalize(idx_path(loss_mask_prefix(f"{out_prefix}_{key}_document")))
     progress.report(stats, text_bytes, done_bytes, final=True)
     return stats
 
@@ -288,10 +344,30 @@ def _check_config(cfg: PreprocessConfig) -> None:
         raise PreprocessError("--min-length must be >= 0")
     if cfg.min_length is not None and cfg.max_length is not None and cfg.max_length < cfg.min_length:
         raise PreprocessError(f"--max-length {cfg.max_length} is below --min-length {cfg.min_length}")
+    if cfg.loss_spans_key is not None:
+        if len(cfg.json_keys) != 1:
+            raise PreprocessError(f"--loss-spans-key marks spans of one text, but --json-keys gives "
+                                  f"{list(cfg.json_keys)}: give one key")
+        if cfg.loss_spans_key in cfg.json_keys:
+            raise PreprocessError(f"--loss-spans-key {cfg.loss_spans_key!r} is also the text key: name the field "
+                                  "that holds the [start, end) spans")
+        if cfg.split_sentences:
+            raise PreprocessError("--loss-spans-key and --split-sentences cannot be combined: the spans are "
+                                  "character offsets of the whole text, which the sentence splitter cuts")
+
+
+def output_prefixes(cfg: PreprocessConfig) -> List[str]:
+    """Every dataset the run writes: one per json key, and its loss mask with --loss-spans-key."""
+    out = []
+    for key in cfg.json_keys:
+        out.append(cfg.output_prefix_for(key))
+        if cfg.loss_spans_key:
+            out.append(loss_mask_prefix(cfg.output_prefix_for(key)))
+    return out
 
 
 def output_files(cfg: PreprocessConfig) -> List[str]:
-    return [p(cfg.output_prefix_for(k)) for k in cfg.json_keys for p in (bin_path, idx_path)]
+    return [p(prefix) for prefix in output_prefixes(cfg) for p in (bin_path, idx_path)]
 
 
 def _partition(files: Optional[List[str]], n: int, log) -> List[Optional[List[str]]]:
@@ -310,7 +386,8 @@ def _partition(files: Optional[List[str]], n: int, log) -> List[Optional[List[st
 
 
 def _pack(src_prefix: str, dst_prefix: str, length: int, dtype) -> tuple:
-    """Cut the token stream of ``src_prefix`` into ``length``-token documents; drop the rest."""
+    """Cut the token stream of ``src_prefix`` into ``length``-token documents; drop the rest
+    (a loss mask is cut by the same call, with its own dtype)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     data = np.memmap(bin_path(src_prefix), mode="r", dtype=dtype) if os.path.getsize(bin_path(src_prefix)) else np.zeros(0, dtype)
@@ -366,21 +443,28 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] = None) -> 
 
         moves = []
         for key in cfg.json_keys:
-            parts = [f"{pp}_{key}_document" for pp in part_prefixes]
-            merged = os.path.join(tmp, f"merged_{key}_document")
-            if len(parts) == 1:
-                merged = parts[0]
-            else:
-                builder = IndexedDatasetBuilder(bin_path(merged), dtype=dtype)
-                for part in parts:
-                    builder.add_index(part)
-                builder.finalize(idx_path(merged))
-            if cfg.pack_length:
-                packed = os.path.join(tmp, f"packed_{key}_document")
-                n, dropped = _pack(merged, packed, cfg.pack_length, dtype)
-                stats.packed_sequences[key], stats.dropped_remainder[key] = n, dropped
-                merged = packed
-            moves.append((merged, cfg.output_prefix_for(key)))
+            name = lambda pp: f"{pp}_{key}_document"  # noqa: E731
+            datasets = [(name, cfg.output_prefix_for(key), dtype)]
+            if cfg.loss_spans_key:  # the mask is merged and packed as its tokens
+                datasets.append((lambda pp: loss_mask_prefix(name(pp)), loss_mask_prefix(cfg.output_prefix_for(key)),
+                                 np.uint8))
+            for named, final, kind in datasets:
+                parts = [named(pp) for pp in part_prefixes]
+                merged = named(os.path.join(tmp, "merged"))
+                if len(parts) == 1:
+                    merged = parts[0]
+                else:
+                    builder = IndexedDatasetBuilder(bin_path(merged), dtype=kind)
+                    for part in parts:
+                        builder.add_index(part)
+                    builder.finalize(idx_path(merged))
+                if cfg.pack_length:
+                    packed = named(os.path.join(tmp, "packed"))
+                    n, dropped = _pack(merged, packed, cfg.pack_length, kind)
+                    if final == cfg.output_prefix_for(key):
+                        stats.packed_sequences[key], stats.dropped_remainder[key] = n, dropped
+                    merged = packed
+                moves.append((merged, final))
         for merged, final in moves:
             # .bin first: an .idx whose .bin is missing is never left in place.
             os.replace(bin_path(merged), bin_path(final))
@@ -401,6 +485,10 @@ def _log_summary(cfg: PreprocessConfig, stats: Stats, log) -> None:
         if cfg.pack_length:
             line += (f"; packed into {stats.packed_sequences[key]} sequences of {cfg.pack_length} tokens, "
                      f"dropped the last {stats.dropped_remainder[key]} tokens")
+        if cfg.loss_spans_key:
+            share = stats.marked[key] / max(stats.tokens[key], 1)
+            line += (f"; {stats.marked[key]} tokens ({100 * share:.2f}%) in {cfg.loss_spans_key!r} spans, marked in "
+                     f"{loss_mask_prefix(cfg.output_prefix_for(key))} for pretrain --loss-on-spans")
         log(line)
     if stats.bad:
         log(f"skipped {stats.bad} bad line(s) of {stats.records}; first ones:")

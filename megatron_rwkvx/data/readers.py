@@ -1,7 +1,8 @@
 """Documents from jsonl / jsonl.gz / parquet files, directories of them, or Hugging Face datasets.
 
 Readers yield raw records (a jsonl line as bytes, a parquet or Hugging Face row as a dict) with
-their file and line number; ``parse_record`` turns one into ``{key: text}`` or raises
+their file and line number; ``parse_record`` turns one into ``{key: text}`` (and
+``parse_loss_spans`` reads the spans that ``--loss-spans-key`` names) or raises
 ``BadRecord`` naming the file, the line and the problem. Parsing is separate from reading so
 that it runs in the tokenizer worker processes.
 """
@@ -11,7 +12,7 @@ import gzip
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -138,7 +139,8 @@ def iter_hf_records(name: str, split: str, json_keys: Sequence[str]) -> Iterator
         yield Record(name, row, item, row)
 
 
-def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
+def record_object(record: Record) -> dict:
+    """The record as a dict (a jsonl line decoded and parsed), or ``BadRecord``."""
     where = f"{record.source}:{record.line}"
     payload = record.payload
     if isinstance(payload, bytes):
@@ -154,6 +156,13 @@ def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
             raise BadRecord(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(payload, dict):
             raise BadRecord(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def parse_record(record: Record, json_keys: Sequence[str], obj: Optional[dict] = None) -> Dict[str, str]:
+    """``{key: text}`` of ``record`` (``obj``: its ``record_object`` if already parsed)."""
+    where = f"{record.source}:{record.line}"
+    payload = record_object(record) if obj is None else obj
     out = {}
     for key in json_keys:
         if key not in payload:
@@ -163,3 +172,38 @@ def parse_record(record: Record, json_keys: Sequence[str]) -> Dict[str, str]:
             raise BadRecord(f"{where}: {key!r} is {type(value).__name__}, not a string")
         out[key] = value
     return out
+
+
+def parse_loss_spans(record: Record, obj: dict, spans_key: str, text: str) -> List[Tuple[int, int]]:
+    """The ``[start, end)`` character spans of ``text`` that the loss is on, sorted, overlaps merged.
+
+    ``obj[spans_key]`` is a list of two-integer lists (Python string indices, as ``text[start:end]``);
+    an empty list marks no token of the document.
+    """
+    where = f"{record.source}:{record.line}"
+    if spans_key not in obj:
+        raise BadRecord(f"{where}: no key {spans_key!r} (keys: {sorted(obj)[:10]}); --loss-spans-key names the "
+                        "field of [start, end) spans to train on ([] for none)")
+    value = obj[spans_key]
+    if isinstance(value, str):  # a parquet or datasets column may hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list):
+        raise BadRecord(f"{where}: {spans_key!r} is {type(value).__name__}, not a list of [start, end] spans")
+    spans = []
+    for item in value:
+        ok = (isinstance(item, (list, tuple)) and len(item) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in item))
+        if not ok or not 0 <= item[0] < item[1] <= len(text):
+            raise BadRecord(f"{where}: {spans_key!r} holds {item!r}: each span must be [start, end) with "
+                            f"0 <= start < end <= {len(text)} (the text's length in characters)")
+        spans.append((int(item[0]), int(item[1])))
+    merged: List[Tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged

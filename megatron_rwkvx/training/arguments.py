@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-workers", type=int, default=0,
                    help="processes reading training batches ahead (Megatron-LM's default is 2; "
                         "0 reads them in the training process)")
+    d.add_argument("--loss-on-spans", action="store_true",
+                   help="the loss only on the tokens that each --data-path dataset's loss mask marks (made by "
+                        "tools/preprocess_data.py --loss-spans-key: the answers of an SFT or retrieval corpus); "
+                        "the logged training and validation loss is then the loss on those tokens")
     d.add_argument("--mock-data", action="store_true",
                    help="random tokens from megatron-core's MockGPTDataset instead of --data-path "
                         "(smoke tests of a layout or a cluster)")
@@ -464,6 +468,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
              "trains on random tokens)")
     if args.data_path is not None and args.mock_data:
         fail("--mock-data replaces --data-path: give one of them")
+    if args.loss_on_spans and args.mock_data:
+        fail("--loss-on-spans needs datasets with loss masks (--data-path from tools/preprocess_data.py "
+             "--loss-spans-key), not --mock-data")
     _validate_megatron_lm_options(args, fail)
     shape_from_checkpoint = args.init_from is not None or (args.use_checkpoint_args and args.load)
     if args.layer_pattern is None and args.num_layers is None and not shape_from_checkpoint:

@@ -2,7 +2,8 @@
 over megatron-core's GPT datasets (built once per process, see ``megatron_rwkvx.data``)."""
 from __future__ import annotations
 
-from typing import Dict, Iterator
+import os
+from typing import Dict, Iterator, Optional
 
 from megatron.core import parallel_state
 
@@ -11,8 +12,10 @@ from megatron_rwkvx.data.datasets import (
     DataParallelBatches,
     build_gpt_datasets,
     build_mock_gpt_datasets,
+    parse_data_path,
 )
 from megatron_rwkvx.data.datasets import check_data_vocab as _check_vocab
+from megatron_rwkvx.data.indexed import idx_path, loss_mask_prefix
 from megatron_rwkvx.data.tokenizers import build_tokenizer
 
 _SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -31,6 +34,22 @@ def check_data_vocab(args, vocab_size: int) -> None:
     _check_vocab(args.data_path, vocab_size, args.data_cache_path)
 
 
+def loss_tokens_line(args) -> Optional[str]:
+    """What the training log says about the tokens the loss is on, when it is not every token
+    or when a dataset's loss mask goes unused."""
+    if args.mock_data:
+        return None
+    if args.loss_on_spans:
+        return "loss: on the tokens that each dataset's loss mask marks (--loss-on-spans)"
+    prefixes, _ = parse_data_path(args.data_path)
+    masked = [p for p in prefixes if os.path.isfile(idx_path(loss_mask_prefix(p)))]
+    if not masked:
+        return None
+    return (f"note: {', '.join(masked)} {'has a loss mask' if len(masked) == 1 else 'have loss masks'} "
+            "(preprocess_data.py --loss-spans-key) that this run does not use: the loss is on every token; "
+            "--loss-on-spans trains on the marked spans only")
+
+
 def _num_samples(args):
     train = args.train_iters * args.global_batch_size
     evals = (args.train_iters // max(args.eval_interval, 1) + 1) * args.eval_iters
@@ -45,7 +64,7 @@ def _get_datasets(args, tokenizer):
     if _datasets is None:
         _datasets = build_gpt_datasets(
             args.data_path, args.split, args.seq_length, args.seed, _num_samples(args),
-            args.data_cache_path, tokenizer,
+            args.data_cache_path, tokenizer, loss_on_spans=args.loss_on_spans,
         )
     return _datasets
 

@@ -39,7 +39,12 @@ from megatron_rwkvx.pretrained import config_from_file_state_dict
 from megatron_rwkvx.training import checkpointing as ckpt
 from megatron_rwkvx.training import model_builder
 from megatron_rwkvx.training.arguments import ArgumentError
-from megatron_rwkvx.training.data import build_data_iterators, build_run_tokenizer, check_data_vocab
+from megatron_rwkvx.training.data import (
+    build_data_iterators,
+    build_run_tokenizer,
+    check_data_vocab,
+    loss_tokens_line,
+)
 from megatron_rwkvx.training.initialize import initialize_distributed, set_random_seed
 from megatron_rwkvx.training.kernel_backends import log_kernel_backends
 from megatron_rwkvx.training.losses import (
@@ -109,6 +114,9 @@ def set_up(args) -> Run:
     tokenizer = build_run_tokenizer(args)
     cfg = model_builder.build_config(args, tokenizer.vocab_size if tokenizer is not None else None)
     check_data_vocab(args, cfg.vocab_size)
+    line = loss_tokens_line(args)
+    if line:
+        logger.print(line)
     choices = log_kernel_backends(cfg, args.seq_length, device, logger.print)
     logger.print(accelerations_line(choice.backend for choice in choices))
     plan = plan_checkpoints(args, cfg)
