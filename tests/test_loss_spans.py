@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from megatron_rwkvx.data.datasets import build_gpt_datasets

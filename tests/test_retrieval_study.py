@@ -70,6 +70,37 @@ def test_documents_fit_and_training_seeds_differ_from_evaluation():
     assert not {d.rstrip("\n") for d in train} & evaluation and TRAIN_SEED_BASE > 20
 
 
+def test_one_letter_layouts_and_their_answer_spans():
+    import hashlib
+
+    from megatron_rwkvx.data.retrieval_tasks import mqar_compact_document, passkey_answer_span
+
+    # Two-letter evaluation documents are the ones every earlier result used (same seed string).
+    old = mqar_document(512, 80, 32, seed=0, count_tokens=count)
+    assert hashlib.md5(old["text"].encode()).hexdigest() == "b1e9905ca9a057e1cb822f764ef89597"
+    for doc in (old, mqar_document(511, 52, 52, 3, count, key_letters=1),
+                mqar_document(511, 52, 52, 3, count, key_letters=1, filler=False), mqar_compact_document(52, 3)):
+        asked = [doc["text"][a:b] for a, b in doc["answer_spans"]]
+        assert all(v.isdigit() and len(v) == 1 for v in asked)
+        # every marked value is the one its key (the letters just before it) was given in the pair list
+        keys = [doc["text"][a - (1 if "queries" not in doc else len(doc["queries"][0][0].strip())):a]
+                for a, _ in doc["answer_spans"]]
+        assert [dict((p[:-1], p[-1]) for p in doc["pairs"])[k] for k in keys] == asked
+    one = mqar_document(511, 52, 52, 3, count, key_letters=1)
+    assert sorted(p[0] for p in one["pairs"]) == sorted("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert "The grass is green." in one["text"] and count(one["text"]) <= 511
+    assert "The grass" not in mqar_document(511, 52, 52, 3, count, key_letters=1, filler=False)["text"]
+    compact = mqar_compact_document(52, 3)["text"]
+    assert " " not in compact and len(compact) == 52 * 2 + 1 + 52 * 2
+    with pytest.raises(ValueError, match="1..52"):
+        mqar_document(2000, 53, 10, 0, count, key_letters=1)
+    with pytest.raises(ValueError, match="too short"):
+        mqar_document(100, 52, 52, 0, count, key_letters=1, filler=False)
+    text = passkey_training_text(511, 0.5, 7, count)
+    a, b = passkey_answer_span(text)
+    assert text[a - 1] == " " and text[a:b].isdigit() and b - a == 5 and text[b:] == "."
+
+
 def test_copy_documents_repeat_each_string_once():
     doc = copy_document(200, seed=3, count_tokens=count, chars=(4, 9))
     assert count(doc) <= 200
@@ -281,3 +312,36 @@ def test_study_driver_test_form(tmp_path, flags):
     assert f"top-k 2, selection {rule})" in (out / "logs" / "stage2.log").read_text()  # the startup line
     # stage 1 of the test size is one iteration: --rwkv-fade-in 0 0, the gate already 1
     assert ("rwkv gate 1.000" in (out / "logs" / "stage1.log").read_text()) == bool(flags)
+
+
+def test_study_driver_curriculum_test_form(tmp_path):
+    """--recipe curriculum: the one-letter corpora with their answers marked, the four RWKV-X stages
+    (silenced, then faded in, the last under CP 2) and the control's three, every one on the answers
+    only, and MQAR evaluated with the same one-letter keys."""
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    assert study.main(["--output", str(out), "--size", "test", "--recipe", "curriculum"]) == 0
+    summary = json.loads((out / "retrieval_study.json").read_text())
+    assert summary["recipe"] == "curriculum" and summary["training_lengths"] == {"compact layout": 64, "last stage": 256}
+    assert "(test, curriculum recipe)" in (out / "retrieval_study.md").read_text()
+    for layout in ("compact", "no-filler", "filler"):
+        rows = [json.loads(line) for line in (out / "corpus" / f"{layout}.jsonl").read_text().splitlines()]
+        for row in rows[:20]:
+            assert len(row["text"]) == (63 if layout == "compact" else 255)  # one document per window
+            assert [row["text"][a:b].isdigit() for a, b in row["answers"]] == [True] * 6
+    for stage in study.CURRICULUM_CHECKPOINTS:
+        log = (out / "logs" / f"{stage}.log").read_text()
+        assert "loss: on the tokens that each dataset's loss mask marks" in log, stage
+    silenced = (out / "logs" / "compact.log").read_text()
+    assert "stage 1: training only the sparse-attention blocks" in silenced and "rwkv gate 0.000" in silenced
+    for last in ("filler", "control-filler"):
+        assert "cp=2" in (out / "logs" / f"{last}.log").read_text()  # the model line's layout
+    rwkvx = json.loads((out / "checkpoints" / "filler" / "model_config.json").read_text())
+    assert rwkvx["sparse_selection"] == "quest" and rwkvx["sparse_top_k"] == 2 and rwkvx["sparse_token_shift"]
+    mqar = json.loads((out / "eval" / "rwkvx" / "mqar" / "mqar.json").read_text())
+    assert {len(r["key"]) for r in mqar} == {1} and len(mqar) == 2 * 6  # two lengths x one document x 6 keys
+    with pytest.raises(SystemExit):
+        study.main(["--output", str(tmp_path / "x"), "--recipe", "curriculum", "--stage1-dense"])

@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", required=True, help="comma-separated document lengths in tokens")
     p.add_argument("--num-pairs", type=int, required=True, help="key-value pairs per document")
     p.add_argument("--num-queries", type=int, required=True, help="pairs asked again at the end")
+    p.add_argument("--key-letters", type=int, choices=(1, 2), default=2,
+                   help="letters per key: 2 (lowercase, up to 676 pairs) or 1 (lowercase and uppercase, up to 52: "
+                        "the retrieval study's curriculum)")
     p.add_argument("--seeds", type=int, default=5, help="documents per length (evaluation seeds 0..N-1)")
     p.add_argument("--piece-size", type=int, default=4096, help="prefill tokens per call")
     p.add_argument("--output-dir", required=True)
@@ -41,12 +44,14 @@ def main(argv=None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
 
     try:
-        records = run_mqar(engine, tokenizer, lengths, args.num_pairs, args.num_queries, args.seeds, args.piece_size)
-    except ValueError as e:  # a length too short for the pairs and queries
+        records = run_mqar(engine, tokenizer, lengths, args.num_pairs, args.num_queries, args.seeds, args.piece_size,
+                           key_letters=args.key_letters)
+    except ValueError as e:  # a length too short for the pairs and queries, too many one-letter keys
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_report(args.output_dir, "mqar", records,
-                 f"MQAR accuracy ({args.model}, {args.num_pairs} pairs, {args.num_queries} queries, "
+                 f"MQAR accuracy ({args.model}, {args.num_pairs} pairs of {args.key_letters}-letter keys, "
+                 f"{args.num_queries} queries, "
                  f"{args.seeds} documents per length)", format_table(records), accuracy_png)
     overall = sum(r["correct"] for r in records) / len(records)
     print(f"overall accuracy {overall:.1%} over {len(records)} queries; wrote {args.output_dir}/mqar.md")

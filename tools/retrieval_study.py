@@ -7,6 +7,7 @@
   ... --sparse-token-shift --stage1-dense  # the variants of finding 14 (not the reference recipe)
   ... --stage1-rwkv-fade-in  # finding 18's variant: stage 1 with the base's RWKV-7 blocks silenced first
   ... --sparse-selection quest  # chunks selected by Quest's bound from stage 1 on (finding 22)
+  ... --recipe curriculum  # findings 20-23's recipe instead of the paper's (below)
 
 The paper's recipe at tiny scale, every step through the real entry points:
   1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
@@ -20,6 +21,14 @@ The paper's recipe at tiny scale, every step through the real entry points:
      from the stage-1 context to 8x the stage-2 context
   8. retrieval_study.png (passkey heatmaps side by side, MQAR accuracy by length), retrieval_study.md
      (tables, the command, the machine, wall times) and retrieval_study.json in --output
+
+--recipe curriculum replaces steps 4-6 (``CurriculumSize``; not the paper's recipe): one-letter MQAR
+corpora with their answers marked (preprocess_data --loss-spans-key, pretrain --loss-on-spans), the
+expansion with token-shift mixes, and RWKV-X trained on the compact layout and the no-filler layout
+with its RWKV-7 blocks silenced (--train-only sparse --rwkv-fade-in), then faded in, then every weight
+on the layout with filler (CP 2), chunks selected by Quest's bound; the control is the RWKV-7 base on
+the same corpora for the same iterations. MQAR is evaluated with the same one-letter keys
+(tools/eval_mqar.py --key-letters 1), passkey as in the paper recipe.
 """
 from __future__ import annotations
 
@@ -116,6 +125,39 @@ SIZES: Dict[str, StudySize] = {
 CORPUS_SEEDS = 1_000_000  # seeds per training corpus (more than any corpus has documents)
 
 
+@dataclass
+class CurriculumSize:
+    """``--recipe curriculum`` (docs/retrieval_study.md, findings 20-22; not the paper's recipe): one-letter
+    MQAR with ``keys`` pairs (52: more than the control's state holds), the loss on the answers only, in
+    three layouts, each as long as one training window of ``seq`` tokens (one document a window).
+    RWKV-X: the compact layout with its RWKV-7 blocks silenced (only the sparse blocks train), the
+    study's layout without filler, still silenced, then with the RWKV-7 blocks faded back in, then
+    every weight on the layout with filler (context parallelism over 2 processes). The control: the
+    RWKV-7 base on the same corpora, for the same iterations, with the same schedules."""
+
+    keys: int = 52
+    compact_seq: int = 256
+    seq: int = 512
+    top_k: int = 8  # 8 chunks of 64: at 512 tokens every chunk is read, beyond it the selection chooses
+    compact_iters: int = 1500
+    compact_lr: float = 3e-3  # cosine to a tenth
+    silenced_iters: int = 600
+    fade_iters: int = 600  # the RWKV-7 blocks ramp from silent to full over its first two thirds
+    filler_iters: int = 600
+    lr: float = 2e-3  # constant, after 20 warm-up iterations
+    batch: int = 16
+    mqar_seeds: int = 20  # evaluation documents per length, each asking every key
+
+
+CURRICULA: Dict[str, CurriculumSize] = {
+    "full": CurriculumSize(),
+    "quick": CurriculumSize(compact_iters=600, silenced_iters=200, fade_iters=200, filler_iters=200, mqar_seeds=4),
+    "test": CurriculumSize(keys=6, compact_seq=64, seq=256, top_k=2, compact_iters=1, silenced_iters=1, fade_iters=1,
+                           filler_iters=1, batch=2, mqar_seeds=1),
+}
+RECIPES = ("paper", "curriculum")
+
+
 def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple[str, ...], part: int) -> None:
     """``part``: which training corpus (0 base, 1 stage 1, ...): its seeds follow the previous parts',
     so no document is seen in two stages (and none is an evaluation document)."""
@@ -132,6 +174,36 @@ def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
+
+
+def write_curriculum_corpora(folder: str, s: StudySize, c: CurriculumSize) -> Dict[str, str]:
+    """The curriculum's three corpora as jsonl with ``answers`` spans (every asked value); returns
+    ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-5), so none is an evaluation
+    document and none is in another corpus."""
+    from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, mqar_compact_document, mqar_document)
+
+    count = lambda text: len(text.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
+    # one document per training window (the end-of-document token fills it); the longest stage of each
+    # corpus reads it once (the RWKV-X stages on the no-filler layout read the same first documents twice,
+    # the control's one stage as many as both)
+    needs = {"compact": (c.compact_seq, c.compact_iters),
+             "no-filler": (c.seq, c.silenced_iters + c.fade_iters),
+             "filler": (c.seq, c.filler_iters)}
+    paths = {}
+    for part, (layout, (seq, iters)) in enumerate(needs.items(), start=3):
+        num_docs = -(-iters * c.batch * 100 // 98) + 4 * c.batch  # the 98% train split, validation batches
+        path = os.path.join(folder, f"{layout}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(num_docs):
+                seed = TRAIN_SEED_BASE + part * CORPUS_SEEDS + i
+                if layout == "compact":
+                    doc = mqar_compact_document(c.keys, seed)
+                else:
+                    doc = mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout == "filler")
+                text = doc["text"] + "\n" * (seq - 1 - count(doc["text"]))
+                f.write(json.dumps({"text": text, "answers": doc["answer_spans"]}) + "\n")
+        paths[layout] = path
+    return paths
 
 
 class Runner:
@@ -183,9 +255,14 @@ class Runner:
         print(f"    {self.times[name]:.0f} s", flush=True)
 
 
-def run_study(output: str, size_name: str, port: Optional[int] = None, **variant) -> Dict:
+def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: str = "paper", **variant) -> Dict:
     """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``,
-    ``stage1_rwkv_fade_in``, ``sparse_selection``)."""
+    ``stage1_rwkv_fade_in``, ``sparse_selection``). ``recipe``: ``paper`` (stage 1 and stage 2) or
+    ``curriculum`` (``CurriculumSize``; it implies ``sparse_token_shift`` and Quest's selection)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "curriculum":
+        variant = {**variant, "sparse_token_shift": True, "sparse_selection": "quest"}
     size = replace(SIZES[size_name], **variant)
     s = size
     run = Runner(output, port)
@@ -195,14 +272,20 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
     # 1. data
     t0 = time.time()
     write_corpus(path("corpus", "base.jsonl"), s.base_docs, s.base_seq, s, s.base_mix, 0)
-    write_corpus(path("corpus", "stage1.jsonl"), s.stage1_docs, s.stage1_seq, s, s.stage_mix, 1)
-    write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s, s.stage_mix, 2)
+    corpora = ["base"]
+    if recipe == "paper":
+        write_corpus(path("corpus", "stage1.jsonl"), s.stage1_docs, s.stage1_seq, s, s.stage_mix, 1)
+        write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s, s.stage_mix, 2)
+        corpora += ["stage1", "stage2"]
+    else:
+        corpora += list(write_curriculum_corpora(path("corpus"), s, CURRICULA[size_name]))
     run.times["corpus"] = time.time() - t0
-    for stage in ("base", "stage1", "stage2"):
-        run.tool(f"preprocess_{stage}", "preprocess_data.py", [
-            "--input", path("corpus", f"{stage}.jsonl"), "--output-prefix", path("data", stage),
-            "--tokenizer-type", "ByteTokenizer", "--append-eod", "--overwrite"])
-    data0, data1, data2 = (path("data", f"{stage}_text_document") for stage in ("base", "stage1", "stage2"))
+    for name in corpora:
+        run.tool(f"preprocess_{name}", "preprocess_data.py", [
+            "--input", path("corpus", f"{name}.jsonl"), "--output-prefix", path("data", name),
+            "--tokenizer-type", "ByteTokenizer", "--append-eod", "--overwrite",
+            *([] if name in ("base", "stage1", "stage2") else ["--loss-spans-key", "answers"])])
+    data = {name: path("data", f"{name}_text_document") for name in corpora}
 
     pretrain = [sys.executable, "-m", "megatron_rwkvx.pretrain"]
     pretrain_cp2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -210,14 +293,14 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
     common = ["--device", "cpu", "--tokenizer-type", "ByteTokenizer", "--split", "98,2,0", "--eval-iters", str(s.eval_iters),
               "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(s.top_k)]
     ck = lambda name: path("checkpoints", name)  # noqa: E731
-    for name in ("rwkv7", "stage1", "stage2", "control"):
+    for name in ("rwkv7", "stage1", "stage2", "control", *CURRICULUM_CHECKPOINTS):
         shutil.rmtree(ck(name), ignore_errors=True)
     os.makedirs(path("models"), exist_ok=True)
 
     # 2. the RWKV-7 base
     run("base_rwkv7", pretrain + common + [
         "--hidden-size", str(s.width), "--head-size", str(s.head_size), "--layer-pattern", "RRRR",
-        "--data-path", data0, "--seq-length", str(s.base_seq), "--micro-batch-size", str(s.batch1),
+        "--data-path", data["base"], "--seq-length", str(s.base_seq), "--micro-batch-size", str(s.batch1),
         "--global-batch-size", str(s.batch1), "--train-iters", str(s.base_iters), "--lr", str(s.base_lr),
         "--min-lr", str(s.base_lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters", str(s.base_iters // 20),
         "--eval-interval", str(s.base_iters), "--save", ck("rwkv7")])
@@ -229,39 +312,31 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
                                                       ck("rwkvx-expanded"), "--num-sparse-blocks", "2",
                                                       "--output-format", "megatron"]
              + (["--sparse-token-shift"] if s.sparse_token_shift else []))
-    # 4. stage 1: the sparse blocks only, short context
-    run("stage1", pretrain + common + [
-        "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data1,
-        "--sparse-selection", s.sparse_selection,
-        *(["--sparse-top-k", str(-(-s.stage1_seq // s.chunk))] if s.stage1_dense else []),
-        *(["--rwkv-fade-in", str(s.stage1_iters // 2), str(3 * s.stage1_iters // 4)] if s.stage1_rwkv_fade_in else []),
-        "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
-        "--train-iters", str(s.stage1_iters), "--lr", str(s.stage1_lr), "--lr-warmup-iters", str(s.stage1_iters // 20),
-        "--eval-interval", str(s.stage1_iters), "--save", ck("stage1")])
-    # 5. stage 2 and 6. the control: the same launcher, data, batch, iterations and schedule
-    stage2 = common + ["--data-path", data2, "--seq-length", str(s.stage2_seq), "--micro-batch-size", str(s.batch2),
-                       "--global-batch-size", str(s.batch2), "--train-iters", str(s.stage2_iters), "--lr", str(s.stage2_lr),
-                       "--min-lr", str(s.stage2_lr / 10), "--lr-decay-style", "cosine",
-                       "--lr-warmup-iters", str(s.stage2_iters // 20), "--eval-interval", str(s.stage2_iters)]
-    run("stage2", pretrain_cp2 + stage2 + ["--init-from", ck("stage1"), "--save", ck("stage2")], threads=1)
-    run("control_rwkv7", pretrain_cp2 + stage2 + ["--init-from", ck("rwkv7"), "--save", ck("control")], threads=1)
-    models = {"RWKV-7": path("models", "rwkv7-control.pth"), "RWKV-X": path("models", "rwkvx.pth")}
-    run.tool("export_rwkvx", "export_checkpoint.py", ["--load", ck("stage2"), "--output", models["RWKV-X"],
-                                                        "--dtype", "fp32", "--overwrite"])
-    run.tool("export_control", "export_checkpoint.py", ["--load", ck("control"), "--output", models["RWKV-7"],
-                                                          "--dtype", "fp32", "--overwrite"])
+    if recipe == "paper":
+        models, marks = _paper_stages(run, s, common, pretrain, pretrain_cp2, data, ck, path)
+    else:
+        models, marks = _curriculum_stages(run, s, CURRICULA[size_name], common, pretrain, pretrain_cp2, data, ck, path)
+    for label, name in (("RWKV-X", "export_rwkvx"), ("RWKV-7", "export_control")):
+        checkpoint, model = models[label]
+        run.tool(name, "export_checkpoint.py", ["--load", checkpoint, "--output", model, "--dtype", "fp32", "--overwrite"])
+    models = {label: model for label, (_, model) in models.items()}
 
     # 7. evaluation: exact incremental decoding, evaluation seeds 0..
     lengths = ",".join(str(n) for n in s.eval_lengths)
-    model_args = ["--tokenizer-type", "ByteTokenizer", "--set", f"sparse_chunk_size={s.chunk}", "--set", f"sparse_top_k={s.top_k}"]
+    top_k = s.top_k if recipe == "paper" else CURRICULA[size_name].top_k
+    model_args = ["--tokenizer-type", "ByteTokenizer", "--set", f"sparse_chunk_size={s.chunk}", "--set", f"sparse_top_k={top_k}"]
+    if recipe == "paper":
+        mqar_args = ["--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries), "--seeds", str(s.mqar_seeds)]
+    else:
+        c = CURRICULA[size_name]
+        mqar_args = ["--key-letters", "1", "--num-pairs", str(c.keys), "--num-queries", str(c.keys), "--seeds", str(c.mqar_seeds)]
     for label, model in models.items():
         slug = label.lower().replace("-", "")
         run.tool(f"passkey_{slug}", "eval_passkey.py", ["--model", model, *model_args, "--lengths", lengths,
                                                           "--depths", str(s.passkey_depths), "--seeds", str(s.passkey_seeds),
                                                           "--hit-rate", "--read-weight", "--output-dir", path("eval", slug, "passkey")])
-        run.tool(f"mqar_{slug}", "eval_mqar.py", ["--model", model, *model_args, "--lengths", lengths,
-                                                    "--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries),
-                                                    "--seeds", str(s.mqar_seeds), "--output-dir", path("eval", slug, "mqar")])
+        run.tool(f"mqar_{slug}", "eval_mqar.py", ["--model", model, *model_args, "--lengths", lengths, *mqar_args,
+                                                    "--output-dir", path("eval", slug, "mqar")])
 
     # 8. the report
     from megatron_rwkvx.evaluation.retrieval_report import write_study_report
@@ -275,12 +350,78 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, **variant
             mqar = json.load(f)
         results[label] = {"passkey": passkey, "mqar": mqar}
     run.times["total"] = time.time() - started
-    meta = {"size": size_name, "settings": asdict(size), "wall_seconds": run.times,
+    settings = asdict(size) if recipe == "paper" else {**asdict(size), "curriculum": asdict(CURRICULA[size_name])}
+    meta = {"size": size_name, "recipe": recipe, "settings": settings, "training_lengths": marks,
+            "wall_seconds": run.times,
             "command": " ".join(["python", "tools/retrieval_study.py"] + sys.argv[1:]),
             "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                        f"Python {platform.python_version()}",
             "load_average_at_end": os.getloadavg()}
     return write_study_report(output, results, meta)
+
+
+def _paper_stages(run: Runner, s: StudySize, common, pretrain, pretrain_cp2, data, ck, path):
+    """Stage 1 and stage 2 of the paper, and the control; ``({label: (checkpoint, .pth)}, {mark: length})``."""
+    # 4. stage 1: the sparse blocks only, short context
+    run("stage1", pretrain + common + [
+        "--init-from", ck("rwkvx-expanded"), "--train-only", "sparse", "--data-path", data["stage1"],
+        "--sparse-selection", s.sparse_selection,
+        *(["--sparse-top-k", str(-(-s.stage1_seq // s.chunk))] if s.stage1_dense else []),
+        *(["--rwkv-fade-in", str(s.stage1_iters // 2), str(3 * s.stage1_iters // 4)] if s.stage1_rwkv_fade_in else []),
+        "--seq-length", str(s.stage1_seq), "--micro-batch-size", str(s.batch1), "--global-batch-size", str(s.batch1),
+        "--train-iters", str(s.stage1_iters), "--lr", str(s.stage1_lr), "--lr-warmup-iters", str(s.stage1_iters // 20),
+        "--eval-interval", str(s.stage1_iters), "--save", ck("stage1")])
+    # 5. stage 2 and 6. the control: the same launcher, data, batch, iterations and schedule
+    stage2 = common + ["--data-path", data["stage2"], "--seq-length", str(s.stage2_seq), "--micro-batch-size", str(s.batch2),
+                       "--global-batch-size", str(s.batch2), "--train-iters", str(s.stage2_iters), "--lr", str(s.stage2_lr),
+                       "--min-lr", str(s.stage2_lr / 10), "--lr-decay-style", "cosine",
+                       "--lr-warmup-iters", str(s.stage2_iters // 20), "--eval-interval", str(s.stage2_iters)]
+    run("stage2", pretrain_cp2 + stage2 + ["--init-from", ck("stage1"), "--save", ck("stage2")], threads=1)
+    run("control_rwkv7", pretrain_cp2 + stage2 + ["--init-from", ck("rwkv7"), "--save", ck("control")], threads=1)
+    return ({"RWKV-7": (ck("control"), path("models", "rwkv7-control.pth")),
+             "RWKV-X": (ck("stage2"), path("models", "rwkvx.pth"))},
+            {"stage 1": s.stage1_seq, "stage 2": s.stage2_seq})
+
+
+CURRICULUM_CHECKPOINTS = ("compact", "no-filler", "fade-in", "filler", "control-compact", "control-no-filler",
+                          "control-filler")
+
+
+def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pretrain, pretrain_cp2, data, ck, path):
+    """The curriculum's four RWKV-X stages and the control's three (``CurriculumSize``), every one with
+    the loss on the answers (``--loss-on-spans``); returns as ``_paper_stages``."""
+    sparse = ["--sparse-top-k", str(c.top_k), "--sparse-selection", "quest"]
+    answers = ["--loss-on-spans"]
+
+    def stage(data_name, seq, iters, lr, cosine=False):
+        return ["--data-path", data[data_name], "--seq-length", str(seq), "--micro-batch-size", str(c.batch),
+                "--global-batch-size", str(c.batch), "--train-iters", str(iters), "--lr", str(lr),
+                *(["--min-lr", str(lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(iters // 15, iters - 1))]
+                  if cosine else ["--lr-warmup-iters", str(min(20, iters - 1))]),
+                "--eval-interval", str(iters)]
+
+    compact = stage("compact", c.compact_seq, c.compact_iters, c.compact_lr, cosine=True)
+    silenced = lambda iters: ["--train-only", "sparse", "--rwkv-fade-in", str(iters), str(iters)]  # noqa: E731
+    # RWKV-X
+    run("compact", pretrain + common + sparse + answers + compact + silenced(c.compact_iters) + [
+        "--init-from", ck("rwkvx-expanded"), "--save", ck("compact")])
+    run("no-filler", pretrain + common + sparse + answers + stage("no-filler", c.seq, c.silenced_iters, c.lr)
+        + silenced(c.silenced_iters) + ["--init-from", ck("compact"), "--save", ck("no-filler")])
+    run("fade-in", pretrain + common + sparse + answers + stage("no-filler", c.seq, c.fade_iters, c.lr) + [
+        "--train-only", "sparse", "--rwkv-fade-in", "0", str(max(1, 2 * c.fade_iters // 3)),
+        "--init-from", ck("no-filler"), "--save", ck("fade-in")])
+    run("filler", pretrain_cp2 + common + sparse + answers + stage("filler", c.seq, c.filler_iters, c.lr) + [
+        "--init-from", ck("fade-in"), "--save", ck("filler")], threads=1)
+    # the control: the same corpora, iterations and schedules (its no-filler stage is one run)
+    run("control-compact", pretrain + common + answers + compact + [
+        "--init-from", ck("rwkv7"), "--save", ck("control-compact")])
+    run("control-no-filler", pretrain + common + answers + stage("no-filler", c.seq, c.silenced_iters + c.fade_iters, c.lr)
+        + ["--init-from", ck("control-compact"), "--save", ck("control-no-filler")])
+    run("control-filler", pretrain_cp2 + common + answers + stage("filler", c.seq, c.filler_iters, c.lr) + [
+        "--init-from", ck("control-no-filler"), "--save", ck("control-filler")], threads=1)
+    return ({"RWKV-7": (ck("control-filler"), path("models", "rwkv7-control.pth")),
+             "RWKV-X": (ck("filler"), path("models", "rwkvx.pth"))},
+            {"compact layout": c.compact_seq, "last stage": c.seq})
 
 
 def main(argv=None) -> int:
@@ -304,6 +445,11 @@ def main(argv=None) -> int:
     p.add_argument("--sparse-selection", choices=SELECTION_RULES, default=MEAN_SELECTION,
                    help="how RWKV-X's sparse blocks select chunks from stage 1 on: mean = the chunk's mean "
                         "key (the reference); quest = Quest's bound (pretrain --sparse-selection)")
+    p.add_argument("--recipe", choices=RECIPES, default="paper",
+                   help="paper: stage 1 and stage 2 as the paper trains RWKV-X (the default); curriculum: one-letter "
+                        "MQAR with 52 keys and the loss on the answers, RWKV-X's RWKV-7 blocks silenced and then faded "
+                        "in, chunks selected by Quest's bound (not the paper's recipe; docs/retrieval_study.md, "
+                        "findings 20-23)")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
@@ -312,7 +458,15 @@ def main(argv=None) -> int:
     variant = {name: True for name in ("sparse_token_shift", "stage1_dense", "stage1_rwkv_fade_in")
                if getattr(args, name)}
     variant["sparse_selection"] = args.sparse_selection
-    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, **variant)
+    if args.recipe == "curriculum":
+        stage1_flags = [f for f in ("stage1_dense", "stage1_rwkv_fade_in") if variant.get(f)]
+        if stage1_flags:
+            p.error(f"--recipe curriculum has no stage 1: {', '.join('--' + f.replace('_', '-') for f in stage1_flags)} "
+                    "belongs to the paper recipe")
+        if args.sparse_selection != "quest" and "--sparse-selection" in (argv if argv is not None else sys.argv):
+            p.error("--recipe curriculum selects chunks by Quest's bound (finding 22: with the mean key the lookup "
+                    "decays at longer contexts); leave --sparse-selection out")
+    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, recipe=args.recipe, **variant)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
     return 0

@@ -14,6 +14,14 @@ by its value (the tokens scored). Keys are letters and values digits, so which i
 separator. The parts are kept apart (``context``, ``queries``) so an evaluator can find the value
 tokens with any tokenizer.
 
+With ``key_letters=1`` the keys are single letters, lowercase and uppercase (at most 52 pairs):
+the retrieval study's curriculum (docs/retrieval_study.md, findings 20-22), where the lookup is on
+the token before the value alone. ``filler=False`` leaves the filler out (the curriculum's
+no-filler layout), and ``mqar_compact_document`` is its first layout, the pairs and the questions
+with no spaces, header or filler (``G6B5...X0.U2L7...``). Every MQAR document also gives
+``answer_spans``: the ``[start, end)`` character spans of the asked values in its text, for
+``tools/preprocess_data.py --loss-spans-key`` (``answer_records``) and ``pretrain --loss-on-spans``.
+
 Copy document (``copy_document``, training only)::
 
     Copy: x7k2q. Again: x7k2q.
@@ -33,17 +41,26 @@ import random
 import string
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER, largest_fitting, passkey_document
+from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER, PASSKEY_QUESTION, largest_fitting, passkey_document
 
 TRAIN_SEED_BASE = 1_000_000
 MQAR_HEADER = "Remember these pairs:"
 MQAR_RECALL = "Recall:"
 COPY_ALPHABET = string.ascii_lowercase + string.digits
+ONE_LETTER_KEYS = string.ascii_lowercase + string.ascii_uppercase
 TASK_KINDS = ("passkey", "mqar", "copy")
 
 
-def mqar_pairs(num_pairs: int, rng: random.Random) -> List[Tuple[str, str]]:
-    """``num_pairs`` distinct two-letter keys, each with a one-digit value."""
+def mqar_pairs(num_pairs: int, rng: random.Random, key_letters: int = 2) -> List[Tuple[str, str]]:
+    """``num_pairs`` distinct keys of ``key_letters`` letters (two: lowercase; one: lowercase and
+    uppercase), each with a one-digit value."""
+    if key_letters == 1:
+        if not 1 <= num_pairs <= len(ONE_LETTER_KEYS):
+            raise ValueError(f"num_pairs must be in 1..{len(ONE_LETTER_KEYS)} (one-letter keys), got {num_pairs}")
+        keys = rng.sample(ONE_LETTER_KEYS, num_pairs)
+        return [(k, str(rng.randrange(10))) for k in keys]
+    if key_letters != 2:
+        raise ValueError(f"key_letters must be 1 or 2, got {key_letters}")
     if not 1 <= num_pairs <= 26 * 26:
         raise ValueError(f"num_pairs must be in 1..676 (two-letter keys), got {num_pairs}")
     letters = string.ascii_lowercase
@@ -51,17 +68,33 @@ def mqar_pairs(num_pairs: int, rng: random.Random) -> List[Tuple[str, str]]:
     return [(k, str(rng.randrange(10))) for k in keys]
 
 
+def _answer_spans(text: str, queries: Sequence[Tuple[str, str]]) -> List[List[int]]:
+    """The ``[start, end)`` spans of the values of ``queries``, which end ``text`` in order."""
+    at = len(text) - sum(len(k) + len(v) for k, v in queries)
+    spans = []
+    for key, value in queries:
+        at += len(key)
+        spans.append([at, at + len(value)])
+        at += len(value)
+    return spans
+
+
 def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: int,
-                  count_tokens: Callable[[str], int]) -> Dict:
-    """An MQAR document of at most ``length_tokens`` tokens (filler as long as fits).
+                  count_tokens: Callable[[str], int], key_letters: int = 2, filler: bool = True) -> Dict:
+    """An MQAR document of at most ``length_tokens`` tokens (filler as long as fits; none with
+    ``filler=False``).
 
     Returns ``context`` (pairs, filler, ``Recall:``), ``queries`` (``[(" key", "value"), ...]``,
-    the text that follows the context in order), ``text`` (all of it), and the settings.
+    the text that follows the context in order), ``text`` (all of it), ``answer_spans`` and the
+    settings.
     """
     if not 1 <= num_queries <= num_pairs:
         raise ValueError(f"num_queries must be in 1..num_pairs ({num_pairs}), got {num_queries}")
-    rng = random.Random(f"mqar/{seed}/{length_tokens}/{num_pairs}/{num_queries}")
-    pairs = mqar_pairs(num_pairs, rng)
+    # Two-letter documents keep the seed string they always had: evaluation seeds mean the same
+    # documents as in every earlier result.
+    rng = random.Random(f"mqar/{seed}/{length_tokens}/{num_pairs}/{num_queries}"
+                        + ("" if key_letters == 2 else f"/keys{key_letters}"))
+    pairs = mqar_pairs(num_pairs, rng, key_letters)
     asked = rng.sample(pairs, num_queries)
     head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
     queries = [(" " + k, v) for k, v in asked]
@@ -70,12 +103,42 @@ def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: in
     def build(reps: int) -> str:
         return " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL]) + tail
 
-    reps = largest_fitting(build, length_tokens, count_tokens, lambda least: (
+    too_short = lambda least: (  # noqa: E731
         f"an MQAR document with {num_pairs} pairs and {num_queries} queries needs at least {least} tokens; "
-        f"{length_tokens} is too short (use a longer length or fewer pairs/queries)"))
+        f"{length_tokens} is too short (use a longer length or fewer pairs/queries)")
+    if filler:
+        reps = largest_fitting(build, length_tokens, count_tokens, too_short)
+    else:
+        reps = 0
+        if count_tokens(build(0)) > length_tokens:
+            raise ValueError(too_short(count_tokens(build(0))))
     context = " ".join([head] + [PASSKEY_FILLER] * reps + [MQAR_RECALL])
-    return {"context": context, "queries": queries, "text": context + tail, "pairs": [k + v for k, v in pairs],
-            "target_length": length_tokens, "num_pairs": num_pairs, "num_queries": num_queries, "seed": seed}
+    text = context + tail
+    return {"context": context, "queries": queries, "text": text, "pairs": [k + v for k, v in pairs],
+            "answer_spans": _answer_spans(text, queries), "target_length": length_tokens, "num_pairs": num_pairs,
+            "num_queries": num_queries, "seed": seed}
+
+
+def mqar_compact_document(num_pairs: int, seed: int, key_letters: int = 1) -> Dict:
+    """The curriculum's first layout: the pairs and then every key asked again in another order,
+    with no spaces, header or filler (``G6B5...X0.U2L7...``); ``text`` and ``answer_spans``."""
+    rng = random.Random(f"mqar-compact/{seed}/{num_pairs}/{key_letters}")
+    pairs = mqar_pairs(num_pairs, rng, key_letters)
+    queries = rng.sample(pairs, num_pairs)
+    text = "".join(k + v for k, v in pairs) + "." + "".join(k + v for k, v in queries)
+    return {"text": text, "answer_spans": _answer_spans(text, queries), "pairs": [k + v for k, v in pairs],
+            "num_pairs": num_pairs, "seed": seed}
+
+
+def passkey_answer_span(text: str) -> List[int]:
+    """The ``[start, end)`` span of the key in a passkey training text (its answer ends the text)."""
+    at = text.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION) + 1
+    end = at
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    if end == at:
+        raise ValueError("no pass key after the question: not a passkey training text")
+    return [at, end]
 
 
 def padded(text: str, length_tokens: int, count_tokens: Callable[[str], int]) -> str:

@@ -40,9 +40,10 @@ def results_table(results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def draw_figure(results: Dict[str, Dict], path: str, stage1: int, stage2: int) -> None:
+def draw_figure(results: Dict[str, Dict], path: str, marks: Dict[str, int]) -> None:
     """Passkey accuracy heatmaps (length x depth) for each model side by side, and MQAR accuracy
-    (solid) and chunk-selection hit rate (dashed) against length."""
+    (solid) and chunk-selection hit rate (dashed) against length; ``marks``: training lengths
+    drawn as labelled vertical lines (``{"stage 1": 1024, "stage 2": 2048}``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,10 +75,9 @@ def draw_figure(results: Dict[str, Dict], path: str, stage1: int, stage2: int) -
             ax.plot(xs, hits, "s--", color=color, alpha=0.7, label=f"{label} selection hit rate")
             ax.plot(xs, [s["hit_chance"] for s in stats.values()], ":", color=color, alpha=0.5,
                     label=f"{label} hit rate of a random selection")
-    ax.axvline(stage1, color="grey", ls=":", lw=1)
-    ax.axvline(stage2, color="black", ls=":", lw=1)
-    ax.text(stage1, 1.02, "stage 1", ha="center", fontsize=8)
-    ax.text(stage2, 1.02, "stage 2", ha="center", fontsize=8)
+    for (name, length), color in zip(marks.items(), ("grey", "black", "tab:brown")):
+        ax.axvline(length, color=color, ls=":", lw=1)
+        ax.text(length, 1.02, name, ha="center", fontsize=8)
     ax.axhline(0.1, color="grey", lw=0.8, alpha=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(n) for n in xs])
@@ -109,9 +109,11 @@ def headline(results: Dict[str, Dict], length: int) -> Dict[str, Optional[float]
 def write_study_report(output: str, results: Dict[str, Dict], meta: Dict) -> Dict:
     """``retrieval_study.png``, ``.md`` and ``.json`` in ``output``; returns the json summary."""
     settings = meta["settings"]
+    # The training lengths to mark; the goal is read at 4x the last (the paper's stage 2).
+    marks = meta.get("training_lengths") or {"stage 1": settings["stage1_seq"], "stage 2": settings["stage2_seq"]}
     png = os.path.join(output, "retrieval_study.png")
-    draw_figure(results, png, settings["stage1_seq"], settings["stage2_seq"])
-    summary = {"headline": headline(results, 4 * settings["stage2_seq"]), **meta,
+    draw_figure(results, png, marks)
+    summary = {"headline": headline(results, 4 * max(marks.values())), **meta,
                "by_length": {label: {task: {str(n): v for n, v in by_length(recs).items()} for task, recs in res.items()}
                              for label, res in results.items()},
                "passkey_read_weight": {label: {str(n): v for n, v in read_weight_by_length(res["passkey"]).items()}
@@ -121,7 +123,8 @@ def write_study_report(output: str, results: Dict[str, Dict], meta: Dict) -> Dic
     times = ", ".join(f"{k} {v:.0f} s" for k, v in meta["wall_seconds"].items())
     passkey_tables = "\n\n".join(f"{label}:\n\n{passkey.format_table(res['passkey'])}" for label, res in results.items())
     mqar_tables = "\n\n".join(f"{label}:\n\n{mqar_table(res['mqar'])}" for label, res in results.items())
-    md = (f"# Retrieval study ({meta['size']})\n\n![figure](retrieval_study.png)\n\n"
+    recipe = f", {meta['recipe']} recipe" if meta.get("recipe") else ""
+    md = (f"# Retrieval study ({meta['size']}{recipe})\n\n![figure](retrieval_study.png)\n\n"
           f"Accuracy by context length; in parentheses the chunk-selection hit rate / that of a random selection:\n\n{results_table(results)}\n\n"
           f"Passkey accuracy by depth:\n\n{passkey_tables}\n\n"
           f"MQAR by length (pair-list hit rate: a selected chunk lies in the pair list at all):\n\n{mqar_tables}\n\n"

@@ -1,0 +1,41 @@
+"""Passkey training documents with their answers marked (finding 23 of docs/retrieval_study.md).
+
+An experiment record, not a tool (no tests; run it from the repository root with the package
+installed). Each line is one passkey document in the evaluation's format (``sample_corpus.
+passkey_document``: intro, filler, the needle at a random depth, the question) followed by its answer
+`` 12345.``, padded with newlines to exactly ``--length`` bytes, with ``"answers"``: the span of the
+five digits, for ``tools/preprocess_data.py --loss-spans-key answers`` and ``pretrain --loss-on-spans``.
+Training seeds start at 7,000,000 (``eval_passkey.py`` uses 0, 1, ...; the study's corpora use
+``TRAIN_SEED_BASE`` + part x 1,000,000 for parts below 7).
+
+  python docs/experiments/passkey_spans.py 20000 pk511.jsonl --length 511
+"""
+import argparse
+import json
+import random
+
+from megatron_rwkvx.data.retrieval_tasks import passkey_answer_span, passkey_training_text
+from megatron_rwkvx.data.tokenizers import ByteTokenizer
+
+TRAIN_SEEDS = 7_000_000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("count", type=int)
+    p.add_argument("path")
+    p.add_argument("--length", type=int, default=511, help="bytes per document (one window of length + 1)")
+    args = p.parse_args()
+    tok = ByteTokenizer()
+    count = lambda s: len(tok.tokenize(s))  # noqa: E731
+    with open(args.path, "w") as f:
+        for i in range(args.count):
+            seed = TRAIN_SEEDS + i
+            depth = random.Random(seed).random()
+            text = passkey_training_text(args.length, depth, seed, count)
+            start, end = passkey_answer_span(text)
+            f.write(json.dumps({"text": text + "\n" * (args.length - count(text)), "answers": [[start, end]]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
