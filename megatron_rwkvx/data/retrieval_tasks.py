@@ -131,13 +131,16 @@ def mqar_compact_document(num_pairs: int, seed: int, key_letters: int = 1) -> Di
 
 
 def passkey_answer_span(text: str) -> List[int]:
-    """The ``[start, end)`` span of the key in a passkey training text (its answer ends the text)."""
-    at = text.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION) + 1
-    end = at
+    """The ``[start, end)`` span of the answer `` 12345`` in a passkey training text: the space and
+    the key after the question, what ``eval_passkey.py`` generates from a prompt that ends with the
+    question (a model trained on the digits alone never learns to write the space there, and then
+    writes its first digit where the space belongs)."""
+    at = text.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)
+    end = at + 1
     while end < len(text) and text[end].isdigit():
         end += 1
-    if end == at:
-        raise ValueError("no pass key after the question: not a passkey training text")
+    if text[at:at + 1] != " " or end == at + 1:
+        raise ValueError("no ' <key>' after the question: not a passkey training text")
     return [at, end]
 
 
