@@ -98,7 +98,7 @@ def test_one_letter_layouts_and_their_answer_spans():
         mqar_document(100, 52, 52, 0, count, key_letters=1, filler=False)
     text = passkey_training_text(511, 0.5, 7, count)
     a, b = passkey_answer_span(text)
-    assert text[a] == " " and text[a + 1:b].isdigit() and b - a == 6 and text[b:] == "."
+    assert text[a:b] == " " + text[a + 1:b - 1] + "." and text[a + 1:b - 1].isdigit() and b - a == 7 and b == len(text)
 
 
 def test_copy_documents_repeat_each_string_once():

@@ -4,8 +4,8 @@ An experiment record, not a tool (no tests; run it from the repository root with
 installed). Each line is one passkey document in the evaluation's format (``sample_corpus.
 passkey_document``: intro, filler, the needle at a random depth, the question) followed by its answer
 `` 12345.``, padded with newlines to exactly ``--length`` bytes, with ``"answers"``: the span of
-`` 12345`` (``retrieval_tasks.passkey_answer_span``: the space too, which the evaluator's model must
-write), for ``tools/preprocess_data.py --loss-spans-key answers`` and ``pretrain --loss-on-spans``.
+`` 12345.`` (``retrieval_tasks.passkey_answer_span``: the space and the period too, as the evaluator
+asks a model to write them), for ``tools/preprocess_data.py --loss-spans-key answers`` and ``pretrain --loss-on-spans``.
 Training seeds start at 7,000,000 (``eval_passkey.py`` uses 0, 1, ...; the study's corpora use
 ``TRAIN_SEED_BASE`` + part x 1,000,000 for parts below 7).
 

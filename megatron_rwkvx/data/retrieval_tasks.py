@@ -131,17 +131,18 @@ def mqar_compact_document(num_pairs: int, seed: int, key_letters: int = 1) -> Di
 
 
 def passkey_answer_span(text: str) -> List[int]:
-    """The ``[start, end)`` span of the answer `` 12345`` in a passkey training text: the space and
-    the key after the question, what ``eval_passkey.py`` generates from a prompt that ends with the
-    question (a model trained on the digits alone never learns to write the space there, and then
-    writes its first digit where the space belongs)."""
+    """The ``[start, end)`` span of the answer `` 12345.`` in a passkey training text: everything
+    after the question, which is what ``eval_passkey.py`` asks a model to write from a prompt that
+    ends with the question. The space and the period count: trained on the digits alone a model
+    wrote its first digit where the space belongs, and trained without the period it did not stop
+    after the key (``first_number`` then reads a longer number)."""
     at = text.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)
     end = at + 1
     while end < len(text) and text[end].isdigit():
         end += 1
-    if text[at:at + 1] != " " or end == at + 1:
-        raise ValueError("no ' <key>' after the question: not a passkey training text")
-    return [at, end]
+    if text[at:at + 1] != " " or end == at + 1 or text[end:end + 1] != ".":
+        raise ValueError("no ' <key>.' after the question: not a passkey training text")
+    return [at, end + 1]
 
 
 def padded(text: str, length_tokens: int, count_tokens: Callable[[str], int]) -> str:
