@@ -176,7 +176,7 @@ def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple
             f.write(json.dumps({"text": d}) + "\n")
 
 
-def write_curriculum_corpora(folder: str, s: StudySize, c: CurriculumSize) -> Dict[str, str]:
+def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
     """The curriculum's three corpora as jsonl with ``answers`` spans (every asked value); returns
     ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-5), so none is an evaluation
     document and none is in another corpus."""
@@ -278,7 +278,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
         write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s, s.stage_mix, 2)
         corpora += ["stage1", "stage2"]
     else:
-        corpora += list(write_curriculum_corpora(path("corpus"), s, CURRICULA[size_name]))
+        corpora += list(write_curriculum_corpora(path("corpus"), CURRICULA[size_name]))
     run.times["corpus"] = time.time() - t0
     for name in corpora:
         run.tool(f"preprocess_{name}", "preprocess_data.py", [

@@ -101,7 +101,7 @@ def _iter_parquet(path: str, json_keys: Sequence[str], base_offset: int) -> Iter
     missing = [k for k in json_keys if k not in pf.schema_arrow.names]
     if missing:
         raise InputError(
-            f"{path}: parquet columns {pf.schema_arrow.names} lack {missing}; pick columns with --json-keys"
+            f"{path}: parquet columns {pf.schema_arrow.names} lack {missing}; pick columns with --json-keys (and --loss-spans-key)"
         )
     size = os.path.getsize(path)
     row = 0
@@ -134,7 +134,7 @@ def iter_hf_records(name: str, split: str, json_keys: Sequence[str]) -> Iterator
         ) from e
     missing = [k for k in json_keys if k not in ds.column_names]
     if missing:
-        raise InputError(f"dataset {name!r} has columns {ds.column_names}, not {missing}; pick them with --json-keys")
+        raise InputError(f"dataset {name!r} has columns {ds.column_names}, not {missing}; pick them with --json-keys (and --loss-spans-key)")
     for row, item in enumerate(ds.select_columns(list(json_keys)), 1):
         yield Record(name, row, item, row)
 
