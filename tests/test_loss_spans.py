@@ -188,6 +188,9 @@ def test_a_missing_mismatched_or_damaged_mask_is_refused_before_training(tmp_pat
         f.write(b"\x07")
     with pytest.raises(DatasetFileError, match="holds 7 at position 5"):
         validate_loss_mask(c)
+    empty, _, _ = preprocess(tmp_path, [{"text": "no answers", "answers": []}] * 5, name="empty")
+    with pytest.raises(DatasetFileError, match="marks no token"):
+        validate_loss_mask(empty)
 
 
 def _pretrain(tmp_path, *extra):

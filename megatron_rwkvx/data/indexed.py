@@ -122,6 +122,9 @@ def validate_loss_mask(prefix: str) -> IndexedDatasetInfo:
             f"describe the documents of {prefix!r} ({info.num_documents} documents, {info.num_tokens} tokens): "
             f"the files come from different runs; {fix}")
     top, where = _max_token_id(marks_prefix, marks)
+    if top == 0:
+        raise DatasetFileError(f"the loss mask {marks_prefix!r} marks no token of {prefix!r}: every span list was "
+                               "empty, so --loss-on-spans would train on nothing; check --loss-spans-key and the spans")
     if top > 1:
         raise DatasetFileError(f"{bin_path(marks_prefix)} holds {top} at position {where}; a loss mask holds "
                                f"only 0 and 1; {fix}")

@@ -331,7 +331,9 @@ def evaluate(run: Run, iterators) -> float:
     for m in run.ddp_chunks:
         m.train()
     total = _broadcast_from_last_stage(total, run.device)
-    return (total[0] / total[1].clamp_min(1)).item()
+    if total[1] <= 0:
+        return float("nan")  # no token to score (--loss-on-spans batches without a mark), not a loss of 0
+    return (total[0] / total[1]).item()
 
 
 def _log_validation(run: Run, loss: float, iteration: int) -> None:
