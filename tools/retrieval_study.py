@@ -272,19 +272,20 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
     # 1. data
     t0 = time.time()
     write_corpus(path("corpus", "base.jsonl"), s.base_docs, s.base_seq, s, s.base_mix, 0)
-    corpora = ["base"]
+    corpora, answer_marked = ["base"], []  # the curriculum's corpora carry their answers' spans
     if recipe == "paper":
         write_corpus(path("corpus", "stage1.jsonl"), s.stage1_docs, s.stage1_seq, s, s.stage_mix, 1)
         write_corpus(path("corpus", "stage2.jsonl"), s.stage2_docs, s.stage2_seq, s, s.stage_mix, 2)
         corpora += ["stage1", "stage2"]
     else:
-        corpora += list(write_curriculum_corpora(path("corpus"), CURRICULA[size_name]))
+        answer_marked = list(write_curriculum_corpora(path("corpus"), CURRICULA[size_name]))
+        corpora += answer_marked
     run.times["corpus"] = time.time() - t0
     for name in corpora:
         run.tool(f"preprocess_{name}", "preprocess_data.py", [
             "--input", path("corpus", f"{name}.jsonl"), "--output-prefix", path("data", name),
             "--tokenizer-type", "ByteTokenizer", "--append-eod", "--overwrite",
-            *([] if name in ("base", "stage1", "stage2") else ["--loss-spans-key", "answers"])])
+            *(["--loss-spans-key", "answers"] if name in answer_marked else [])])
     data = {name: path("data", f"{name}_text_document") for name in corpora}
 
     pretrain = [sys.executable, "-m", "megatron_rwkvx.pretrain"]

@@ -117,10 +117,11 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         raise DataConfigError(f"seq_length must be positive, got {seq_length}")
     if len(num_samples) != 3:
         raise DataConfigError("num_samples needs one entry per split: (train, valid, test)")
+    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     infos = [validate_indexed_dataset(prefix) for prefix in prefixes]
     if loss_on_spans:
         for prefix in prefixes:
-            validate_loss_mask(prefix)
+            validate_loss_mask(prefix, cache_dir)
     for prefix, info in zip(prefixes, infos):
         if info.num_tokens <= seq_length:
             raise DataConfigError(
@@ -138,7 +139,6 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     sizes = [s if share > 0 else 0 for s, share in zip(sizes, shares)]
     if weights is not None and any(s is None and share > 0 for s, share in zip(sizes, shares)):
         raise DataConfigError("a weighted --data-path needs a sample count for every split with a share")
-    cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     config = _gpt_dataset_config(seed, seq_length, shares, tokenizer, eod_mask_loss,
                                  blend=(prefixes, weights), path_to_cache=cache_dir,
                                  mid_level_dataset_surplus=0.005)

@@ -101,9 +101,10 @@ def _read_index(prefix: str):
     return info, lengths, docs
 
 
-def validate_loss_mask(prefix: str) -> IndexedDatasetInfo:
+def validate_loss_mask(prefix: str, cache_dir: Optional[str] = None) -> IndexedDatasetInfo:
     """The loss mask of ``prefix`` exists, is whole, holds only 0 and 1, and has exactly the
-    documents and sequences of the tokens (so that every token has its mark)."""
+    documents and sequences of the tokens (so that every token has its mark). The scan for the
+    largest mark is cached under ``cache_dir`` as ``check_token_ids``'s."""
     info, lengths, docs = _read_index(prefix)
     marks_prefix = loss_mask_prefix(prefix)
     if not (os.path.isfile(idx_path(marks_prefix)) or os.path.isfile(bin_path(marks_prefix))):
@@ -121,7 +122,7 @@ def validate_loss_mask(prefix: str) -> IndexedDatasetInfo:
             f"the loss mask {marks_prefix!r} ({marks.num_documents} documents, {marks.num_tokens} marks) does not "
             f"describe the documents of {prefix!r} ({info.num_documents} documents, {info.num_tokens} tokens): "
             f"the files come from different runs; {fix}")
-    top, where = _max_token_id(marks_prefix, marks)
+    top, where = _cached_max_token_id(marks_prefix, marks, cache_dir)
     if top == 0:
         raise DatasetFileError(f"the loss mask {marks_prefix!r} marks no token of {prefix!r}: every span list was "
                                "empty, so --loss-on-spans would train on nothing; check --loss-spans-key and the spans")
@@ -176,6 +177,27 @@ def _max_token_id(prefix: str, info: IndexedDatasetInfo, chunk: int = 1 << 24) -
     return best, where
 
 
+def _cached_max_token_id(prefix: str, info: IndexedDatasetInfo, cache_dir: Optional[str]) -> tuple:
+    """``_max_token_id``, cached under ``cache_dir`` (keyed by path, size and modification time) so
+    that restarts do not rescan terabytes."""
+    stat = os.stat(bin_path(prefix))
+    key = hashlib.md5(
+        f"{os.path.abspath(bin_path(prefix))}|{stat.st_size}|{stat.st_mtime_ns}".encode(), usedforsecurity=False
+    ).hexdigest()
+    cache_file = os.path.join(cache_dir, f"max_token_id-{key}.json") if cache_dir else None
+    if cache_file and os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            return tuple(json.load(f))
+    found = _max_token_id(prefix, info)
+    if cache_file:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(list(found), f)
+        os.replace(tmp, cache_file)
+    return found
+
+
 def check_token_ids(prefixes: Iterable[str], vocab_size: int, cache_dir: Optional[str] = None) -> None:
     """Raise ``DatasetFileError`` unless every token id in every dataset is below ``vocab_size``.
 
@@ -186,22 +208,7 @@ def check_token_ids(prefixes: Iterable[str], vocab_size: int, cache_dir: Optiona
         info = validate_indexed_dataset(prefix)
         if np.iinfo(info.dtype).max < vocab_size:
             continue  # the dtype cannot hold an id that large
-        stat = os.stat(bin_path(prefix))
-        key = hashlib.md5(
-            f"{os.path.abspath(bin_path(prefix))}|{stat.st_size}|{stat.st_mtime_ns}".encode(), usedforsecurity=False
-        ).hexdigest()
-        cache_file = os.path.join(cache_dir, f"max_token_id-{key}.json") if cache_dir else None
-        if cache_file and os.path.isfile(cache_file):
-            with open(cache_file) as f:
-                max_id, where = json.load(f)
-        else:
-            max_id, where = _max_token_id(prefix, info)
-            if cache_file:
-                os.makedirs(cache_dir, exist_ok=True)
-                tmp = f"{cache_file}.{os.getpid()}.tmp"
-                with open(tmp, "w") as f:
-                    json.dump([max_id, where], f)
-                os.replace(tmp, cache_file)
+        max_id, where = _cached_max_token_id(prefix, info, cache_dir)
         if max_id >= vocab_size:
             raise DatasetFileError(
                 f"dataset {prefix!r} holds token id {max_id} (first at token {where}), but the model's "

@@ -20,7 +20,7 @@ the token before the value alone. ``filler=False`` leaves the filler out (the cu
 no-filler layout), and ``mqar_compact_document`` is its first layout, the pairs and the questions
 with no spaces, header or filler (``G6B5...X0.U2L7...``). Every MQAR document also gives
 ``answer_spans``: the ``[start, end)`` character spans of the asked values in its text, for
-``tools/preprocess_data.py --loss-spans-key`` (``answer_records``) and ``pretrain --loss-on-spans``.
+``tools/preprocess_data.py --loss-spans-key`` and ``pretrain --loss-on-spans``.
 
 Copy document (``copy_document``, training only)::
 
