@@ -6,7 +6,9 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 import megatron_rwkvx
 from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, copy_document, mqar_document, padded,
                                                  passkey_training_text, shortest_length, training_documents)
-from megatron_rwkvx.data.sample_corpus import passkey_document
+from megatron_rwkvx.data.sample_corpus import PASSKEY_QUESTION, passkey_document
 from megatron_rwkvx.data.tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
 from megatron_rwkvx.evaluation import passkey, retrieval
 from megatron_rwkvx.inference import InferenceEngine
@@ -314,34 +316,73 @@ def test_study_driver_test_form(tmp_path, flags):
     assert ("rwkv gate 1.000" in (out / "logs" / "stage1.log").read_text()) == bool(flags)
 
 
-def test_study_driver_curriculum_test_form(tmp_path):
-    """--recipe curriculum: the one-letter corpora with their answers marked, the four RWKV-X stages
-    (silenced, then faded in, the last under CP 2) and the control's three, every one on the answers
-    only, and MQAR evaluated with the same one-letter keys."""
+def test_study_driver_curriculum_test_form(tmp_path, capsys):
+    """--recipe curriculum: the one-letter corpora with their answers marked, the RWKV-X stages
+    (silenced, then faded in, under CP 2, then twice as long on half passkey documents) and the
+    control's, every one on the answers only, the two lines side by side, every training step with the
+    driver's --seed, and MQAR evaluated with the same one-letter keys."""
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
     study = importlib.util.module_from_spec(spec)
     sys.modules["study"] = study
     spec.loader.exec_module(study)
     out = tmp_path / "study"
-    assert study.main(["--output", str(out), "--size", "test", "--recipe", "curriculum"]) == 0
+    assert study.main(["--output", str(out), "--size", "test", "--recipe", "curriculum", "--seed", "11"]) == 0
     summary = json.loads((out / "retrieval_study.json").read_text())
-    assert summary["recipe"] == "curriculum" and summary["training_lengths"] == {"compact layout": 64, "last stage": 256}
+    assert summary["recipe"] == "curriculum" and summary["training_lengths"] == {"compact layout": 64, "filler layout": 256,
+                                                                                 "last stage": 512}
     assert "(test, curriculum recipe)" in (out / "retrieval_study.md").read_text()
-    for layout in ("compact", "no-filler", "filler"):
+    for layout in ("compact", "no-filler", "filler", "long-passkey", "long-filler"):
         rows = [json.loads(line) for line in (out / "corpus" / f"{layout}.jsonl").read_text().splitlines()]
         for row in rows[:20]:
-            assert len(row["text"]) == (63 if layout == "compact" else 255)  # one document per window
-            assert [row["text"][a:b].isdigit() for a, b in row["answers"]] == [True] * 6
+            # one document per window
+            assert len(row["text"]) == {"compact": 63, "no-filler": 255, "filler": 255}.get(layout, 511)
+            if layout == "long-passkey":  # the answer as the evaluator asks for it, after the question
+                (a, b), = row["answers"]
+                assert re.fullmatch(r" \d{5}\.", row["text"][a:b]) and row["text"][:a].endswith(PASSKEY_QUESTION)
+            else:
+                assert [row["text"][a:b].isdigit() for a, b in row["answers"]] == [True] * 6
     for stage in study.CURRICULUM_CHECKPOINTS:
         log = (out / "logs" / f"{stage}.log").read_text()
         assert "loss: on the tokens that each dataset's loss mask marks" in log, stage
     silenced = (out / "logs" / "compact.log").read_text()
     assert "stage 1: training only the sparse-attention blocks" in silenced and "rwkv gate 0.000" in silenced
-    for last in ("filler", "control-filler"):
+    for last in ("filler", "control-filler", "long", "control-long"):
         assert "cp=2" in (out / "logs" / f"{last}.log").read_text()  # the model line's layout
-    rwkvx = json.loads((out / "checkpoints" / "filler" / "model_config.json").read_text())
+    commands = {line.split(":")[0][4:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("=== ")}
+    for last in ("long", "control-long"):  # half passkey, half the filler layout, longer, CP 2
+        assert re.search(r"--data-path 0.5 \S+/long-passkey_text_document 0.5 \S+/long-filler_text_document "
+                         r"--seq-length 512 ", commands[last]), last
+    rwkvx = json.loads((out / "checkpoints" / "long" / "model_config.json").read_text())
     assert rwkvx["sparse_selection"] == "quest" and rwkvx["sparse_top_k"] == 2 and rwkvx["sparse_token_shift"]
+    trained = [line for line in commands.values() if "megatron_rwkvx.pretrain" in line]
+    assert summary["seed"] == 11 and len(trained) == 10 and all(" --seed 11 " in line for line in trained)
     mqar = json.loads((out / "eval" / "rwkvx" / "mqar" / "mqar.json").read_text())
     assert {len(r["key"]) for r in mqar} == {1} and len(mqar) == 2 * 6  # two lengths x one document x 6 keys
     with pytest.raises(SystemExit):
         study.main(["--output", str(tmp_path / "x"), "--recipe", "curriculum", "--stage1-dense"])
+
+
+def test_study_runner_stops_the_other_line_when_a_step_fails(tmp_path):
+    """Two lines run side by side; the first failure terminates the step running beside it and is the
+    error reported (not the terminated step's)."""
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study
+    spec.loader.exec_module(study)
+    run = study.Runner(str(tmp_path), None)
+    after = []
+
+    def slow():
+        run("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], threads=1)
+        after.append("ran on")
+
+    def failing():
+        run("failing", [sys.executable, "-c", "import time; time.sleep(1); raise SystemExit('broken input')"], threads=1)
+
+    start = time.time()
+    with pytest.raises(SystemExit, match="step 'failing' failed .exit 1.") as e:
+        run.parallel(slow, failing)
+    assert time.time() - start < 30 and after == [] and "broken input" in str(e.value)
+    with pytest.raises(SystemExit, match="failing"):  # nothing starts after a failure
+        run("later", [sys.executable, "-c", "pass"])
+    assert not (tmp_path / "logs" / "later.log").exists()

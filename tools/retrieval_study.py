@@ -7,7 +7,8 @@
   ... --sparse-token-shift --stage1-dense  # the variants of finding 14 (not the reference recipe)
   ... --stage1-rwkv-fade-in  # finding 18's variant: stage 1 with the base's RWKV-7 blocks silenced first
   ... --sparse-selection quest  # chunks selected by Quest's bound from stage 1 on (finding 22)
-  ... --recipe curriculum  # findings 20-23's recipe instead of the paper's (below)
+  ... --recipe curriculum  # findings 20-24's recipe instead of the paper's (below)
+  ... --seed N  # every training step's seed
 
 The paper's recipe at tiny scale, every step through the real entry points:
   1. synthetic documents (passkey + MQAR, megatron_rwkvx.data.retrieval_tasks, training seeds
@@ -26,9 +27,11 @@ The paper's recipe at tiny scale, every step through the real entry points:
 corpora with their answers marked (preprocess_data --loss-spans-key, pretrain --loss-on-spans), the
 expansion with token-shift mixes, and RWKV-X trained on the compact layout and the no-filler layout
 with its RWKV-7 blocks silenced (--train-only sparse --rwkv-fade-in), then faded in, then every weight
-on the layout with filler (CP 2), chunks selected by Quest's bound; the control is the RWKV-7 base on
-the same corpora for the same iterations. MQAR is evaluated with the same one-letter keys
-(tools/eval_mqar.py --key-letters 1), passkey as in the paper recipe.
+on the layout with filler (CP 2), chunks selected by Quest's bound, and last at 2048 tokens (CP 2, where
+the selection chooses) on half passkey documents (their answers marked) and half the filler layout; the
+control is the RWKV-7 base on the same corpora for the same iterations. The two lines train side by side
+(one thread each). MQAR is evaluated with the same one-letter keys (tools/eval_mqar.py --key-letters 1),
+passkey as in the paper recipe.
 """
 from __future__ import annotations
 
@@ -38,14 +41,17 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from megatron_rwkvx.kernels.sparse_attention.selection import MEAN_SELECTION, SELECTION_RULES
 from megatron_rwkvx.testing.distributed import free_port
@@ -146,14 +152,24 @@ class CurriculumSize:
     filler_iters: int = 600
     lr: float = 2e-3  # constant, after 20 warm-up iterations
     batch: int = 16
+    # Last, both models train at ``long_seq`` (CP 2) on half passkey documents (the answer `` 12345.``
+    # marked; neither model kept the passkey through the MQAR stages, finding 23) and half the filler
+    # layout: at 2048 tokens the selection chooses 8 of 32 chunks, where at 512 it reads all 8, and
+    # trained only where it reads everything, Quest's bound lost the value's chunk for some keys (finding 24)
+    long_seq: int = 2048
+    long_batch: int = 4  # as many tokens an iteration as the stages before
+    long_iters: int = 600
     mqar_seeds: int = 20  # evaluation documents per length, each asking every key
+    passkey_seeds: int = 8  # evaluation prompts per length and depth
 
 
 CURRICULA: Dict[str, CurriculumSize] = {
     "full": CurriculumSize(),
-    "quick": CurriculumSize(compact_iters=600, silenced_iters=200, fade_iters=200, filler_iters=200, mqar_seeds=4),
+    "quick": CurriculumSize(compact_iters=600, silenced_iters=200, fade_iters=200, filler_iters=200, long_iters=200,
+                            mqar_seeds=4, passkey_seeds=2),
     "test": CurriculumSize(keys=6, compact_seq=64, seq=256, top_k=2, compact_iters=1, silenced_iters=1, fade_iters=1,
-                           filler_iters=1, batch=2, mqar_seeds=1),
+                           filler_iters=1, long_seq=512, long_batch=2, long_iters=1, batch=2, mqar_seeds=1,
+                           passkey_seeds=1),
 }
 RECIPES = ("paper", "curriculum")
 
@@ -177,43 +193,52 @@ def write_corpus(path: str, num_docs: int, seq: int, size: StudySize, mix: Tuple
 
 
 def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
-    """The curriculum's three corpora as jsonl with ``answers`` spans (every asked value); returns
-    ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-5), so none is an evaluation
-    document and none is in another corpus."""
-    from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, mqar_compact_document, mqar_document)
+    """The curriculum's five corpora as jsonl with ``answers`` spans (every asked value, or the passkey's
+    `` 12345.``); returns ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-7), so none
+    is an evaluation document and none is in another corpus."""
+    from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, mqar_compact_document, mqar_document,
+                                                     passkey_answer_span, passkey_training_text)
 
     count = lambda text: len(text.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
     # one document per training window (the end-of-document token fills it); the longest stage of each
     # corpus reads it once (the RWKV-X stages on the no-filler layout read the same first documents twice,
-    # the control's one stage as many as both)
-    needs = {"compact": (c.compact_seq, c.compact_iters),
-             "no-filler": (c.seq, c.silenced_iters + c.fade_iters),
-             "filler": (c.seq, c.filler_iters)}
+    # the control's one stage as many as both; the long stage reads half of each of its two)
+    needs = {"compact": (c.compact_seq, c.compact_iters, c.batch),
+             "no-filler": (c.seq, c.silenced_iters + c.fade_iters, c.batch),
+             "filler": (c.seq, c.filler_iters, c.batch),
+             "long-passkey": (c.long_seq, -(-c.long_iters // 2), c.long_batch),
+             "long-filler": (c.long_seq, -(-c.long_iters // 2), c.long_batch)}
     paths = {}
-    for part, (layout, (seq, iters)) in enumerate(needs.items(), start=3):
-        num_docs = -(-iters * c.batch * 100 // 98) + 4 * c.batch  # the 98% train split, validation batches
+    for part, (layout, (seq, iters, batch)) in enumerate(needs.items(), start=3):
+        num_docs = -(-iters * batch * 100 // 98) + 4 * batch  # the 98% train split, validation batches
         path = os.path.join(folder, f"{layout}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for i in range(num_docs):
                 seed = TRAIN_SEED_BASE + part * CORPUS_SEEDS + i
-                if layout == "compact":
-                    doc = mqar_compact_document(c.keys, seed)
+                if layout == "long-passkey":  # the evaluation's prompt (a needle at a random depth) and its answer
+                    text = passkey_training_text(seq - 1, random.Random(seed).random(), seed, count)
+                    answers = [passkey_answer_span(text)]
                 else:
-                    doc = mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout == "filler")
-                text = doc["text"] + "\n" * (seq - 1 - count(doc["text"]))
-                f.write(json.dumps({"text": text, "answers": doc["answer_spans"]}) + "\n")
+                    doc = (mqar_compact_document(c.keys, seed) if layout == "compact" else
+                           mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout != "no-filler"))
+                    text, answers = doc["text"], doc["answer_spans"]
+                f.write(json.dumps({"text": text + "\n" * (seq - 1 - count(text)), "answers": answers}) + "\n")
         paths[layout] = path
     return paths
 
 
 class Runner:
-    """Runs each step as a subprocess, logs it to ``<output>/logs``, and times it."""
+    """Runs each step as a subprocess, logs it to ``<output>/logs``, and times it. ``parallel`` runs
+    chains of steps side by side; the first step that fails stops the others."""
 
     def __init__(self, output: str, port: Optional[int]):
         self.output, self.port = output, port
         self.logs = os.path.join(output, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.times: Dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._live: set = set()
+        self.failure: Optional[str] = None  # the first failed step's message
 
     def __call__(self, name: str, argv: List[str], threads: int = 2) -> None:
         """``threads``: torch threads per process (2 cores: 2 for one process, 1 each for two)."""
@@ -224,14 +249,44 @@ class Runner:
         port = str(self.port or free_port())
         argv = [port if a == "{port}" else a for a in argv]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        with open(log, "w") as f:
-            proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        with self._lock:
+            if self.failure:  # a step beside this one failed: start nothing more
+                raise SystemExit(self.failure)
+            with open(log, "w") as f:
+                proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            self._live.add(proc)
+        code = proc.wait()
+        with self._lock:
+            self._live.discard(proc)
         self.times[name] = time.time() - start
-        if proc.returncode != 0:
+        if code != 0:
             with open(log) as f:
                 tail = f.read()[-3000:]
-            raise SystemExit(f"{tail}\nerror: step {name!r} failed (exit {proc.returncode}); full log: {log}")
+            self.stop(f"{tail}\nerror: step {name!r} failed (exit {code}); full log: {log}")
+            raise SystemExit(self.failure)
         print(f"    {self.times[name]:.0f} s", flush=True)
+
+    def stop(self, failure: str) -> None:
+        """Records the first failure and terminates the steps running beside it."""
+        with self._lock:
+            self.failure = self.failure or failure
+            for proc in self._live:
+                proc.terminate()
+
+    def parallel(self, *chains: Callable[[], None]) -> None:
+        """Runs each chain (a function that calls steps in turn) in its own thread, at once: two one-thread
+        training processes on 2 cores train faster together than one two-thread process after the other."""
+        def guarded(chain):
+            try:
+                chain()
+            except BaseException as e:  # noqa: B036  (SystemExit too: stop the other chains)
+                self.stop(f"error: {e!r}" if not isinstance(e, SystemExit) else str(e))
+                raise
+
+        with ThreadPoolExecutor(len(chains)) as pool:
+            futures = [pool.submit(guarded, chain) for chain in chains]
+        if any(f.exception() is not None for f in futures):
+            raise SystemExit(self.failure)
 
     def tool(self, name: str, script: str, argv: List[str]) -> None:
         """``tools/<script>``'s ``main(argv)`` in this process (the same code as its command line,
@@ -255,10 +310,13 @@ class Runner:
         print(f"    {self.times[name]:.0f} s", flush=True)
 
 
-def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: str = "paper", **variant) -> Dict:
+def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: str = "paper", seed: Optional[int] = None,
+              **variant) -> Dict:
     """``variant``: ``StudySize`` fields that replace the size's (``stage1_dense``, ``sparse_token_shift``,
     ``stage1_rwkv_fade_in``, ``sparse_selection``). ``recipe``: ``paper`` (stage 1 and stage 2) or
-    ``curriculum`` (``CurriculumSize``; it implies ``sparse_token_shift`` and Quest's selection)."""
+    ``curriculum`` (``CurriculumSize``; it implies ``sparse_token_shift`` and Quest's selection). ``seed``:
+    every training step's ``--seed`` (initialisation and data order; default: pretrain's); the corpora
+    and the evaluation documents do not depend on it."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if recipe == "curriculum":
@@ -292,7 +350,8 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
     pretrain_cp2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                     "--master-port", "{port}", "-m", "megatron_rwkvx.pretrain", "--context-parallel-size", "2"]
     common = ["--device", "cpu", "--tokenizer-type", "ByteTokenizer", "--split", "98,2,0", "--eval-iters", str(s.eval_iters),
-              "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(s.top_k)]
+              "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(s.top_k),
+              *(["--seed", str(seed)] if seed is not None else [])]
     ck = lambda name: path("checkpoints", name)  # noqa: E731
     for name in ("rwkv7", "stage1", "stage2", "control", *CURRICULUM_CHECKPOINTS):
         shutil.rmtree(ck(name), ignore_errors=True)
@@ -313,31 +372,43 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
                                                       ck("rwkvx-expanded"), "--num-sparse-blocks", "2",
                                                       "--output-format", "megatron"]
              + (["--sparse-token-shift"] if s.sparse_token_shift else []))
-    if recipe == "paper":
-        models, marks = _paper_stages(run, s, common, pretrain, pretrain_cp2, data, ck, path)
-    else:
-        models, marks = _curriculum_stages(run, s, CURRICULA[size_name], common, pretrain, pretrain_cp2, data, ck, path)
-    for label, name in (("RWKV-X", "export_rwkvx"), ("RWKV-7", "export_control")):
-        checkpoint, model = models[label]
-        run.tool(name, "export_checkpoint.py", ["--load", checkpoint, "--output", model, "--dtype", "fp32", "--overwrite"])
-    models = {label: model for label, (_, model) in models.items()}
-
-    # 7. evaluation: exact incremental decoding, evaluation seeds 0..
+    # 7. evaluation (after each model's training): exact incremental decoding, evaluation seeds 0..
     lengths = ",".join(str(n) for n in s.eval_lengths)
     top_k = s.top_k if recipe == "paper" else CURRICULA[size_name].top_k
     model_args = ["--tokenizer-type", "ByteTokenizer", "--set", f"sparse_chunk_size={s.chunk}", "--set", f"sparse_top_k={top_k}"]
     if recipe == "paper":
         mqar_args = ["--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries), "--seeds", str(s.mqar_seeds)]
+        passkey_seeds = s.passkey_seeds
     else:
         c = CURRICULA[size_name]
         mqar_args = ["--key-letters", "1", "--num-pairs", str(c.keys), "--num-queries", str(c.keys), "--seeds", str(c.mqar_seeds)]
-    for label, model in models.items():
+        passkey_seeds = c.passkey_seeds
+    evaluations = {"passkey": [*model_args, "--lengths", lengths, "--depths", str(s.passkey_depths), "--seeds",
+                               str(passkey_seeds), "--hit-rate", "--read-weight"],
+                   "mqar": [*model_args, "--lengths", lengths, *mqar_args]}
+
+    def finish(label: str, checkpoint: str, model: str, in_process: bool) -> None:
+        """Exports a trained model and evaluates it: the tools in this process, or (beside another chain)
+        each as its own one-thread process."""
         slug = label.lower().replace("-", "")
-        run.tool(f"passkey_{slug}", "eval_passkey.py", ["--model", model, *model_args, "--lengths", lengths,
-                                                          "--depths", str(s.passkey_depths), "--seeds", str(s.passkey_seeds),
-                                                          "--hit-rate", "--read-weight", "--output-dir", path("eval", slug, "passkey")])
-        run.tool(f"mqar_{slug}", "eval_mqar.py", ["--model", model, *model_args, "--lengths", lengths, *mqar_args,
-                                                    "--output-dir", path("eval", slug, "mqar")])
+        steps = [("export_rwkvx" if label == "RWKV-X" else "export_control", "export_checkpoint.py",
+                  ["--load", checkpoint, "--output", model, "--dtype", "fp32", "--overwrite"])]
+        steps += [(f"{task}_{slug}", f"eval_{task}.py", ["--model", model, *argv, "--output-dir", path("eval", slug, task)])
+                  for task, argv in evaluations.items()]
+        for name, script, argv in steps:
+            if in_process:
+                run.tool(name, script, argv)
+            else:
+                run(name, [sys.executable, os.path.join(TOOLS, script), *argv], threads=1)
+
+    if recipe == "paper":
+        models, marks = _paper_stages(run, s, common, pretrain, pretrain_cp2, data, ck, path)
+        for label, (checkpoint, model) in models.items():
+            finish(label, checkpoint, model, in_process=True)
+    else:
+        models, marks = _curriculum_stages(run, s, CURRICULA[size_name], common, pretrain, pretrain_cp2, data, ck, path,
+                                           lambda label, checkpoint, model: finish(label, checkpoint, model, False))
+    models = {label: model for label, (_, model) in models.items()}
 
     # 8. the report
     from megatron_rwkvx.evaluation.retrieval_report import write_study_report
@@ -352,7 +423,7 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
         results[label] = {"passkey": passkey, "mqar": mqar}
     run.times["total"] = time.time() - started
     settings = asdict(size) if recipe == "paper" else {**asdict(size), "curriculum": asdict(CURRICULA[size_name])}
-    meta = {"size": size_name, "recipe": recipe, "settings": settings, "training_lengths": marks,
+    meta = {"size": size_name, "recipe": recipe, "seed": seed, "settings": settings, "training_lengths": marks,
             "wall_seconds": run.times,
             "command": " ".join(["python", "tools/retrieval_study.py"] + sys.argv[1:]),
             "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -384,45 +455,60 @@ def _paper_stages(run: Runner, s: StudySize, common, pretrain, pretrain_cp2, dat
             {"stage 1": s.stage1_seq, "stage 2": s.stage2_seq})
 
 
-CURRICULUM_CHECKPOINTS = ("compact", "no-filler", "fade-in", "filler", "control-compact", "control-no-filler",
-                          "control-filler")
+CURRICULUM_CHECKPOINTS = ("compact", "no-filler", "fade-in", "filler", "long", "control-compact", "control-no-filler",
+                          "control-filler", "control-long")
 
 
-def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pretrain, pretrain_cp2, data, ck, path):
-    """The curriculum's four RWKV-X stages and the control's three (``CurriculumSize``), every one with
-    the loss on the answers (``--loss-on-spans``); returns as ``_paper_stages``."""
+def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pretrain, pretrain_cp2, data, ck, path,
+                       finish: Callable[[str, str, str], None]):
+    """The curriculum's five RWKV-X stages and the control's four (``CurriculumSize``), every one with
+    the loss on the answers (``--loss-on-spans``). The two lines run side by side, one thread each, and
+    each ends with ``finish(label, checkpoint, model)``; returns as ``_paper_stages``."""
     sparse = ["--sparse-top-k", str(c.top_k), "--sparse-selection", "quest"]
     answers = ["--loss-on-spans"]
 
-    def stage(data_name, seq, iters, lr, cosine=False):
-        return ["--data-path", data[data_name], "--seq-length", str(seq), "--micro-batch-size", str(c.batch),
-                "--global-batch-size", str(c.batch), "--train-iters", str(iters), "--lr", str(lr),
+    def stage(data_path, seq, iters, lr, cosine=False, batch=c.batch):
+        return ["--data-path", *data_path, "--seq-length", str(seq), "--micro-batch-size", str(batch),
+                "--global-batch-size", str(batch), "--train-iters", str(iters), "--lr", str(lr),
                 *(["--min-lr", str(lr / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(iters // 15, iters - 1))]
                   if cosine else ["--lr-warmup-iters", str(min(20, iters - 1))]),
                 "--eval-interval", str(iters)]
 
-    compact = stage("compact", c.compact_seq, c.compact_iters, c.compact_lr, cosine=True)
+    compact = stage([data["compact"]], c.compact_seq, c.compact_iters, c.compact_lr, cosine=True)
+    long = stage(["0.5", data["long-passkey"], "0.5", data["long-filler"]], c.long_seq, c.long_iters, c.lr, batch=c.long_batch)
     silenced = lambda iters: ["--train-only", "sparse", "--rwkv-fade-in", str(iters), str(iters)]  # noqa: E731
-    # RWKV-X
-    run("compact", pretrain + common + sparse + answers + compact + silenced(c.compact_iters) + [
-        "--init-from", ck("rwkvx-expanded"), "--save", ck("compact")])
-    run("no-filler", pretrain + common + sparse + answers + stage("no-filler", c.seq, c.silenced_iters, c.lr)
-        + silenced(c.silenced_iters) + ["--init-from", ck("compact"), "--save", ck("no-filler")])
-    run("fade-in", pretrain + common + sparse + answers + stage("no-filler", c.seq, c.fade_iters, c.lr) + [
-        "--train-only", "sparse", "--rwkv-fade-in", "0", str(max(1, 2 * c.fade_iters // 3)),
-        "--init-from", ck("no-filler"), "--save", ck("fade-in")])
-    run("filler", pretrain_cp2 + common + sparse + answers + stage("filler", c.seq, c.filler_iters, c.lr) + [
-        "--init-from", ck("fade-in"), "--save", ck("filler")], threads=1)
-    # the control: the same corpora, iterations and schedules (its no-filler stage is one run)
-    run("control-compact", pretrain + common + answers + compact + [
-        "--init-from", ck("rwkv7"), "--save", ck("control-compact")])
-    run("control-no-filler", pretrain + common + answers + stage("no-filler", c.seq, c.silenced_iters + c.fade_iters, c.lr)
-        + ["--init-from", ck("control-compact"), "--save", ck("control-no-filler")])
-    run("control-filler", pretrain_cp2 + common + answers + stage("filler", c.seq, c.filler_iters, c.lr) + [
-        "--init-from", ck("control-no-filler"), "--save", ck("control-filler")], threads=1)
-    return ({"RWKV-7": (ck("control-filler"), path("models", "rwkv7-control.pth")),
-             "RWKV-X": (ck("filler"), path("models", "rwkvx.pth"))},
-            {"compact layout": c.compact_seq, "last stage": c.seq})
+    models = {"RWKV-7": (ck("control-long"), path("models", "rwkv7-control.pth")),
+              "RWKV-X": (ck("long"), path("models", "rwkvx.pth"))}
+    # common carries the study's --sparse-top-k for the paper recipe; the stages' own flags come after it
+    rwkvx = pretrain + common + sparse + answers
+    control = pretrain + common + answers
+
+    def rwkvx_line():
+        run("compact", rwkvx + compact + silenced(c.compact_iters) + [
+            "--init-from", ck("rwkvx-expanded"), "--save", ck("compact")], threads=1)
+        run("no-filler", rwkvx + stage([data["no-filler"]], c.seq, c.silenced_iters, c.lr) + silenced(c.silenced_iters)
+            + ["--init-from", ck("compact"), "--save", ck("no-filler")], threads=1)
+        run("fade-in", rwkvx + stage([data["no-filler"]], c.seq, c.fade_iters, c.lr) + [
+            "--train-only", "sparse", "--rwkv-fade-in", "0", str(max(1, 2 * c.fade_iters // 3)),
+            "--init-from", ck("no-filler"), "--save", ck("fade-in")], threads=1)
+        run("filler", pretrain_cp2 + common + sparse + answers + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
+            "--init-from", ck("fade-in"), "--save", ck("filler")], threads=1)
+        run("long", pretrain_cp2 + common + sparse + answers + long + ["--init-from", ck("filler"), "--save", ck("long")],
+            threads=1)
+        finish("RWKV-X", *models["RWKV-X"])
+
+    def control_line():  # the same corpora, iterations and schedules (its no-filler stage is one run)
+        run("control-compact", control + compact + ["--init-from", ck("rwkv7"), "--save", ck("control-compact")], threads=1)
+        run("control-no-filler", control + stage([data["no-filler"]], c.seq, c.silenced_iters + c.fade_iters, c.lr)
+            + ["--init-from", ck("control-compact"), "--save", ck("control-no-filler")], threads=1)
+        run("control-filler", pretrain_cp2 + common + answers + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
+            "--init-from", ck("control-no-filler"), "--save", ck("control-filler")], threads=1)
+        run("control-long", pretrain_cp2 + common + answers + long + [
+            "--init-from", ck("control-filler"), "--save", ck("control-long")], threads=1)
+        finish("RWKV-7", *models["RWKV-7"])
+
+    run.parallel(rwkvx_line, control_line)
+    return models, {"compact layout": c.compact_seq, "filler layout": c.seq, "last stage": c.long_seq}
 
 
 def main(argv=None) -> int:
@@ -449,8 +535,11 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", choices=RECIPES, default="paper",
                    help="paper: stage 1 and stage 2 as the paper trains RWKV-X (the default); curriculum: one-letter "
                         "MQAR with 52 keys and the loss on the answers, RWKV-X's RWKV-7 blocks silenced and then faded "
-                        "in, chunks selected by Quest's bound (not the paper's recipe; docs/retrieval_study.md, "
-                        "findings 20-23)")
+                        "in, chunks selected by Quest's bound, the last stage at 2048 tokens with passkey documents (not the "
+                        "paper's recipe; docs/retrieval_study.md, findings 20-24)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="every training step's --seed (initialisation and data order; default: pretrain's, 1234); "
+                        "the corpora and the evaluation documents are the same for every seed")
     p.set_defaults(size="full")
     args = p.parse_args(argv)
     import torch
@@ -467,7 +556,8 @@ def main(argv=None) -> int:
         if args.sparse_selection != "quest" and "--sparse-selection" in (argv if argv is not None else sys.argv):
             p.error("--recipe curriculum selects chunks by Quest's bound (finding 22: with the mean key the lookup "
                     "decays at longer contexts); leave --sparse-selection out")
-    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, recipe=args.recipe, **variant)
+    summary = run_study(os.path.abspath(args.output), args.size, args.master_port, recipe=args.recipe, seed=args.seed,
+                        **variant)
     print(json.dumps(summary["headline"], indent=1))
     print(f"wrote {args.output}/retrieval_study.md and retrieval_study.png")
     return 0

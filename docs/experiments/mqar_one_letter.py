@@ -136,7 +136,7 @@ def census(prefix: str, seq_length: int, windows: int) -> None:
 
 
 def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: int = 6, num_keys: int = 26,
-             selection=None) -> None:
+             selection=None, chunk_size: int = 64) -> None:
     import torch
 
     import megatron_rwkvx
@@ -147,7 +147,7 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
     torch.set_num_threads(threads)
     tok = ByteTokenizer()
     # selection None: the rule the model was trained with (its .pth.json; older exports: mean)
-    model = megatron_rwkvx.load_pretrained(path, sparse_chunk_size=64, sparse_top_k=top_k,
+    model = megatron_rwkvx.load_pretrained(path, sparse_chunk_size=chunk_size, sparse_top_k=top_k,
                                            **({"sparse_selection": selection} if selection else {}))
     attn = [i for i, layer in enumerate(model.decoder.layers) if layer.symbol == "A"]
     for layer in model.decoder.layers:
@@ -182,7 +182,7 @@ def evaluate(path: str, lengths, gate: float, top_k: int, threads: int, seeds: i
                     read[i].append(max(float(w[keys_read == value_at[k]].sum()) for keys_read, w in heads))
                     hit[i].append(float(any(value_at[k] in keys_read for keys_read, _ in heads)))
                 chance.append(recorder.chance(pos, [value_at[k]]))
-        line = f"{path} gate {gate} selection {model.config.sparse_selection} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
+        line = f"{path} gate {gate} selection {model.config.sparse_selection} chunk {chunk_size} top-{top_k} length {length}: accuracy {100 * st.mean(acc):.1f}% (chance 10%)"
         if attn:
             dense = {i: [w for ws in by_key[i].values() for w in ws] for i in attn}
             line += ("; weight on the asked value, dense: " + " ".join(f"A{i} {st.mean(dense[i]):.3f}" for i in attn)
@@ -251,6 +251,8 @@ if __name__ == "__main__":
                    help="read the model through this chunk selection rule (the package's sparse_selection); "
                         "default: the one it was trained with")
     e.add_argument("--keys", type=int, choices=sorted(KEY_SETS), default=26)
+    e.add_argument("--chunk-size", type=int, default=64,
+                   help="read the model through chunks of this many tokens (the models here trained with 64)")
     f = sub.add_parser("plot")
     f.add_argument("output")
     f.add_argument("series", nargs="+", help="LABEL=LOG: a line per eval log")
@@ -265,4 +267,4 @@ if __name__ == "__main__":
         census(a.prefix, a.seq_length, a.windows)
     else:
         evaluate(a.model, [int(x) for x in a.lengths.split(",")], a.gate, a.top_k, a.threads, a.seeds, a.keys,
-                 a.selection)
+                 a.selection, a.chunk_size)

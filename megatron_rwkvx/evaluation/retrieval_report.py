@@ -76,6 +76,8 @@ def draw_figure(results: Dict[str, Dict], path: str, marks: Dict[str, int]) -> N
             ax.plot(xs, [s["hit_chance"] for s in stats.values()], ":", color=color, alpha=0.5,
                     label=f"{label} hit rate of a random selection")
     for (name, length), color in zip(marks.items(), ("grey", "black", "tab:brown")):
+        if not xs[0] <= length <= xs[-1]:  # shorter than any evaluation: its label would sit on the next one's
+            continue
         ax.axvline(length, color=color, ls=":", lw=1)
         ax.text(length, 1.02, name, ha="center", fontsize=8)
     ax.axhline(0.1, color="grey", lw=0.8, alpha=0.5)
