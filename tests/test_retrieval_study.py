@@ -386,3 +386,20 @@ def test_study_runner_stops_the_other_line_when_a_step_fails(tmp_path):
     with pytest.raises(SystemExit, match="failing"):  # nothing starts after a failure
         run("later", [sys.executable, "-c", "pass"])
     assert not (tmp_path / "logs" / "later.log").exists()
+
+
+def test_study_runner_gives_steps_side_by_side_their_own_port(tmp_path):
+    """With a fixed --master-port, two lines' context-parallel steps running at once would meet at one
+    rendezvous; the second takes the next port up while the first holds it."""
+    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
+    study = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = study
+    spec.loader.exec_module(study)
+    run = study.Runner(str(tmp_path), 29611)
+    show = "import os, sys, time; print(os.environ['MASTER_PORT'], sys.argv[1]); time.sleep(2)"
+    run.parallel(*[lambda name=name: run(name, [sys.executable, "-c", show, "{port}"], threads=1) for name in ("a", "b")])
+    ports = sorted((tmp_path / "logs" / f"{name}.log").read_text().split()[0] for name in ("a", "b"))
+    assert ports == ["29611", "29612"]
+    assert (tmp_path / "logs" / "a.log").read_text().split()[1] == (tmp_path / "logs" / "a.log").read_text().split()[0]
+    run("c", [sys.executable, "-c", show, "{port}"], threads=1)  # alone again: the port as given
+    assert (tmp_path / "logs" / "c.log").read_text().split()[0] == "29611"

@@ -238,6 +238,7 @@ class Runner:
         self.times: Dict[str, float] = {}
         self._lock = threading.Lock()
         self._live: set = set()
+        self._ports: set = set()  # the rendezvous ports of the steps running now
         self.failure: Optional[str] = None  # the first failed step's message
 
     def __call__(self, name: str, argv: List[str], threads: int = 2) -> None:
@@ -245,19 +246,25 @@ class Runner:
         print(f"=== {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
         start = time.time()
         log = os.path.join(self.logs, f"{name}.log")
-        # A free port per step: a fixed one (29500, torch's default) may be taken by another job.
-        port = str(self.port or free_port())
-        argv = [port if a == "{port}" else a for a in argv]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         with self._lock:
             if self.failure:  # a step beside this one failed: start nothing more
                 raise SystemExit(self.failure)
+            # A free port per step: a fixed one (29500, torch's default) may be taken by another job. A
+            # --master-port is used as given, or the next one up while a step beside holds it.
+            port = self.port
+            while port in self._ports:
+                port += 1
+            port = port or free_port()
+            self._ports.add(port)
+            argv = [str(port) if a == "{port}" else a for a in argv]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             with open(log, "w") as f:
                 proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
             self._live.add(proc)
         code = proc.wait()
         with self._lock:
             self._live.discard(proc)
+            self._ports.discard(port)
         self.times[name] = time.time() - start
         if code != 0:
             with open(log) as f:
