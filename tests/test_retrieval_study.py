@@ -282,14 +282,20 @@ def test_passkey_read_weight_records(byte_model):
         pytest.approx(sum(r["read_weight"][0] for r in records) / 2)]
 
 
-@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in",
-                                       "--sparse-selection", "quest"]],
-                         ids=["reference", "variants"])
-def test_study_driver_test_form(tmp_path, flags):
+def _study():
+    """tools/retrieval_study.py as a module."""
     spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
     study = importlib.util.module_from_spec(spec)
     sys.modules["study"] = study  # its dataclasses resolve their annotations through the module
     spec.loader.exec_module(study)
+    return study
+
+
+@pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in",
+                                       "--sparse-selection", "quest"]],
+                         ids=["reference", "variants"])
+def test_study_driver_test_form(tmp_path, flags):
+    study = _study()
     out = tmp_path / "study"
     assert study.main(["--output", str(out), "--size", "test", *flags]) == 0
     summary = json.loads((out / "retrieval_study.json").read_text())
@@ -321,10 +327,7 @@ def test_study_driver_curriculum_test_form(tmp_path, capsys):
     (silenced, then faded in, under CP 2, then twice as long on half passkey documents) and the
     control's, every one on the answers only, the two lines side by side, every training step with the
     driver's --seed, and MQAR evaluated with the same one-letter keys."""
-    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study
-    spec.loader.exec_module(study)
+    study = _study()
     out = tmp_path / "study"
     assert study.main(["--output", str(out), "--size", "test", "--recipe", "curriculum", "--seed", "11"]) == 0
     summary = json.loads((out / "retrieval_study.json").read_text())
@@ -356,6 +359,7 @@ def test_study_driver_curriculum_test_form(tmp_path, capsys):
     assert rwkvx["sparse_selection"] == "quest" and rwkvx["sparse_top_k"] == 2 and rwkvx["sparse_token_shift"]
     trained = [line for line in commands.values() if "megatron_rwkvx.pretrain" in line]
     assert summary["seed"] == 11 and len(trained) == 10 and all(" --seed 11 " in line for line in trained)
+    assert all(line.count("--sparse-top-k 2 ") == 1 for line in trained)  # the curriculum's top-k, once
     mqar = json.loads((out / "eval" / "rwkvx" / "mqar" / "mqar.json").read_text())
     assert {len(r["key"]) for r in mqar} == {1} and len(mqar) == 2 * 6  # two lengths x one document x 6 keys
     with pytest.raises(SystemExit):
@@ -365,10 +369,7 @@ def test_study_driver_curriculum_test_form(tmp_path, capsys):
 def test_study_runner_stops_the_other_line_when_a_step_fails(tmp_path):
     """Two lines run side by side; the first failure terminates the step running beside it and is the
     error reported (not the terminated step's)."""
-    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study
-    spec.loader.exec_module(study)
+    study = _study()
     run = study.Runner(str(tmp_path), None)
     after = []
 
@@ -391,10 +392,7 @@ def test_study_runner_stops_the_other_line_when_a_step_fails(tmp_path):
 def test_study_runner_gives_steps_side_by_side_their_own_port(tmp_path):
     """With a fixed --master-port, two lines' context-parallel steps running at once would meet at one
     rendezvous; the second takes the next port up while the first holds it."""
-    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study
-    spec.loader.exec_module(study)
+    study = _study()
     run = study.Runner(str(tmp_path), 29611)
     show = "import os, sys, time; print(os.environ['MASTER_PORT'], sys.argv[1]); time.sleep(2)"
     run.parallel(*[lambda name=name: run(name, [sys.executable, "-c", show, "{port}"], threads=1) for name in ("a", "b")])

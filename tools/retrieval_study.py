@@ -267,9 +267,7 @@ class Runner:
             self._ports.discard(port)
         self.times[name] = time.time() - start
         if code != 0:
-            with open(log) as f:
-                tail = f.read()[-3000:]
-            self.stop(f"{tail}\nerror: step {name!r} failed (exit {code}); full log: {log}")
+            self.stop(self._failure(name, code, log))
             raise SystemExit(self.failure)
         print(f"    {self.times[name]:.0f} s", flush=True)
 
@@ -311,10 +309,14 @@ class Runner:
                 code = e.code
         self.times[name] = time.time() - start
         if code:
-            with open(log) as f:
-                tail = f.read()[-3000:]
-            raise SystemExit(f"{tail}\nerror: step {name!r} failed (exit {code}); full log: {log}")
+            raise SystemExit(self._failure(name, code, log))
         print(f"    {self.times[name]:.0f} s", flush=True)
+
+    @staticmethod
+    def _failure(name: str, code, log: str) -> str:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        return f"{tail}\nerror: step {name!r} failed (exit {code}); full log: {log}"
 
 
 def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: str = "paper", seed: Optional[int] = None,
@@ -356,8 +358,9 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
     pretrain = [sys.executable, "-m", "megatron_rwkvx.pretrain"]
     pretrain_cp2 = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                     "--master-port", "{port}", "-m", "megatron_rwkvx.pretrain", "--context-parallel-size", "2"]
+    top_k = s.top_k if recipe == "paper" else CURRICULA[size_name].top_k  # training and evaluation
     common = ["--device", "cpu", "--tokenizer-type", "ByteTokenizer", "--split", "98,2,0", "--eval-iters", str(s.eval_iters),
-              "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(s.top_k),
+              "--log-interval", "5", "--sparse-chunk-size", str(s.chunk), "--sparse-top-k", str(top_k),
               *(["--seed", str(seed)] if seed is not None else [])]
     ck = lambda name: path("checkpoints", name)  # noqa: E731
     for name in ("rwkv7", "stage1", "stage2", "control", *CURRICULUM_CHECKPOINTS):
@@ -381,7 +384,6 @@ def run_study(output: str, size_name: str, port: Optional[int] = None, recipe: s
              + (["--sparse-token-shift"] if s.sparse_token_shift else []))
     # 7. evaluation (after each model's training): exact incremental decoding, evaluation seeds 0..
     lengths = ",".join(str(n) for n in s.eval_lengths)
-    top_k = s.top_k if recipe == "paper" else CURRICULA[size_name].top_k
     model_args = ["--tokenizer-type", "ByteTokenizer", "--set", f"sparse_chunk_size={s.chunk}", "--set", f"sparse_top_k={top_k}"]
     if recipe == "paper":
         mqar_args = ["--num-pairs", str(s.num_pairs), "--num-queries", str(s.num_queries), "--seeds", str(s.mqar_seeds)]
@@ -471,7 +473,6 @@ def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pre
     """The curriculum's five RWKV-X stages and the control's four (``CurriculumSize``), every one with
     the loss on the answers (``--loss-on-spans``). The two lines run side by side, one thread each, and
     each ends with ``finish(label, checkpoint, model)``; returns as ``_paper_stages``."""
-    sparse = ["--sparse-top-k", str(c.top_k), "--sparse-selection", "quest"]
     answers = ["--loss-on-spans"]
 
     def stage(data_path, seq, iters, lr, cosine=False, batch=c.batch):
@@ -486,9 +487,9 @@ def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pre
     silenced = lambda iters: ["--train-only", "sparse", "--rwkv-fade-in", str(iters), str(iters)]  # noqa: E731
     models = {"RWKV-7": (ck("control-long"), path("models", "rwkv7-control.pth")),
               "RWKV-X": (ck("long"), path("models", "rwkvx.pth"))}
-    # common carries the study's --sparse-top-k for the paper recipe; the stages' own flags come after it
-    rwkvx = pretrain + common + sparse + answers
-    control = pretrain + common + answers
+    # common carries the curriculum's chunk size and top-k
+    rwkvx, rwkvx_cp2 = (launcher + common + ["--sparse-selection", "quest"] + answers for launcher in (pretrain, pretrain_cp2))
+    control, control_cp2 = (launcher + common + answers for launcher in (pretrain, pretrain_cp2))
 
     def rwkvx_line():
         run("compact", rwkvx + compact + silenced(c.compact_iters) + [
@@ -498,20 +499,19 @@ def _curriculum_stages(run: Runner, s: StudySize, c: CurriculumSize, common, pre
         run("fade-in", rwkvx + stage([data["no-filler"]], c.seq, c.fade_iters, c.lr) + [
             "--train-only", "sparse", "--rwkv-fade-in", "0", str(max(1, 2 * c.fade_iters // 3)),
             "--init-from", ck("no-filler"), "--save", ck("fade-in")], threads=1)
-        run("filler", pretrain_cp2 + common + sparse + answers + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
+        run("filler", rwkvx_cp2 + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
             "--init-from", ck("fade-in"), "--save", ck("filler")], threads=1)
-        run("long", pretrain_cp2 + common + sparse + answers + long + ["--init-from", ck("filler"), "--save", ck("long")],
-            threads=1)
+        run("long", rwkvx_cp2 + long + ["--init-from", ck("filler"), "--save", ck("long")], threads=1)
         finish("RWKV-X", *models["RWKV-X"])
 
     def control_line():  # the same corpora, iterations and schedules (its no-filler stage is one run)
         run("control-compact", control + compact + ["--init-from", ck("rwkv7"), "--save", ck("control-compact")], threads=1)
         run("control-no-filler", control + stage([data["no-filler"]], c.seq, c.silenced_iters + c.fade_iters, c.lr)
             + ["--init-from", ck("control-compact"), "--save", ck("control-no-filler")], threads=1)
-        run("control-filler", pretrain_cp2 + common + answers + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
+        run("control-filler", control_cp2 + stage([data["filler"]], c.seq, c.filler_iters, c.lr) + [
             "--init-from", ck("control-no-filler"), "--save", ck("control-filler")], threads=1)
-        run("control-long", pretrain_cp2 + common + answers + long + [
-            "--init-from", ck("control-filler"), "--save", ck("control-long")], threads=1)
+        run("control-long", control_cp2 + long + ["--init-from", ck("control-filler"), "--save", ck("control-long")],
+            threads=1)
         finish("RWKV-7", *models["RWKV-7"])
 
     run.parallel(rwkvx_line, control_line)
