@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import platform
-import random
 import shlex
 import shutil
 import socket
@@ -197,7 +196,7 @@ def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
     `` 12345.``); returns ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-7), so none
     is an evaluation document and none is in another corpus."""
     from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, mqar_compact_document, mqar_document,
-                                                     passkey_answer_span, passkey_training_text)
+                                                     passkey_training_document)
 
     count = lambda text: len(text.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
     # one document per training window (the end-of-document token fills it); the longest stage of each
@@ -216,13 +215,13 @@ def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
             for i in range(num_docs):
                 seed = TRAIN_SEED_BASE + part * CORPUS_SEEDS + i
                 if layout == "long-passkey":  # the evaluation's prompt (a needle at a random depth) and its answer
-                    text = passkey_training_text(seq - 1, random.Random(seed).random(), seed, count)
-                    answers = [passkey_answer_span(text)]
+                    doc = passkey_training_document(seq - 1, seed, count)
+                elif layout == "compact":
+                    doc = mqar_compact_document(c.keys, seed)
                 else:
-                    doc = (mqar_compact_document(c.keys, seed) if layout == "compact" else
-                           mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout != "no-filler"))
-                    text, answers = doc["text"], doc["answer_spans"]
-                f.write(json.dumps({"text": text + "\n" * (seq - 1 - count(text)), "answers": answers}) + "\n")
+                    doc = mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout != "no-filler")
+                text = doc["text"] + "\n" * (seq - 1 - count(doc["text"]))
+                f.write(json.dumps({"text": text, "answers": doc["answer_spans"]}) + "\n")
         paths[layout] = path
     return paths
 

@@ -13,9 +13,8 @@ Training seeds start at 7,000,000 (``eval_passkey.py`` uses 0, 1, ...; the study
 """
 import argparse
 import json
-import random
 
-from megatron_rwkvx.data.retrieval_tasks import passkey_answer_span, passkey_training_text
+from megatron_rwkvx.data.retrieval_tasks import passkey_training_document
 from megatron_rwkvx.data.tokenizers import ByteTokenizer
 
 TRAIN_SEEDS = 7_000_000
@@ -31,11 +30,8 @@ def main() -> None:
     count = lambda s: len(tok.tokenize(s))  # noqa: E731
     with open(args.path, "w") as f:
         for i in range(args.count):
-            seed = TRAIN_SEEDS + i
-            depth = random.Random(seed).random()
-            text = passkey_training_text(args.length, depth, seed, count)
-            start, end = passkey_answer_span(text)
-            f.write(json.dumps({"text": text + "\n" * (args.length - count(text)), "answers": [[start, end]]}) + "\n")
+            doc = passkey_training_document(args.length, TRAIN_SEEDS + i, count)
+            f.write(json.dumps({"text": doc["text"], "answers": doc["answer_spans"]}) + "\n")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,14 @@ def passkey_training_text(length_tokens: int, depth: float, seed: int,
         target -= excess
 
 
+def passkey_training_document(length_tokens: int, seed: int, count_tokens: Callable[[str], int]) -> Dict:
+    """A passkey training document of exactly ``length_tokens`` tokens (``passkey_training_text`` with
+    the needle at a depth drawn from ``seed``, then newlines), with ``answer_spans`` as the MQAR
+    documents give them: the answer `` 12345.`` (``passkey_answer_span``)."""
+    text = passkey_training_text(length_tokens, random.Random(seed).random(), seed, count_tokens)
+    return {"text": padded(text, length_tokens, count_tokens), "answer_spans": [passkey_answer_span(text)]}
+
+
 def copy_document(length_tokens: int, seed: int, count_tokens: Callable[[str], int],
                   chars: Tuple[int, int] = (5, 40)) -> str:
     """Lines ``Copy: <s>. Again: <s>.`` with random strings ``s`` of ``chars[0]..chars[1]`` letters and
