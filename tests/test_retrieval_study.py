@@ -2,11 +2,13 @@
 (scored on hand-made right and wrong answers) and the seconds-long form of the one-command driver."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import re
+import string
 import sys
 import time
 from pathlib import Path
@@ -73,8 +75,6 @@ def test_documents_fit_and_training_seeds_differ_from_evaluation():
 
 
 def test_one_letter_layouts_and_their_answer_spans():
-    import hashlib
-
     from megatron_rwkvx.data.retrieval_tasks import mqar_compact_document, passkey_answer_span
 
     # Two-letter evaluation documents are the ones every earlier result used (same seed string).
@@ -101,6 +101,42 @@ def test_one_letter_layouts_and_their_answer_spans():
     text = passkey_training_text(511, 0.5, 7, count)
     a, b = passkey_answer_span(text)
     assert text[a:b] == " " + text[a + 1:b - 1] + "." and text[a + 1:b - 1].isdigit() and b - a == 7 and b == len(text)
+
+
+def test_symbol_keys_each_end_in_a_token_of_their_own():
+    from megatron_rwkvx.data.preprocess import _tokenize_spans
+    from megatron_rwkvx.data.retrieval_tasks import MQAR_HEADER, MQAR_RECALL, ONE_SYMBOL_KEYS
+    from megatron_rwkvx.data.sample_corpus import PASSKEY_FILLER, PASSKEY_QUESTION
+
+    tok = ByteTokenizer()
+    assert len(ONE_SYMBOL_KEYS) == len(set(ONE_SYMBOL_KEYS)) == 144
+    assert len({tok.tokenize(k)[-1] for k in ONE_SYMBOL_KEYS}) == 144  # a lookup on the value's predecessor
+    # no key is a character of the documents' structure (the letters keys were already in the filler)
+    structure = set(MQAR_HEADER + MQAR_RECALL + PASSKEY_FILLER + PASSKEY_QUESTION + " ,0123456789")
+    assert not set(ONE_SYMBOL_KEYS) & (structure - set(string.ascii_letters))
+    # the letters alphabet keeps its documents (the seed string of every earlier one-letter result)
+    letters = mqar_document(511, 52, 52, 3, count, key_letters=1)
+    assert hashlib.md5(letters["text"].encode()).hexdigest() == "8e4156e4f0d1c6a1de248bd2f230c2b1"
+    doc = mqar_document(2047, 144, 144, 3, count, key_letters=1, alphabet="symbols")
+    assert sorted(p[:-1] for p in doc["pairs"]) == sorted(ONE_SYMBOL_KEYS) and count(doc["text"]) <= 2047
+    stored = dict((p[:-1], p[-1]) for p in doc["pairs"])
+    assert [doc["text"][a:b] for a, b in doc["answer_spans"]] == [stored[k.strip()] for k, _ in doc["queries"]]
+    # preprocess marks exactly the asked values' tokens, each one byte, two-byte keys included
+    ids, marks = _tokenize_spans(tok, doc["text"], doc["answer_spans"])
+    ids, marks = list(ids), list(marks)
+    assert ids == tok.tokenize(doc["text"]) and int(sum(marks)) == 144
+    assert [chr(ids[i]) for i in range(len(ids)) if marks[i]] == [v for _, v in doc["queries"]]
+    with pytest.raises(ValueError, match="1..144"):
+        mqar_document(4000, 145, 10, 0, count, key_letters=1, alphabet="symbols")
+    with pytest.raises(ValueError, match="alphabet"):
+        mqar_document(2000, 20, 10, 0, count, key_letters=2, alphabet="symbols")
+
+
+def test_eval_mqar_symbol_keys_need_one_letter_keys(capsys):
+    with pytest.raises(SystemExit):
+        _tool("eval_mqar").main(["--model", "x.pth", "--lengths", "512", "--num-pairs", "4", "--num-queries", "2",
+                                 "--key-alphabet", "symbols", "--output-dir", "out"])
+    assert "--key-alphabet symbols needs --key-letters 1" in capsys.readouterr().err
 
 
 def test_copy_documents_repeat_each_string_once():
@@ -282,13 +318,18 @@ def test_passkey_read_weight_records(byte_model):
         pytest.approx(sum(r["read_weight"][0] for r in records) / 2)]
 
 
+def _tool(name: str, module: str | None = None):
+    """tools/<name>.py as a module (registered as ``module``: a tool's dataclasses resolve their
+    annotations through it)."""
+    spec = importlib.util.spec_from_file_location(module or name, ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[module or name] = tool
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def _study():
-    """tools/retrieval_study.py as a module."""
-    spec = importlib.util.spec_from_file_location("study", ROOT / "tools" / "retrieval_study.py")
-    study = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = study  # its dataclasses resolve their annotations through the module
-    spec.loader.exec_module(study)
-    return study
+    return _tool("retrieval_study", "study")
 
 
 @pytest.mark.parametrize("flags", [[], ["--sparse-token-shift", "--stage1-dense", "--stage1-rwkv-fade-in",

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--key-letters", type=int, choices=(1, 2), default=2,
                    help="letters per key: 2 (lowercase, up to 676 pairs) or 1 (lowercase and uppercase, up to 52: "
                         "the retrieval study's curriculum)")
+    p.add_argument("--key-alphabet", choices=("letters", "symbols"), default="letters",
+                   help="one-letter keys' alphabet: letters (52) or symbols (144: the letters, ASCII punctuation "
+                        "and Latin-1 letters; each key ends in a byte of its own)")
     p.add_argument("--seeds", type=int, default=5, help="documents per length (evaluation seeds 0..N-1)")
     p.add_argument("--piece-size", type=int, default=4096, help="prefill tokens per call")
     p.add_argument("--output-dir", required=True)
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     lengths = parse_lengths(p, args.lengths)
     if args.seeds < 1 or not 1 <= args.num_queries <= args.num_pairs:
         p.error("--seeds must be >= 1 and --num-queries in 1..--num-pairs")
+    if args.key_alphabet != "letters" and args.key_letters != 1:
+        p.error("--key-alphabet symbols needs --key-letters 1")
 
     from megatron_rwkvx.evaluation.retrieval import accuracy_png, format_table, run_mqar
 
@@ -45,12 +50,13 @@ def main(argv=None) -> int:
 
     try:
         records = run_mqar(engine, tokenizer, lengths, args.num_pairs, args.num_queries, args.seeds, args.piece_size,
-                           key_letters=args.key_letters)
+                           key_letters=args.key_letters, alphabet=args.key_alphabet)
     except ValueError as e:  # a length too short for the pairs and queries, too many one-letter keys
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_report(args.output_dir, "mqar", records,
-                 f"MQAR accuracy ({args.model}, {args.num_pairs} pairs of {args.key_letters}-letter keys, "
+                 f"MQAR accuracy ({args.model}, {args.num_pairs} pairs of {args.key_letters}-letter keys"
+                 f"{'' if args.key_alphabet == 'letters' else ' (' + args.key_alphabet + ')'}, "
                  f"{args.num_queries} queries, "
                  f"{args.seeds} documents per length)", format_table(records), accuracy_png)
     overall = sum(r["correct"] for r in records) / len(records)

@@ -14,7 +14,8 @@ by its value (the tokens scored). Keys are letters and values digits, so which i
 separator. The parts are kept apart (``context``, ``queries``) so an evaluator can find the value
 tokens with any tokenizer.
 
-With ``key_letters=1`` the keys are single letters, lowercase and uppercase (at most 52 pairs):
+With ``key_letters=1`` the keys are single characters: letters, lowercase and uppercase (at most 52
+pairs), or with ``alphabet="symbols"`` also punctuation and Latin-1 letters (at most 144):
 the retrieval study's curriculum (docs/retrieval_study.md, findings 20-22), where the lookup is on
 the token before the value alone. ``filler=False`` leaves the filler out (the curriculum's
 no-filler layout), and ``mqar_compact_document`` is its first layout, the pairs and the questions
@@ -48,19 +49,33 @@ MQAR_HEADER = "Remember these pairs:"
 MQAR_RECALL = "Recall:"
 COPY_ALPHABET = string.ascii_lowercase + string.digits
 ONE_LETTER_KEYS = string.ascii_lowercase + string.ascii_uppercase
+# One character per key, more of them than the letters: the ASCII punctuation that no document's
+# structure uses (the header's ':', the filler's '.' and '?', the separators ' ' and ','), then the
+# Latin-1 letters U+00C0..U+00FF. Those are two UTF-8 bytes, 0xC3 and one of 0x80..0xBF, so with the
+# byte tokenizer every key still ends in a token of its own, the token a lookup on the value's
+# predecessor matches.
+ONE_SYMBOL_KEYS = (ONE_LETTER_KEYS + "".join(c for c in string.punctuation if c not in ".:?,")
+                   + "".join(chr(c) for c in range(0xC0, 0x100)))
+KEY_ALPHABETS = {"letters": ONE_LETTER_KEYS, "symbols": ONE_SYMBOL_KEYS}
 TASK_KINDS = ("passkey", "mqar", "copy")
 
 
-def mqar_pairs(num_pairs: int, rng: random.Random, key_letters: int = 2) -> List[Tuple[str, str]]:
-    """``num_pairs`` distinct keys of ``key_letters`` letters (two: lowercase; one: lowercase and
-    uppercase), each with a one-digit value."""
+def mqar_pairs(num_pairs: int, rng: random.Random, key_letters: int = 2,
+               alphabet: str = "letters") -> List[Tuple[str, str]]:
+    """``num_pairs`` distinct keys of ``key_letters`` characters (two: lowercase letters; one: from
+    ``KEY_ALPHABETS[alphabet]``), each with a one-digit value."""
     if key_letters == 1:
-        if not 1 <= num_pairs <= len(ONE_LETTER_KEYS):
-            raise ValueError(f"num_pairs must be in 1..{len(ONE_LETTER_KEYS)} (one-letter keys), got {num_pairs}")
-        keys = rng.sample(ONE_LETTER_KEYS, num_pairs)
-        return [(k, str(rng.randrange(10))) for k in keys]
+        if alphabet not in KEY_ALPHABETS:
+            raise ValueError(f"alphabet must be one of {sorted(KEY_ALPHABETS)}, got {alphabet!r}")
+        keys = KEY_ALPHABETS[alphabet]
+        if not 1 <= num_pairs <= len(keys):
+            raise ValueError(f"num_pairs must be in 1..{len(keys)} (one-character keys from the {alphabet} "
+                             f"alphabet), got {num_pairs}")
+        return [(k, str(rng.randrange(10))) for k in rng.sample(keys, num_pairs)]
     if key_letters != 2:
         raise ValueError(f"key_letters must be 1 or 2, got {key_letters}")
+    if alphabet != "letters":
+        raise ValueError("two-letter keys are lowercase letters: alphabet must be 'letters'")
     if not 1 <= num_pairs <= 26 * 26:
         raise ValueError(f"num_pairs must be in 1..676 (two-letter keys), got {num_pairs}")
     letters = string.ascii_lowercase
@@ -80,7 +95,8 @@ def _answer_spans(text: str, queries: Sequence[Tuple[str, str]]) -> List[List[in
 
 
 def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: int,
-                  count_tokens: Callable[[str], int], key_letters: int = 2, filler: bool = True) -> Dict:
+                  count_tokens: Callable[[str], int], key_letters: int = 2, filler: bool = True,
+                  alphabet: str = "letters") -> Dict:
     """An MQAR document of at most ``length_tokens`` tokens (filler as long as fits; none with
     ``filler=False``).
 
@@ -93,8 +109,9 @@ def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: in
     # Two-letter documents keep the seed string they always had: evaluation seeds mean the same
     # documents as in every earlier result.
     rng = random.Random(f"mqar/{seed}/{length_tokens}/{num_pairs}/{num_queries}"
-                        + ("" if key_letters == 2 else f"/keys{key_letters}"))
-    pairs = mqar_pairs(num_pairs, rng, key_letters)
+                        + ("" if key_letters == 2 else f"/keys{key_letters}")
+                        + ("" if alphabet == "letters" else f"/{alphabet}"))
+    pairs = mqar_pairs(num_pairs, rng, key_letters, alphabet)
     asked = rng.sample(pairs, num_queries)
     head = MQAR_HEADER + " " + " ".join(k + v for k, v in pairs) + "."
     queries = [(" " + k, v) for k, v in asked]
@@ -116,7 +133,7 @@ def mqar_document(length_tokens: int, num_pairs: int, num_queries: int, seed: in
     text = context + tail
     return {"context": context, "queries": queries, "text": text, "pairs": [k + v for k, v in pairs],
             "answer_spans": _answer_spans(text, queries), "target_length": length_tokens, "num_pairs": num_pairs,
-            "num_queries": num_queries, "seed": seed}
+            "num_queries": num_queries, "seed": seed, "alphabet": alphabet}
 
 
 def mqar_compact_document(num_pairs: int, seed: int, key_letters: int = 1) -> Dict:

@@ -163,16 +163,17 @@ def tokens_covering(offsets: Sequence[int], start: int, end: int) -> List[int]:
 
 
 def run_mqar(engine: InferenceEngine, tokenizer, lengths: Sequence[int], num_pairs: int, num_queries: int,
-             seeds: int = 5, piece_size: Optional[int] = 4096, progress=None, key_letters: int = 2) -> List[Dict]:
+             seeds: int = 5, piece_size: Optional[int] = 4096, progress=None, key_letters: int = 2,
+             alphabet: str = "letters") -> List[Dict]:
     """One record per (length, seed, query): the key, the value, what was predicted, correct, and
-    per-layer selection hits (``hits``; empty for a model without sparse layers). ``key_letters``:
-    ``mqar_document``'s (1: the curriculum's one-letter keys)."""
+    per-layer selection hits (``hits``; empty for a model without sparse layers). ``key_letters``
+    and ``alphabet``: ``mqar_document``'s (1: the curriculum's one-character keys)."""
     recorder = SelectionRecorder(engine)
     records = []
     for length in lengths:
         for seed in range(seeds):
             doc = mqar_document(length, num_pairs, num_queries, seed, lambda s: len(tokenizer.tokenize(s)),
-                                key_letters=key_letters)
+                                key_letters=key_letters, alphabet=alphabet)
             parts = [p for key, value in doc["queries"] for p in (key, value)]
             ids, spans = token_segments(tokenizer, doc["context"], parts)
             context_bytes = doc["context"].encode("utf-8")
