@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-pairs", type=int, required=True, help="key-value pairs per document")
     p.add_argument("--num-queries", type=int, required=True, help="pairs asked again at the end")
     p.add_argument("--key-letters", type=int, choices=(1, 2), default=2,
-                   help="letters per key: 2 (lowercase, up to 676 pairs) or 1 (lowercase and uppercase, up to 52: "
+                   help="letters per key: 2 (lowercase, up to 676 pairs) or 1 (one character from --key-alphabet: "
                         "the retrieval study's curriculum)")
     p.add_argument("--key-alphabet", choices=("letters", "symbols"), default="letters",
                    help="one-letter keys' alphabet: letters (52) or symbols (144: the letters, ASCII punctuation "

@@ -196,7 +196,7 @@ def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
     `` 12345.``); returns ``{layout: path}``. Seeds follow the paper recipe's corpora (parts 3-7), so none
     is an evaluation document and none is in another corpus."""
     from megatron_rwkvx.data.retrieval_tasks import (TRAIN_SEED_BASE, mqar_compact_document, mqar_document,
-                                                     passkey_training_document)
+                                                     padded, passkey_training_document)
 
     count = lambda text: len(text.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
     # one document per training window (the end-of-document token fills it); the longest stage of each
@@ -220,8 +220,7 @@ def write_curriculum_corpora(folder: str, c: CurriculumSize) -> Dict[str, str]:
                     doc = mqar_compact_document(c.keys, seed)
                 else:
                     doc = mqar_document(seq - 1, c.keys, c.keys, seed, count, key_letters=1, filler=layout != "no-filler")
-                text = doc["text"] + "\n" * (seq - 1 - count(doc["text"]))
-                f.write(json.dumps({"text": text, "answers": doc["answer_spans"]}) + "\n")
+                f.write(json.dumps({"text": padded(doc["text"], seq - 1, count), "answers": doc["answer_spans"]}) + "\n")
         paths[layout] = path
     return paths
 

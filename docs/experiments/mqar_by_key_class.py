@@ -7,7 +7,6 @@ the 52 letters, the 28 ASCII punctuation keys and the 64 Latin-1 letters of the 
 import json
 import string
 import sys
-from collections import defaultdict
 
 
 def key_class(key: str) -> str:
@@ -17,21 +16,19 @@ def key_class(key: str) -> str:
 
 
 def main() -> None:
+    from megatron_rwkvx.evaluation.retrieval import accuracy_by_length
+
+    classes = ("letters", "punctuation", "latin-1", "all")
     for path in sys.argv[1:]:
-        cells = defaultdict(lambda: [0, 0, 0])  # (length, class) -> [queries, correct, hits]
-        for r in json.load(open(path, encoding="utf-8")):
-            for cls in (key_class(r["key"]), "all"):
-                cell = cells[(r["length"], cls)]
-                cell[0] += 1
-                cell[1] += bool(r["correct"])
-                cell[2] += bool(r.get("hit"))
-        classes = ("letters", "punctuation", "latin-1", "all")
+        records = json.load(open(path, encoding="utf-8"))
+        stats = {cls: accuracy_by_length([r for r in records if cls in ("all", key_class(r["key"]))]) for cls in classes}
         print(f"{path}\n\n| length | " + " | ".join(classes) + " |\n|---|" + "---|" * len(classes))
-        for length in sorted({k[0] for k in cells}):
+        for length in sorted({r["length"] for r in records}):
             row = []
             for cls in classes:
-                n, right, hit = cells.get((length, cls), (0, 0, 0))
-                row.append(f"{right / n:.1%} (hit {hit / n:.0%}, n={n})" if n else "-")
+                s = stats[cls].get(length)
+                hit = "-" if s is None or s["hit_rate"] is None else f"{s['hit_rate']:.0%}"
+                row.append(f"{s['accuracy']:.1%} (hit {hit}, n={s['count']})" if s else "-")
             print(f"| {length} | " + " | ".join(row) + " |")
         print()
 

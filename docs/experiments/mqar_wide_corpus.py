@@ -10,7 +10,7 @@ this one lets the number of keys go past the 52 letters (docs/retrieval_study.md
 import argparse
 import json
 
-from megatron_rwkvx.data.retrieval_tasks import TRAIN_SEED_BASE, mqar_document
+from megatron_rwkvx.data.retrieval_tasks import TRAIN_SEED_BASE, mqar_document, padded
 
 
 def main() -> None:
@@ -29,8 +29,7 @@ def main() -> None:
         for i in range(args.docs):
             doc = mqar_document(args.seq - 1, args.keys, args.keys, args.seed_base + i, count, key_letters=1,
                                 alphabet=args.alphabet)
-            text = doc["text"] + "\n" * (args.seq - 1 - count(doc["text"]))
-            f.write(json.dumps({"text": text, "answers": doc["answer_spans"]}) + "\n")
+            f.write(json.dumps({"text": padded(doc["text"], args.seq - 1, count), "answers": doc["answer_spans"]}) + "\n")
 
 
 if __name__ == "__main__":

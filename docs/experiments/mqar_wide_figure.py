@@ -7,7 +7,8 @@ and the training length marked: the figure of docs/retrieval_study.md, finding 2
 """
 import argparse
 import json
-from collections import defaultdict
+
+from megatron_rwkvx.evaluation.retrieval import accuracy_by_length
 
 
 def main() -> None:
@@ -27,17 +28,14 @@ def main() -> None:
     every_length = set()
     for i, run in enumerate(args.runs):
         label, path = run.split("=", 1)
-        by_length = defaultdict(list)
-        for r in json.load(open(path, encoding="utf-8")):
-            by_length[r["length"]].append(r)
-        lengths = sorted(by_length)
+        stats = accuracy_by_length(json.load(open(path, encoding="utf-8")))
+        lengths = list(stats)
         every_length |= set(lengths)
-        accuracy = [sum(r["correct"] for r in by_length[n]) / len(by_length[n]) for n in lengths]
         color = f"C{i}"
-        ax.plot(lengths, accuracy, "o-", color=color, label=f"{label}: accuracy")
-        if any(r["hits"] for r in by_length[lengths[0]]):
-            hit = [sum(r["hit"] for r in by_length[n]) / len(by_length[n]) for n in lengths]
-            ax.plot(lengths, hit, "s--", color=color, alpha=0.6, label=f"{label}: value's chunk selected")
+        ax.plot(lengths, [s["accuracy"] for s in stats.values()], "o-", color=color, label=f"{label}: accuracy")
+        if stats[lengths[0]]["hit_rate"] is not None:  # a model with sparse layers
+            ax.plot(lengths, [s["hit_rate"] for s in stats.values()], "s--", color=color, alpha=0.6,
+                    label=f"{label}: value's chunk selected")
     ax.axhline(0.9, color="green", lw=0.8, ls=":", label="goal for RWKV-X (>= 90%)")
     ax.axhline(0.5, color="red", lw=0.8, ls=":", label="goal for the control (< 50%)")
     ax.axhline(0.1, color="gray", lw=0.8, ls=":", label="chance (10%)")
